@@ -1,0 +1,74 @@
+"""Kernel dispatch: `get_ops(device)` returns the five paged-cache operations.
+
+CUDA: write_kv from the CUDA C++ extension (rocketkv_vllm._C) when it is built, else
+Triton; Triton for hsa_select_pages, paged_sparse_attention, snapkv_window_scores and
+compact_kept_tokens.
+CPU: the torch reference (rocketkv_vllm.ops.reference), or the Triton kernels under the
+Triton interpreter when ROCKETKV_TRITON_INTERPRET=1 (tests).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from types import SimpleNamespace
+
+import torch
+
+OP_NAMES = ("write_kv", "hsa_select_pages", "paged_sparse_attention", "snapkv_window_scores", "compact_kept_tokens")
+
+
+def _reference_ops() -> SimpleNamespace:
+    from rocketkv_vllm.algorithms.snapkv import window_scores
+    from rocketkv_vllm.ops import reference
+
+    return SimpleNamespace(
+        backend="reference",
+        write_kv=reference.write_kv,
+        hsa_select_pages=reference.hsa_select_pages,
+        paged_sparse_attention=reference.paged_sparse_attention,
+        snapkv_window_scores=window_scores,
+        compact_kept_tokens=reference.compact_kept_tokens,
+    )
+
+
+def _triton_ops(cuda_write_kv: bool) -> SimpleNamespace:
+    from rocketkv_vllm.kernels import triton_ops
+
+    write_kv = triton_ops.write_kv
+    backend = "triton"
+    if cuda_write_kv:
+        from rocketkv_vllm.kernels import cuda_ops
+
+        if cuda_ops.available():
+            write_kv = cuda_ops.write_kv
+            backend = "triton+cuda"
+    return SimpleNamespace(
+        backend=backend,
+        write_kv=write_kv,
+        hsa_select_pages=triton_ops.hsa_select_pages,
+        paged_sparse_attention=triton_ops.paged_sparse_attention,
+        snapkv_window_scores=triton_ops.snapkv_window_scores,
+        compact_kept_tokens=triton_ops.compact_kept_tokens,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _ops_for(kind: str, interpret: bool) -> SimpleNamespace:
+    if kind == "cuda":
+        return _triton_ops(cuda_write_kv=True)
+    if interpret:
+        # must be set before triton_ops (and its @triton.jit functions) is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        return _triton_ops(cuda_write_kv=False)
+    return _reference_ops()
+
+
+def get_ops(device: torch.device | str) -> SimpleNamespace:
+    """Namespace with write_kv, hsa_select_pages, paged_sparse_attention,
+    snapkv_window_scores and compact_kept_tokens for `device` (and `.backend`)."""
+    kind = torch.device(device).type
+    interpret = os.environ.get("ROCKETKV_TRITON_INTERPRET") == "1"
+    return _ops_for(kind, interpret and kind != "cuda")
+
+
+__all__ = ["OP_NAMES", "get_ops"]
