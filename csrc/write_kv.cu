@@ -1,0 +1,163 @@
+// RocketKV write_kv: store K/V into the paged cache fused with the page max/min update.
+//
+// Cache layout (rocketkv_vllm/kv_layout.py), one tensor per layer:
+//   [num_blocks, Hkv, 2 * block_size + 2 * pages_per_block, D]
+//   rows [0, bs): keys, [bs, 2bs): values, then pages_per_block page-max rows and
+//   pages_per_block page-min rows.
+//
+// One CUDA block per (token, KV head), one thread per channel (strided loop). Each block
+// stores its token's key/value. The first token of each run of consecutive same-page tokens
+// in slot_mapping (the "leader") folds the whole run (at most page_size tokens) into the
+// page summary: a run containing the page's first slot restarts the page, otherwise the
+// old summary is widened. Every page touched is therefore written by exactly one block
+// (deterministic, no atomics). Tokens of one page must be adjacent in slot_mapping, which
+// holds for vLLM (a request's new tokens are consecutive and in position order).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace rocketkv {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename scalar_t, typename idx_t>
+__global__ void write_kv_kernel(scalar_t* __restrict__ kv, const scalar_t* __restrict__ key,
+                                const scalar_t* __restrict__ value, const idx_t* __restrict__ slots,
+                                int64_t num_tokens, int64_t s_cb, int64_t s_ch, int64_t s_cr, int64_t s_kt,
+                                int64_t s_kh, int64_t s_vt, int64_t s_vh, int head_dim, int block_size,
+                                int page_size) {
+  const int64_t t = blockIdx.x;
+  const int64_t h = blockIdx.y;
+  const int64_t slot = static_cast<int64_t>(slots[t]);
+  if (slot < 0) return;
+  const int64_t blk = slot / block_size;
+  const int64_t off = slot % block_size;
+  const int pages_per_block = block_size / page_size;
+  scalar_t* base = kv + blk * s_cb + h * s_ch;
+  const scalar_t* krow = key + t * s_kt + h * s_kh;
+  const scalar_t* vrow = value + t * s_vt + h * s_vh;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    base[off * s_cr + d] = krow[d];
+    base[(block_size + off) * s_cr + d] = vrow[d];
+  }
+
+  const int64_t page = slot / page_size;
+  if (t > 0) {
+    const int64_t prev = static_cast<int64_t>(slots[t - 1]);
+    if (prev >= 0 && prev / page_size == page) return;  // not the leader of its run
+  }
+  // Extent of the run: tokens t .. t + run - 1 are on this page (uniform across threads).
+  int run = 1;
+  bool restart = (off % page_size) == 0;
+  for (int j = 1; j < page_size && t + j < num_tokens; ++j) {
+    const int64_t s2 = static_cast<int64_t>(slots[t + j]);
+    if (s2 < 0 || s2 / page_size != page) break;
+    restart |= (s2 % page_size) == 0;
+    ++run;
+  }
+  const int64_t prow = 2 * block_size + (page % pages_per_block);
+  scalar_t* pmax = base + prow * s_cr;
+  scalar_t* pmin = base + (prow + pages_per_block) * s_cr;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float mx = to_float(krow[d]);
+    float mn = mx;
+    for (int j = 1; j < run; ++j) {
+      const float x = to_float(key[(t + j) * s_kt + h * s_kh + d]);
+      mx = fmaxf(mx, x);
+      mn = fminf(mn, x);
+    }
+    if (!restart) {
+      mx = fmaxf(to_float(pmax[d]), mx);
+      mn = fminf(to_float(pmin[d]), mn);
+    }
+    pmax[d] = from_float<scalar_t>(mx);
+    pmin[d] = from_float<scalar_t>(mn);
+  }
+}
+
+template <typename scalar_t>
+void launch(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
+            int64_t block_size, int64_t page_size, cudaStream_t stream) {
+  const int64_t num_tokens = slots.size(0);
+  const int64_t hkv = kv.size(1);
+  const int head_dim = static_cast<int>(kv.size(3));
+  const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(hkv));
+  const int threads = head_dim >= 128 ? 128 : (head_dim >= 64 ? 64 : 32);
+  auto* kv_ptr = reinterpret_cast<scalar_t*>(kv.data_ptr());
+  auto* k_ptr = reinterpret_cast<const scalar_t*>(key.data_ptr());
+  auto* v_ptr = reinterpret_cast<const scalar_t*>(value.data_ptr());
+#define ROCKETKV_LAUNCH(IDX_T)                                                                              \
+  write_kv_kernel<scalar_t, IDX_T><<<grid, threads, 0, stream>>>(                                           \
+      kv_ptr, k_ptr, v_ptr, slots.data_ptr<IDX_T>(), num_tokens, kv.stride(0), kv.stride(1), kv.stride(2), \
+      key.stride(0), key.stride(1), value.stride(0), value.stride(1), head_dim, static_cast<int>(block_size), \
+      static_cast<int>(page_size))
+  if (slots.scalar_type() == at::kLong) {
+    ROCKETKV_LAUNCH(int64_t);
+  } else {
+    ROCKETKV_LAUNCH(int32_t);
+  }
+#undef ROCKETKV_LAUNCH
+}
+
+}  // namespace rocketkv
+
+void write_kv_cuda(at::Tensor kv_cache, at::Tensor key, at::Tensor value, at::Tensor slot_mapping,
+                   int64_t block_size, int64_t page_size) {
+  TORCH_CHECK(kv_cache.is_cuda() && key.is_cuda() && value.is_cuda() && slot_mapping.is_cuda(),
+              "write_kv: all tensors must be on CUDA");
+  TORCH_CHECK(kv_cache.dim() == 4, "write_kv: kv_cache must be [num_blocks, Hkv, rows, D]");
+  TORCH_CHECK(block_size > 0 && page_size > 0 && block_size % page_size == 0, "write_kv: bad block/page size");
+  TORCH_CHECK(kv_cache.size(2) == 2 * block_size + 2 * (block_size / page_size),
+              "write_kv: kv_cache rows do not match the layout");
+  TORCH_CHECK(kv_cache.stride(3) == 1, "write_kv: kv_cache must be contiguous in head_dim");
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "write_kv: key/value must be [T, Hkv, D]");
+  TORCH_CHECK(key.size(1) == kv_cache.size(1) && key.size(2) == kv_cache.size(3), "write_kv: key shape mismatch");
+  TORCH_CHECK(value.sizes() == key.sizes(), "write_kv: value shape mismatch");
+  TORCH_CHECK(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(),
+              "write_kv: key/value dtype must equal the cache dtype");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), "write_kv: slot_mapping must be [T]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt,
+              "write_kv: slot_mapping must be int32 or int64");
+  if (slot_mapping.size(0) == 0) return;
+  key = key.stride(2) == 1 ? key : key.contiguous();
+  value = value.stride(2) == 1 ? value : value.contiguous();
+  slot_mapping = slot_mapping.contiguous();
+  const c10::cuda::CUDAGuard guard(kv_cache.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(kv_cache.device().index()).stream();
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat:
+      rocketkv::launch<float>(kv_cache, key, value, slot_mapping, block_size, page_size, stream);
+      break;
+    case at::kHalf:
+      rocketkv::launch<__half>(kv_cache, key, value, slot_mapping, block_size, page_size, stream);
+      break;
+    case at::kBFloat16:
+      rocketkv::launch<__nv_bfloat16>(kv_cache, key, value, slot_mapping, block_size, page_size, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "write_kv: unsupported cache dtype ", kv_cache.scalar_type());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}

@@ -1,0 +1,46 @@
+"""CUDA C++ kernels (rocketkv_vllm._C, built by setup.py from csrc/) with Python wrappers.
+
+Only write_kv is implemented in CUDA C++ (fused KV store + page max/min update). The
+extension is optional: `available()` is False when it is not built or there is no GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from rocketkv_vllm.kv_layout import KVLayout
+
+try:  # the extension registers torch.ops.rocketkv.write_kv on import
+    from rocketkv_vllm import _C  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # not built (CPU machines, ROCKETKV_SKIP_CUDA=1)
+    _C = None
+    _IMPORT_ERROR = exc
+
+
+def available() -> bool:
+    return _C is not None and torch.cuda.is_available()
+
+
+def import_error() -> Exception | None:
+    return _IMPORT_ERROR
+
+
+def write_kv(
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Same semantics as ops.reference.write_kv (tokens of one page adjacent in slot_mapping)."""
+    if _C is None:
+        raise RuntimeError(f"rocketkv_vllm._C is not available: {_IMPORT_ERROR}")
+    if key.dtype != kv_cache.dtype:
+        # max/min commute with the (monotone) rounding to the cache dtype
+        key = key.to(kv_cache.dtype)
+    if value.dtype != kv_cache.dtype:
+        value = value.to(kv_cache.dtype)
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        slot_mapping = slot_mapping.long()
+    torch.ops.rocketkv.write_kv(kv_cache, key, value, slot_mapping, layout.block_size, layout.page_size)
