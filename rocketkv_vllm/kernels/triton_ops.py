@@ -10,7 +10,7 @@ before this module is imported).
 """
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 import triton
@@ -27,6 +27,18 @@ __all__ = [
 ]
 
 _NEG_INF = float("-inf")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _lowp_dot(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Feed tl.dot 16-bit operands (fp32 accumulation) when both tensors are the same
+    fp16/bf16 dtype. The Triton interpreter's bf16 dot is broken (3.6), so it gets fp32."""
+    if a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return not (_interpreting() and a.dtype == torch.bfloat16)
 
 
 def _np2(x: int) -> int:
@@ -155,6 +167,12 @@ def write_kv(
     if num_tokens == 0:
         return
     _, hkv, _, head_dim = kv_cache.shape
+    if key.dtype != kv_cache.dtype:
+        # max/min commute with the monotone rounding to the cache dtype; converting here
+        # also pins the rounding to torch's (round-to-nearest-even)
+        key = key.to(kv_cache.dtype)
+    if value.dtype != kv_cache.dtype:
+        value = value.to(kv_cache.dtype)
     if key.stride(-1) != 1:
         key = key.contiguous()
     if value.stride(-1) != 1:
@@ -612,7 +630,7 @@ def paged_sparse_attention(
     seq = seq_lens.to(device=device, dtype=torch.int32)
     kp = keep.to(device=device, dtype=torch.int32)
     ge = gap_end.to(device=device, dtype=torch.int32)
-    lowp = kv_cache.dtype in (torch.float16, torch.bfloat16) and query.dtype == kv_cache.dtype
+    lowp = _lowp_dot(query, kv_cache)
 
     acc = torch.empty(batch, hkv, num_splits, g_p, block_d, dtype=torch.float32, device=device)
     m = torch.empty(batch, hkv, num_splits, g_p, dtype=torch.float32, device=device)
@@ -740,7 +758,7 @@ def snapkv_window_scores(
     device = keys.device
     q = window_queries if window_queries.stride(-1) == 1 else window_queries.contiguous()
     k = keys if keys.stride(-1) == 1 else keys.contiguous()
-    lowp = k.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype
+    lowp = _lowp_dot(q, k)
     block_d = _np2(head_dim)
     bw = max(16, min(64, _np2(w)))
     bl = 64 if block_d <= 64 else 32

@@ -1,0 +1,453 @@
+"""Triton / CUDA C++ kernels against the torch reference ops (rocketkv_vllm.ops.reference).
+
+On a CPU-only machine the Triton kernels run under the Triton interpreter
+(TRITON_INTERPRET=1, set below before triton_ops is imported) with small shapes; on a
+GPU the same tests run natively with bigger shapes, plus the GPU-only tests (CUDA-graph
+capture, CUDA C++ write_kv).
+"""
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from rocketkv_vllm.algorithms.hsa import (  # noqa: E402
+    _group_queries,
+    _group_softmax_mean,
+    _sparq_temperature,
+    approximate_page_scores,
+    top_channel_mask,
+)
+from rocketkv_vllm.algorithms.snapkv import window_scores  # noqa: E402
+from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
+from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
+from rocketkv_vllm.ops import reference as R  # noqa: E402
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+# context lengths of the ragged batches: small under the interpreter, bigger on a GPU
+SCALE = 8 if CUDA else 1
+HEAD_DIMS = [64, 128] if CUDA else [32]
+POISON = 1000.0  # finite stand-in in dead value slots (the reference multiplies them by 0)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+def same_cache(a, b):
+    """Bitwise-equal caches, NaN (unwritten) positions included."""
+    nan_a, nan_b = a.isnan(), b.isnan()
+    return torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b])
+
+
+def build_cache(layout, hkv, d, lengths, dtype, extra_blocks=1, chunk=7, seed_blocks=2):
+    """Random tokens of ragged requests written (reference write_kv) into a NaN-poisoned cache."""
+    bs = layout.block_size
+    per_req = [-(-n // bs) + extra_blocks for n in lengths]
+    num_blocks = sum(per_req) + seed_blocks
+    kv = torch.full(layout.cache_shape(num_blocks, hkv, d), float("nan"), dtype=dtype, device=DEV)
+    perm = torch.randperm(num_blocks)
+    table = torch.zeros(len(lengths), max(per_req), dtype=torch.int32)
+    used = 0
+    for i, nb in enumerate(per_req):
+        table[i, :nb] = perm[used : used + nb].int()
+        used += nb
+    table = table.to(DEV)
+    keys, values = [], []
+    for i, n in enumerate(lengths):
+        k = torch.randn(n, hkv, d, device=DEV).to(dtype)
+        v = torch.randn(n, hkv, d, device=DEV).to(dtype)
+        pos = torch.arange(n, device=DEV)
+        slots = table[i, pos // bs].long() * bs + pos % bs
+        for c in torch.arange(n, device=DEV).split(chunk):
+            R.write_kv(kv, layout, k[c], v[c], slots[c])
+        keys.append(k)
+        values.append(v)
+    return kv, table, keys, values
+
+
+def ragged_batch(layout, lengths):
+    """seq_lens, keep, gap_end: request 0 evicted nothing, 1 and 3 have an evicted gap,
+    the last request evicted everything (empty selection)."""
+    seq = torch.tensor(lengths)
+    keep, gap = seq.clone(), seq.clone()
+    if len(lengths) > 1:
+        keep[1], gap[1] = lengths[1] // 3, lengths[1] // 2 + 1
+    if len(lengths) > 3:
+        keep[3], gap[3] = lengths[3] // 4 + 1, lengths[3] - 5
+    keep[-1], gap[-1] = 0, lengths[-1]
+    return seq.to(DEV), keep.to(DEV), gap.to(DEV)
+
+
+def poison_dead_tokens(kv, layout, table, seq, keep, gap):
+    """Dead keys (evicted gap, past seq_len) -> NaN, dead values -> POISON (finite, see POISON)."""
+    bs = layout.block_size
+    keys, values = layout.keys(kv), layout.values(kv)
+    for i in range(table.shape[0]):
+        n_slots = table.shape[1] * bs
+        pos = torch.arange(n_slots, device=DEV)
+        dead = (pos >= seq[i]) | ((pos >= keep[i]) & (pos < gap[i]))
+        pos = pos[dead]
+        blk, off = table[i, pos // bs].long(), pos % bs
+        keys[blk, :, off] = float("nan")
+        values[blk, :, off] = POISON
+    values.nan_to_num_(POISON)
+
+
+def oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels):
+    num_pages = -(-int(seq.max()) // layout.page_size)
+    hkv = kv.shape[1]
+    kmax, kmin = R.gather_page_summaries(kv, layout, table, num_pages)
+    plen = R.page_lengths(seq, keep, gap, num_pages, layout.page_size)
+    channels = top_channel_mask(query, hkv, top_channels)
+    q = _group_queries(query, hkv)
+    bound = approximate_page_scores(query, kmax, kmin, channels)
+    logits = bound / _sparq_temperature(q, channels)[..., None]
+    logits = logits + plen.clamp(min=1).float().log()[:, None, None, :]
+    valid = plen > 0
+    return _group_softmax_mean(logits, valid), valid
+
+
+def assert_same_selection(out, ref, scores):
+    """Identical page sets, or sets whose scores are equal (ties)."""
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    if torch.equal(out, ref):
+        return
+    for b in range(out.shape[0]):
+        for h in range(out.shape[1]):
+            a, r = out[b, h], ref[b, h]
+            a, r = a[a >= 0], r[r >= 0]
+            assert a.numel() == r.numel(), (b, h, a, r)
+            assert torch.equal(a, a.sort().values)
+            if torch.equal(a, r):
+                continue
+            sa, sr = scores[b, h, a].sort().values, scores[b, h, r].sort().values
+            torch.testing.assert_close(sa, sr, rtol=1e-4, atol=1e-6 * float(scores[b, h].max()))
+
+
+# ---------------------------------------------------------------------------------------
+# write_kv
+# ---------------------------------------------------------------------------------------
+
+WRITE_CASES = [(16, 1), (16, 2), (16, 4), (16, 16), (32, 4), (32, 8), (32, 32)]
+
+
+@pytest.mark.parametrize("block_size,page_size", WRITE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv(block_size, page_size, dtype):
+    torch.manual_seed(block_size * 100 + page_size)
+    layout = KVLayout(block_size, page_size)
+    hkv, d = 2, HEAD_DIMS[-1]
+    lengths = [n * SCALE for n in (37, 19, 45)]
+    _, table, keys, values = build_cache(layout, hkv, d, lengths, dtype)
+    num_blocks = int(table.max()) + 3
+    kv_ref = torch.full(layout.cache_shape(num_blocks, hkv, d), float("nan"), dtype=dtype, device=DEV)
+    kv_tri = kv_ref.clone()
+    bs = block_size
+    # prefill in chunks of different sizes (many tokens per page), then batched decode steps
+    prompt = [n - 5 for n in lengths]
+    for i, n in enumerate(prompt):
+        pos = torch.arange(n, device=DEV)
+        slots = table[i, pos // bs].long() * bs + pos % bs
+        for c in pos.split(13 if i else n):
+            for kv, fn in ((kv_ref, R.write_kv), (kv_tri, T.write_kv)):
+                fn(kv, layout, keys[i][c], values[i][c], slots[c])
+    for step in range(5):
+        pos = torch.tensor([p + step for p in prompt], device=DEV)
+        b = torch.arange(len(lengths), device=DEV)
+        slots = table[b, pos // bs].long() * bs + pos % bs
+        slots = torch.cat([slots, torch.tensor([-1, -1], device=DEV)])  # CUDA-graph padding
+        k = torch.stack([keys[i][prompt[i] + step] for i in range(len(lengths))])
+        v = torch.stack([values[i][prompt[i] + step] for i in range(len(lengths))])
+        k = torch.cat([k, torch.full_like(k[:2], float("nan"))])
+        v = torch.cat([v, torch.full_like(v[:2], float("nan"))])
+        for kv, fn in ((kv_ref, R.write_kv), (kv_tri, T.write_kv)):
+            fn(kv, layout, k, v, slots)
+    assert same_cache(kv_tri, kv_ref)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_write_kv_mixed_batch_and_unsorted(page_size):
+    """Several requests in one call, fp32 keys into a bf16 cache, and pages_contiguous=False."""
+    torch.manual_seed(7 + page_size)
+    layout = KVLayout(16, page_size)
+    hkv, d = 3, HEAD_DIMS[0]
+    num_blocks = 12
+    kv_ref = torch.full(layout.cache_shape(num_blocks, hkv, d), float("nan"), dtype=torch.bfloat16, device=DEV)
+    kv_tri, kv_uns = kv_ref.clone(), kv_ref.clone()
+    slots = torch.cat([torch.arange(16, 40), torch.tensor([-1]), torch.arange(64, 75), torch.arange(100, 103)]).to(DEV)
+    key = torch.randn(slots.numel(), hkv, d, device=DEV)
+    value = torch.randn(slots.numel(), hkv, d, device=DEV)
+    R.write_kv(kv_ref, layout, key, value, slots)
+    T.write_kv(kv_tri, layout, key, value, slots)
+    perm = torch.randperm(slots.numel(), device=DEV)
+    T.write_kv(kv_uns, layout, key[perm], value[perm], slots[perm], pages_contiguous=False)
+    assert same_cache(kv_tri, kv_ref)
+    assert same_cache(kv_uns, kv_ref)
+
+
+# ---------------------------------------------------------------------------------------
+# HSA page selection
+# ---------------------------------------------------------------------------------------
+
+SELECT_CASES = [
+    # group, block_size, page_size, dtype
+    (1, 16, 1, torch.float32),
+    (4, 16, 4, torch.bfloat16),
+    (8, 32, 8, torch.float32),
+    (7, 16, 2, torch.bfloat16),
+    (4, 32, 32, torch.float16),
+    (9, 16, 16, torch.float32),
+]
+
+
+def _select_inputs(group, block_size, page_size, dtype, d, seed):
+    torch.manual_seed(seed)
+    layout = KVLayout(block_size, page_size)
+    hkv = 2
+    lengths = [n * SCALE for n in (60, 33, 90, 77, 25)]
+    kv, table, _, _ = build_cache(layout, hkv, d, lengths, dtype)
+    seq, keep, gap = ragged_batch(layout, lengths)
+    query = torch.randn(len(lengths), hkv * group, d, device=DEV).to(dtype)
+    top_channels = torch.tensor([d // 4, d, d // 8, 3, d // 2], device=DEV)
+    max_pages = -(-max(lengths) // page_size)
+    top_pages = torch.tensor([4, 10 * max_pages, 6, max(1, max_pages // 3), 5], device=DEV)  # 1: budget > context
+    return layout, kv, table, seq, keep, gap, query, top_channels, top_pages
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("group,block_size,page_size,dtype", SELECT_CASES)
+def test_hsa_select_pages(group, block_size, page_size, dtype, d):
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, block_size, page_size, dtype, d, group * 31 + page_size)
+    ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
+    scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
+
+    got = T.hsa_page_scores(query, kv, layout, table, seq, keep, gap, tc)
+    n = scores.shape[-1]
+    assert torch.equal(got[..., :n] > float("-inf"), valid[:, None, :].expand_as(scores))
+    assert (got[..., n:] == float("-inf")).all()
+    torch.testing.assert_close(got[..., :n].masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
+
+    out = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
+    assert_same_selection(out, ref, scores)
+    assert (out[-1] == -1).all()  # everything evicted: empty selection
+    assert ((out[1] >= 0).sum(-1) == valid[1].sum()).all()  # budget > context: every live page
+
+    width = ref.shape[-1] + 3
+    fixed = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp, max_top_pages=width)
+    assert fixed.shape[-1] == width and (fixed[..., ref.shape[-1]:] == -1).all()
+    assert torch.equal(fixed[..., : ref.shape[-1]], out)
+
+
+def test_hsa_select_int_budgets_and_narrow_width():
+    layout, kv, table, seq, keep, gap, query, _, _ = _select_inputs(4, 16, 4, torch.float32, HEAD_DIMS[0], 5)
+    d = query.shape[-1]
+    ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, d // 2, 3)
+    scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, d // 2)
+    out = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, d // 2, 3, max_top_pages=3)
+    assert_same_selection(out, ref, scores)
+
+
+# ---------------------------------------------------------------------------------------
+# Paged sparse attention
+# ---------------------------------------------------------------------------------------
+
+ATTN_CASES = [
+    # group, block_size, page_size, dtype, num_splits
+    (1, 16, 1, torch.float32, None),
+    (4, 16, 4, torch.bfloat16, 3),
+    (8, 32, 4, torch.float16, None),
+    (7, 16, 16, torch.float32, 2),
+    (4, 32, 32, torch.bfloat16, 1),
+    (9, 32, 2, torch.bfloat16, 4),
+]
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("group,block_size,page_size,dtype,num_splits", ATTN_CASES)
+def test_paged_sparse_attention(group, block_size, page_size, dtype, num_splits, d):
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, block_size, page_size, dtype, d, group * 17 + page_size)
+    pages = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
+    # holes (-1) in the middle of the list and a KV head with nothing chosen
+    pages = pages.clone()
+    pages[0, 0, 1] = -1
+    pages[2, 1] = -1
+    # a few chosen pages that straddle the evicted gap / the end of the sequence
+    pages[3, 0, -1] = int(gap[3]) // page_size
+    pages[1, 1, -1] = (int(seq[1]) - 1) // page_size
+    poison_dead_tokens(kv, layout, table, seq, keep, gap)
+    scale = d**-0.5
+    ref = R.paged_sparse_attention(query, kv, layout, table, pages, seq, keep, gap, scale)
+    out = T.paged_sparse_attention(query, kv, layout, table, pages, seq, keep, gap, scale, num_splits=num_splits)
+    assert out.dtype == query.dtype and out.shape == query.shape
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < tol(dtype)
+    g = group
+    assert (out[2, g : 2 * g] == 0).all()  # head 1 of request 2 chose nothing
+    assert (out[-1] == 0).all()  # empty selection
+    assert float(out.float().abs().max()) < POISON / 10  # dead values never leak in
+
+
+# ---------------------------------------------------------------------------------------
+# SnapKV window scores and compaction
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "w,prompt_len,group,dtype",
+    [(8, 45, 4, torch.float32), (16, 100, 1, torch.bfloat16), (5, 70, 7, torch.float32), (32, 64, 8, torch.float16)],
+)
+def test_snapkv_window_scores(w, prompt_len, group, dtype):
+    torch.manual_seed(w + prompt_len)
+    hkv, d = 2, HEAD_DIMS[-1]
+    prompt_len *= SCALE
+    q = torch.randn(w, hkv * group, d, device=DEV).to(dtype)
+    k = torch.randn(prompt_len + 9, hkv, d, device=DEV).to(dtype)
+    ref = window_scores(q, k, prompt_len)
+    out = T.snapkv_window_scores(q, k, prompt_len)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-3)
+    out = T.snapkv_window_scores(q, k, prompt_len, scale=0.3)
+    assert rel_err(out, window_scores(q, k, prompt_len, scale=0.3)) < (1e-5 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize(
+    "block_size,page_size,prompt_len,keep,dtype",
+    [(16, 4, 70, 23, torch.float32), (16, 1, 64, 40, torch.bfloat16), (32, 8, 100, 33, torch.float32),
+     (16, 16, 50, 17, torch.bfloat16), (32, 32, 96, 64, torch.float16), (16, 2, 30, 30, torch.float32)],
+)
+def test_compact_kept_tokens(block_size, page_size, prompt_len, keep, dtype):
+    torch.manual_seed(prompt_len + keep)
+    layout = KVLayout(block_size, page_size)
+    hkv, d = 3, HEAD_DIMS[0]
+    prompt_len, keep = prompt_len * SCALE, keep * SCALE
+    kv_ref, table, _, _ = build_cache(layout, hkv, d, [prompt_len, 20], dtype)
+    kv_tri = kv_ref.clone()
+    kept = torch.stack([torch.randperm(prompt_len, device=DEV)[: min(keep, prompt_len)].sort().values for _ in range(hkv)])
+    kept[0] = torch.arange(kept.shape[1], device=DEV)  # head 0 keeps a prefix (in place)
+    R.compact_kept_tokens(kv_ref, layout, table[0], kept, prompt_len)
+    T.compact_kept_tokens(kv_tri, layout, table[0], kept, prompt_len)
+    assert same_cache(kv_tri, kv_ref)
+    # decode tokens after compaction extend the cleared tail pages the same way
+    pos = torch.arange(prompt_len, prompt_len + 3, device=DEV)
+    slots = table[0, pos // block_size].long() * block_size + pos % block_size
+    k, v = torch.randn(3, hkv, d, device=DEV), torch.randn(3, hkv, d, device=DEV)
+    R.write_kv(kv_ref, layout, k, v, slots)
+    T.write_kv(kv_tri, layout, k, v, slots)
+    assert same_cache(kv_tri, kv_ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatcher
+# ---------------------------------------------------------------------------------------
+
+
+def test_get_ops_dispatch(monkeypatch):
+    from rocketkv_vllm import kernels
+
+    names = ("write_kv", "hsa_select_pages", "paged_sparse_attention", "snapkv_window_scores", "compact_kept_tokens")
+    monkeypatch.delenv("ROCKETKV_TRITON_INTERPRET", raising=False)
+    cpu = kernels.get_ops("cpu")
+    assert cpu.backend == "reference" and cpu.hsa_select_pages is R.hsa_select_pages
+    monkeypatch.setenv("ROCKETKV_TRITON_INTERPRET", "1")
+    interp = kernels.get_ops(torch.device("cpu"))
+    assert interp.backend == "triton" and interp.paged_sparse_attention is T.paged_sparse_attention
+    for ops in (cpu, interp):
+        assert all(callable(getattr(ops, n)) for n in names)
+    if CUDA:
+        gpu = kernels.get_ops("cuda")
+        assert gpu.backend in ("triton", "triton+cuda")
+        assert all(callable(getattr(gpu, n)) for n in names)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graph_select_and_attend(dtype):
+    torch.manual_seed(3)
+    group, d = 4, 128
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, 16, 4, dtype, d, 11)
+    seq, keep, gap = seq.int(), keep.int(), gap.int()
+    tc, tp = tc.int(), tp.int()
+    width = 64
+    scale = d**-0.5
+
+    def step():
+        pages = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp, max_top_pages=width)
+        return pages, T.paged_sparse_attention(query, kv, layout, table, pages, seq, keep, gap, scale)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compile / autotune outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_pages, static_out = step()
+    for trial in range(3):
+        if trial:
+            query.copy_(torch.randn_like(query))
+            seq.copy_((seq - 3 * trial).clamp(min=1))
+            keep.copy_(torch.minimum(keep, seq))
+            gap.copy_(torch.minimum(gap, seq))
+        graph.replay()
+        torch.cuda.synchronize()
+        pages, out = step()
+        assert torch.equal(static_pages, pages)
+        assert torch.equal(static_out, out)
+        ref_pages = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, torch.clamp(tp, max=width))
+        scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
+        k = ref_pages.shape[-1]
+        assert (static_pages[..., k:] == -1).all()
+        assert_same_selection(static_pages[..., :k], ref_pages, scores)
+        poisoned = kv.clone()
+        poison_dead_tokens(poisoned, layout, table, seq, keep, gap)
+        ref = R.paged_sparse_attention(query, poisoned, layout, table, static_pages, seq, keep, gap, scale)
+        assert rel_err(static_out, ref) < tol(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size,page_size", [(16, 1), (16, 4), (32, 8), (32, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_cpp_write_kv(block_size, page_size, dtype):
+    from rocketkv_vllm.kernels import cuda_ops
+
+    if not cuda_ops.available():
+        pytest.skip(f"rocketkv_vllm._C not built: {cuda_ops.import_error()}")
+    torch.manual_seed(block_size + page_size)
+    layout = KVLayout(block_size, page_size)
+    hkv, d = 8, 128
+    lengths = [1000, 77, 513]
+    _, table, keys, values = build_cache(layout, hkv, d, lengths, dtype)
+    num_blocks = int(table.max()) + 3
+    kv_ref = torch.full(layout.cache_shape(num_blocks, hkv, d), float("nan"), dtype=dtype, device=DEV)
+    kv_cpp = kv_ref.clone()
+    bs = block_size
+    prompt = [n - 4 for n in lengths]
+    for i, n in enumerate(prompt):
+        pos = torch.arange(n, device=DEV)
+        slots = table[i, pos // bs].long() * bs + pos % bs
+        for c in pos.split(256 if i else 37):
+            for kv, fn in ((kv_ref, R.write_kv), (kv_cpp, cuda_ops.write_kv)):
+                fn(kv, layout, keys[i][c], values[i][c], slots[c] if i != 1 else slots[c].int())
+    for step in range(4):
+        pos = torch.tensor([p + step for p in prompt], device=DEV)
+        slots = table[torch.arange(3, device=DEV), pos // bs].long() * bs + pos % bs
+        slots = torch.cat([slots, torch.tensor([-1], device=DEV)])
+        k = torch.stack([keys[i][prompt[i] + step] for i in range(3)] + [keys[0][0]])
+        v = torch.stack([values[i][prompt[i] + step] for i in range(3)] + [values[0][0]])
+        for kv, fn in ((kv_ref, R.write_kv), (kv_cpp, cuda_ops.write_kv)):
+            fn(kv, layout, k, v, slots)
+    assert same_cache(kv_cpp, kv_ref)
