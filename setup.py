@@ -1,9 +1,9 @@
 """Build and install rocketkv_vllm.
 
 The CUDA C++ kernels in csrc/ are compiled (torch cpp_extension, sm_90 by default) when
-nvcc and a CUDA build of torch are present; elsewhere the package installs without them
-and uses its Triton / torch paths. Set ROCKETKV_SKIP_CUDA=1 to skip the build, and
-TORCH_CUDA_ARCH_LIST to choose architectures. CMakeLists.txt builds the same sources.
+nvcc, a CUDA build of torch and a GPU are present (ROCKETKV_BUILD_CUDA=1 forces the build
+without a GPU, ROCKETKV_SKIP_CUDA=1 skips it); elsewhere the package installs without
+them and uses its Triton / torch paths. TORCH_CUDA_ARCH_LIST chooses architectures. CMakeLists.txt builds the same sources.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def cuda_extensions() -> tuple[list, dict]:
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError:
         return [], {}
-    if torch.version.cuda is None:
+    if torch.version.cuda is None or not (torch.cuda.is_available() or os.environ.get("ROCKETKV_BUILD_CUDA") == "1"):
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))

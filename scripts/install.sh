@@ -34,5 +34,5 @@ PY
     rm -rf "$tmp"
   fi
 fi
-"${PIP[@]}" "gguf" "openai" "pytest" "pytest-timeout"
+"${PIP[@]}" gguf accelerate openai pytest pytest-timeout
 "${PIP[@]}" --no-build-isolation -e "$ROOT"

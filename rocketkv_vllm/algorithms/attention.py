@@ -73,5 +73,7 @@ def attend_chosen(
     logits = torch.einsum("bhgd,bhkd->bhgk", q, keys.float()) * scale
     logits = logits.masked_fill(~chosen[:, :, None, :], float("-inf"))
     probs = torch.nan_to_num(logits.softmax(dim=-1))
-    out = torch.einsum("bhgk,bhkd->bhgd", probs, values.float())
+    # unchosen slots may hold uninitialised cache memory (NaN): zero them, not just their weight
+    values = values.float().masked_fill(~chosen[..., None], 0.0)
+    out = torch.einsum("bhgk,bhkd->bhgd", probs, values)
     return out.reshape(batch, num_q_heads, head_dim).to(query.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rocketkv_vllm.algorithms import attend_chosen, hsa_select
+from rocketkv_vllm.algorithms import attend_chosen, causal_attention, hsa_select
 from rocketkv_vllm.kv_layout import KVLayout
 
 
@@ -67,6 +67,36 @@ def live_positions(seq_len: int, keep: int, gap_end: int, device: torch.device) 
     """Bool [seq_len]: which logical positions hold live tokens."""
     pos = torch.arange(seq_len, device=device)
     return (pos < keep) | (pos >= gap_end)
+
+
+def paged_causal_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    block_row: torch.Tensor,
+    seq_len: int,
+    keep: int,
+    gap_end: int,
+    scale: float,
+    query_chunk: int = 512,
+) -> torch.Tensor:
+    """Exact causal attention of one request's last T = query.shape[0] tokens over its live cache.
+
+    query: [T, Hq, D] at positions seq_len - T .. seq_len - 1. Queries are processed in
+    chunks so the logits never exceed query_chunk x seq_len per head.
+    """
+    keys, values = gather_tokens(kv_cache, layout, block_row, seq_len)
+    positions = torch.arange(seq_len, device=kv_cache.device)
+    live = live_positions(seq_len, keep, gap_end, kv_cache.device)
+    if not bool(live.all()):
+        keys, values, positions = keys[live], values[live], positions[live]
+    first = seq_len - query.shape[0]
+    out = torch.empty_like(query)
+    for start in range(0, query.shape[0], query_chunk):
+        q = query[start : start + query_chunk]
+        q_pos = torch.arange(first + start, first + start + q.shape[0], device=kv_cache.device)
+        out[start : start + q.shape[0]] = causal_attention(q, keys, values, q_pos, positions, scale)
+    return out
 
 
 def compact_kept_tokens(
@@ -145,12 +175,19 @@ def hsa_select_pages(
     gap_end: torch.Tensor,
     top_channels: torch.Tensor,
     top_pages: torch.Tensor,
+    max_top_pages: int | None = None,
 ) -> torch.Tensor:
-    """HSA over the paged cache: logical page indices [B, Hkv, max(top_pages)], -1 padded."""
+    """HSA over the paged cache: logical page indices [B, Hkv, W], -1 padded.
+
+    W = max_top_pages when given (a fixed width for batched kernels), else max(top_pages).
+    """
     num_pages = -(-int(seq_lens.max().item()) // layout.page_size)
     kmax, kmin = gather_page_summaries(kv_cache, layout, block_table, num_pages)
     plen = page_lengths(seq_lens, keep, gap_end, num_pages, layout.page_size)
-    return hsa_select(query, kmax, kmin, plen, top_channels, top_pages)
+    pages = hsa_select(query, kmax, kmin, plen, top_channels, top_pages)
+    if max_top_pages is not None:
+        pages = torch.nn.functional.pad(pages, (0, max(0, max_top_pages - pages.shape[-1])), value=-1)
+    return pages
 
 
 def paged_sparse_attention(

@@ -1,0 +1,84 @@
+"""RocketKV settings: server defaults (--additional-config) and per-request overrides (extra_args)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+MODES = ("rocketkv", "mt", "full")
+BUDGET_KEY, MODE_KEY = "rocketkv_budget", "rocketkv_mode"
+
+
+def _int_field(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _mode_field(name: str, value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in MODES:
+        raise ValueError(f"{name} must be one of {', '.join(MODES)}, got {value!r}")
+    return value.lower()
+
+
+@dataclass(frozen=True)
+class RocketKVConfig:
+    """Server-wide defaults, from --additional-config '{"rocketkv": {...}}'.
+
+    budget:       token budget t per request (KV reads per decode step, see algorithms.budget).
+    mode:         rocketkv (evict + HSA), mt (HSA only, no eviction), full (exact attention).
+    window:       SnapKV++ observation window (last prompt queries).
+    pool_kernel:  SnapKV++ max-pooling kernel (odd; shrunk to fit short prompts).
+    page_size:    HSA page, the granularity of the stored key max/min summaries.
+    top_channels: fixed r (k1) instead of the adaptive one; top_k: fixed tokens (k2) per step.
+    """
+
+    budget: int = 2048
+    mode: str = "rocketkv"
+    window: int = 32
+    pool_kernel: int = 63
+    page_size: int = 4
+    top_channels: int | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "window", "pool_kernel", "page_size"):
+            _int_field(f"rocketkv.{name}", getattr(self, name), 1)
+        for name in ("top_channels", "top_k"):
+            if getattr(self, name) is not None:
+                _int_field(f"rocketkv.{name}", getattr(self, name), 1)
+        object.__setattr__(self, "mode", _mode_field("rocketkv.mode", self.mode))
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"rocketkv.pool_kernel must be odd, got {self.pool_kernel}")
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"rocketkv.page_size must be a power of two, got {self.page_size}")
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "RocketKVConfig":
+        section = (additional_config or {}).get("rocketkv", {})
+        if not isinstance(section, Mapping):
+            raise ValueError(f"additional_config['rocketkv'] must be a mapping, got {section!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(section) - known
+        if unknown:
+            raise ValueError(f"unknown rocketkv settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**section)
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    budget: int
+    mode: str
+
+
+def request_settings(extra_args: Mapping[str, Any] | None, defaults: RocketKVConfig) -> RequestSettings:
+    """A request's budget and mode: its extra_args (rocketkv_budget, rocketkv_mode) over the defaults.
+
+    Raises ValueError naming the offending field.
+    """
+    extra = extra_args or {}
+    budget = _int_field(BUDGET_KEY, extra[BUDGET_KEY], 1) if BUDGET_KEY in extra else defaults.budget
+    mode = _mode_field(MODE_KEY, extra[MODE_KEY]) if MODE_KEY in extra else defaults.mode
+    return RequestSettings(budget, mode)

@@ -1,0 +1,69 @@
+"""Per-request compression plan, a pure function shared by the scheduler and the workers.
+
+The scheduler frees a request's evicted blocks from this plan alone, without waiting for
+the GPU, so both sides must compute it from the same inputs.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from rocketkv_vllm.algorithms import split_budget
+from rocketkv_vllm.config import RequestSettings, RocketKVConfig
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """prompt_len: true prompt length (RoPE positions continue from it).
+    keep:          prompt tokens each KV head keeps after stage 1 (== prompt_len: no eviction).
+    sparse:        decode uses HSA (else exact attention over every live token).
+    top_channels:  r, channels scored per KV group; top_pages: pages attended per KV head.
+    """
+
+    prompt_len: int
+    keep: int
+    sparse: bool
+    top_channels: int
+    top_pages: int
+
+    @property
+    def evicts(self) -> bool:
+        return self.keep < self.prompt_len
+
+    def first_freed_block(self, block_size: int) -> int:
+        """Blocks [first_freed_block, last_freed_block) hold only evicted tokens once stage 1 ran."""
+        return -(-self.keep // block_size)
+
+    def last_freed_block(self, block_size: int) -> int:
+        # the block holding position prompt_len also receives the first decode tokens
+        return self.prompt_len // block_size if self.evicts else 0
+
+
+def plan_request(
+    settings: RequestSettings,
+    config: RocketKVConfig,
+    prompt_len: int,
+    max_new_tokens: int,
+    head_dim: int,
+    block_size: int,
+) -> RequestPlan:
+    if settings.mode == "full":
+        return RequestPlan(prompt_len, prompt_len, False, head_dim, 0)
+    split = split_budget(
+        prompt_len,
+        max(0, max_new_tokens),
+        settings.budget,
+        head_dim,
+        block_size,
+        window=config.window,
+        evict=settings.mode == "rocketkv",
+        page_size=config.page_size,
+    )
+    if not split.compress:
+        return RequestPlan(prompt_len, prompt_len, False, head_dim, 0)
+    channels = min(head_dim, config.top_channels or split.top_channels)
+    top_k = config.top_k or split.top_k
+    return RequestPlan(prompt_len, split.prompt_keep, True, channels, max(1, top_k // config.page_size))
+
+
+cached_plan_request = functools.lru_cache(maxsize=16384)(plan_request)

@@ -1,0 +1,168 @@
+"""RocketKV attention backend for vLLM: Backend (what it is), metadata builder (per-step plan).
+
+The impl (forward pass) lives in impl.py. Row kinds in a step:
+- dense:    prefill chunks and uncompressed decodes, exact causal attention;
+- decode:   one-token decodes of compressed requests, HSA over page summaries;
+- compact:  the chunk that completes an evicting request's prompt: after its dense
+            attention, SnapKV++ picks the kept tokens and compacts them in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from rocketkv_vllm.config import RocketKVConfig, request_settings
+from rocketkv_vllm.kv_layout import KVLayout
+from rocketkv_vllm.plan import RequestPlan, cached_plan_request
+from rocketkv_vllm.vllm_glue.batch_context import current_rows
+
+
+class RocketKVBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+    # get_kv_cache_shape only receives sizes; the summary page size comes from the
+    # RocketKV spec, set when the worker's layers emit it (before the cache is allocated).
+    page_size: ClassVar[int] = RocketKVConfig().page_size
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        from rocketkv_vllm.vllm_glue.impl import RocketKVImpl
+
+        return RocketKVImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["RocketKVMetadataBuilder"]:
+        return RocketKVMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int]:
+        return [16, 32, 64, 128]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 128]
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def configure(cls, config: RocketKVConfig) -> None:
+        cls.page_size = config.page_size
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, cache_dtype_str: str = "auto"
+    ) -> tuple[int, ...]:
+        return KVLayout(block_size, RocketKVBackend.page_size).cache_shape(num_blocks, num_kv_heads, head_size)
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class DenseRow:
+    row: int
+    query_start: int
+    query_end: int
+    seq_len: int
+    keep: int  # live positions: p < keep or p >= gap_end
+    gap_end: int
+
+
+@dataclass(frozen=True)
+class Compaction:
+    row: int
+    window_start: int  # query token indices of the observation window
+    window_end: int
+    prompt_len: int
+    keep: int
+
+
+@dataclass
+class DecodeBatch:
+    """HSA decode rows, as device tensors indexed by decode position."""
+
+    token_index: torch.Tensor  # [Bd] query token of each decode row
+    rows: torch.Tensor  # [Bd] batch row
+    seq_lens: torch.Tensor
+    keep: torch.Tensor
+    gap_end: torch.Tensor
+    top_channels: torch.Tensor
+    top_pages: torch.Tensor
+    max_top_pages: int
+
+
+@dataclass
+class RocketKVMetadata:
+    num_actual_tokens: int
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    dense: list[DenseRow]
+    compactions: list[Compaction]
+    decode: DecodeBatch | None
+
+
+class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
+        self.head_dim = kv_cache_spec.head_size
+        self.block_size = kv_cache_spec.block_size
+        self.device = device
+
+    def _plan(self, state, seq_len: int) -> RequestPlan:
+        if state is None:  # dummy rows (profiling, warm-up): exact attention
+            return RequestPlan(seq_len, seq_len, False, self.head_dim, 0)
+        params = state.sampling_params
+        settings = request_settings(params.extra_args if params else None, self.config)
+        max_tokens = params.max_tokens if params and params.max_tokens is not None else 0
+        return cached_plan_request(settings, self.config, state.num_prompt_tokens, max_tokens, self.head_dim, self.block_size)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> RocketKVMetadata:
+        cm = common_attn_metadata
+        starts = cm.query_start_loc_cpu.tolist()
+        query_lens = [b - a for a, b in zip(starts, starts[1:])]
+        seq_lens = cm.seq_lens.cpu().tolist() if cm._seq_lens_cpu is None else cm._seq_lens_cpu.tolist()
+        rows = current_rows()
+        dense, compactions, decode_rows = [], [], []
+        for i, query_len in enumerate(query_lens):
+            if query_len == 0:
+                continue
+            seq_len = seq_lens[i]
+            computed = seq_len - query_len
+            plan = self._plan(rows[i] if i < len(rows) else None, seq_len)
+            prompt_len = plan.prompt_len
+            compacted = plan.evicts and computed >= prompt_len
+            keep, gap_end = (plan.keep, prompt_len) if compacted else (prompt_len, prompt_len)
+            if plan.sparse and query_len == 1 and computed >= prompt_len:
+                decode_rows.append((starts[i], i, seq_len, keep, gap_end, plan.top_channels, plan.top_pages))
+                continue
+            dense.append(DenseRow(i, starts[i], starts[i] + query_len, seq_len, keep, gap_end))
+            if plan.evicts and computed < prompt_len <= seq_len:
+                window_start = max(computed, prompt_len - self.config.window)
+                compactions.append(
+                    Compaction(i, starts[i] + window_start - computed, starts[i] + prompt_len - computed, prompt_len, plan.keep)
+                )
+        decode = None
+        if decode_rows:
+            columns = torch.tensor(decode_rows, dtype=torch.int64).T.to(self.device, non_blocking=True)
+            max_top_pages = max(r[-1] for r in decode_rows)
+            decode = DecodeBatch(*columns, max_top_pages=max_top_pages)
+        return RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)

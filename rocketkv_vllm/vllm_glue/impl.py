@@ -1,0 +1,110 @@
+"""RocketKV attention forward pass: store KV + summaries, exact prefill, SnapKV++ compaction, HSA decode."""
+from __future__ import annotations
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
+
+from rocketkv_vllm.algorithms import snapkv_select
+from rocketkv_vllm.config import RocketKVConfig
+from rocketkv_vllm.kernels import get_ops
+from rocketkv_vllm.kv_layout import KVLayout
+from rocketkv_vllm.ops import reference
+from rocketkv_vllm.vllm_glue.backend import RocketKVMetadata
+
+
+class RocketKVImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **unsupported: object,
+    ) -> None:
+        reasons = [
+            name
+            for name, present in (
+                ("ALiBi", alibi_slopes is not None),
+                ("sliding windows", sliding_window is not None),
+                ("logit soft-capping", bool(logits_soft_cap)),
+                ("non-decoder attention", attn_type != AttentionType.DECODER),
+                ("KV sharing between layers", kv_sharing_target_layer_name is not None),
+                ("quantized KV caches", kv_cache_dtype not in ("auto", "float16", "bfloat16")),
+                (", ".join(sorted(k for k, v in unsupported.items() if v is not None)), any(v is not None for v in unsupported.values())),
+            )
+            if present
+        ]
+        if reasons:
+            raise NotImplementedError(f"the RocketKV backend does not support {'; '.join(reasons)}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        vllm_config = get_current_vllm_config()
+        self.config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
+        self.layout = KVLayout(vllm_config.cache_config.block_size, self.config.page_size)
+        self._ops = None
+
+    def ops(self, device: torch.device):
+        if self._ops is None:
+            self._ops = get_ops(device)
+        return self._ops
+
+    def do_kv_cache_update(
+        self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        n = slot_mapping.shape[0]
+        self.ops(kv_cache.device).write_kv(kv_cache, self.layout, key[:n], value[:n], slot_mapping)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: RocketKVMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the RocketKV backend")
+        if attn_metadata is None:  # memory profiling
+            return output
+        ops = self.ops(kv_cache.device)
+        meta = attn_metadata
+        n = meta.num_actual_tokens
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+
+        for row in meta.dense:
+            out[row.query_start : row.query_end] = reference.paged_causal_attention(
+                query[row.query_start : row.query_end], kv_cache, self.layout, meta.block_table[row.row],
+                row.seq_len, row.keep, row.gap_end, self.scale,
+            )
+        for c in meta.compactions:
+            block_row = meta.block_table[c.row]
+            keys, _ = reference.gather_tokens(kv_cache, self.layout, block_row, c.prompt_len)
+            kept = snapkv_select(query[c.window_start : c.window_end], keys, c.prompt_len, c.keep, self.config.pool_kernel, self.scale)
+            ops.compact_kept_tokens(kv_cache, self.layout, block_row, kept, c.prompt_len)
+
+        d = meta.decode
+        if d is not None:
+            block_table = meta.block_table[d.rows]
+            q = query[d.token_index]
+            pages = ops.hsa_select_pages(
+                q, kv_cache, self.layout, block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
+                max_top_pages=d.max_top_pages,
+            )
+            out[d.token_index] = ops.paged_sparse_attention(
+                q, kv_cache, self.layout, block_table, pages, d.seq_lens, d.keep, d.gap_end, self.scale
+            )
+        return output

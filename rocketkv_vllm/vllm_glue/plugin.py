@@ -1,0 +1,190 @@
+"""vLLM general plugin (entry point `vllm.general_plugins`): makes `rocketkv` a backend choice.
+
+vLLM loads general plugins in every process (API server, engine core, workers) before it
+parses backend names, so each hook below is installed everywhere:
+- the name `rocketkv` (any case) resolves to AttentionBackendEnum.CUSTOM, registered to
+  RocketKVBackend;
+- the CPU platform, which otherwise always picks CPU_ATTN, honours that choice;
+- layers served by RocketKV emit RocketKVSpec, whose manager frees evicted blocks;
+- the scheduler tells that manager about each request (budget, mode, prompt length);
+- the model runner publishes the request in each batch row to the metadata builder;
+- bad per-request settings are rejected before the request is queued (HTTP 400).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+from rocketkv_vllm.config import RocketKVConfig, request_settings
+
+logger = logging.getLogger(__name__)
+BACKEND_PATH = "rocketkv_vllm.vllm_glue.backend.RocketKVBackend"
+_registered = False
+
+
+def _wrap(owner: type, name: str, make_wrapper) -> None:
+    """Replace owner.name by make_wrapper(original), once (plugins may load twice)."""
+    original = owner.__dict__[name]
+    if getattr(original, "_rocketkv_wrapped", False):
+        return
+    wrapper = make_wrapper(original)
+    wrapper._rocketkv_wrapped = True
+    setattr(owner, name, wrapper)
+
+
+def _uses_rocketkv(vllm_config) -> bool:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM
+
+
+def _register_backend_name() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    AttentionBackendEnum._member_map_["ROCKETKV"] = AttentionBackendEnum.CUSTOM
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+
+
+def _select_on_cpu() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    def make(original):
+        @functools.wraps(original.__func__)
+        def get_attn_backend_cls(cls, selected_backend, *args, **kwargs):
+            if selected_backend == AttentionBackendEnum.CUSTOM:
+                return AttentionBackendEnum.CUSTOM.get_path()
+            return original.__func__(cls, selected_backend, *args, **kwargs)
+
+        return classmethod(get_attn_backend_cls)
+
+    _wrap(CpuPlatform, "get_attn_backend_cls", make)
+
+
+def _use_v1_model_runner() -> None:
+    """The request-to-row hook targets vLLM's V1 model runner (the one CPU uses too)."""
+    from vllm.config import VllmConfig
+
+    def make(original):
+        @functools.wraps(original)
+        def unsupported(self):
+            reasons = original(self)
+            if _uses_rocketkv(self):
+                reasons.append("the RocketKV attention backend")
+            return reasons
+
+        return unsupported
+
+    _wrap(VllmConfig, "_get_v2_model_runner_unsupported_features", make)
+
+
+def _emit_rocketkv_spec() -> None:
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from rocketkv_vllm.vllm_glue.backend import RocketKVBackend
+    from rocketkv_vllm.vllm_glue.kv_manager import RocketKVSpec
+
+    def make(original):
+        @functools.wraps(original)
+        def get_kv_cache_spec(self, vllm_config):
+            spec = original(self, vllm_config)
+            if not (isinstance(self.attn_backend, type) and issubclass(self.attn_backend, RocketKVBackend)):
+                return spec
+            if type(spec) is not FullAttentionSpec:
+                raise ValueError(f"RocketKV supports full attention layers only, got {type(spec).__name__}")
+            config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
+            if spec.block_size % config.page_size:
+                raise ValueError(f"rocketkv.page_size ({config.page_size}) must divide the block size ({spec.block_size})")
+            RocketKVBackend.configure(config)
+            return RocketKVSpec(
+                block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
+                head_size_v=spec.head_size_v, dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode, rocketkv=config,
+            )
+
+        return get_kv_cache_spec
+
+    _wrap(Attention, "get_kv_cache_spec", make)
+
+
+def _register_kv_manager() -> None:
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from rocketkv_vllm.vllm_glue.kv_manager import RocketKVManager, RocketKVSpec
+
+    KVCacheSpecRegistry._ensure_registered()  # built-ins first: they register only into an empty registry
+    KVCacheSpecRegistry.register(RocketKVSpec, RocketKVManager, uniform_type_base_spec=FullAttentionSpec)
+
+
+def _track_requests_in_scheduler() -> None:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    from rocketkv_vllm.vllm_glue.kv_manager import RocketKVManager
+
+    def track(kv_cache_manager: KVCacheManager, request) -> None:
+        for manager in kv_cache_manager.coordinator.single_type_managers:
+            if isinstance(manager, RocketKVManager):
+                manager.track(request)
+
+    def make(original):
+        @functools.wraps(original)
+        def wrapper(self, request, *args, **kwargs):
+            track(self, request)
+            return original(self, request, *args, **kwargs)
+
+        return wrapper
+
+    _wrap(KVCacheManager, "get_computed_blocks", make)
+    _wrap(KVCacheManager, "allocate_slots", make)
+
+
+def _publish_batch_rows() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from rocketkv_vllm.vllm_glue.batch_context import rows_of_batch
+
+    def make(original):
+        @functools.wraps(original)
+        def build(self, *args, **kwargs):
+            rows = [self.requests.get(req_id) for req_id in self.input_batch.req_ids]
+            with rows_of_batch(rows):
+                return original(self, *args, **kwargs)
+
+        return build
+
+    _wrap(GPUModelRunner, "_build_attention_metadata", make)
+
+
+def _validate_requests() -> None:
+    from vllm.platforms.interface import Platform
+
+    defaults = RocketKVConfig()
+
+    def make(original):
+        @functools.wraps(original.__func__)
+        def validate_request(cls, processed_inputs, params):
+            extra_args = getattr(params, "extra_args", None)
+            if extra_args:
+                request_settings(extra_args, defaults)  # raises ValueError naming the field
+            return original.__func__(cls, processed_inputs, params)
+
+        return classmethod(validate_request)
+
+    _wrap(Platform, "validate_request", make)
+
+
+def register() -> None:
+    """Entry point of the `vllm.general_plugins` group."""
+    global _registered
+    if _registered:
+        return
+    _register_backend_name()
+    _select_on_cpu()
+    _use_v1_model_runner()
+    _validate_requests()
+    _register_kv_manager()
+    _emit_rocketkv_spec()
+    _track_requests_in_scheduler()
+    _publish_batch_rows()
+    _registered = True

@@ -1,0 +1,100 @@
+"""Paged-cache reference ops (the CPU path) against the contiguous algorithms."""
+import pytest
+import torch
+
+from rocketkv_vllm.algorithms import hsa_select, page_summaries, snapkv_select, sparse_attention
+from rocketkv_vllm.kv_layout import KVLayout
+from rocketkv_vllm.ops import reference as ops
+
+
+def make_request_cache(layout, num_blocks, hkv, d, lengths, dtype=torch.float32):
+    """Fill a paged cache with random tokens for requests of `lengths`, shuffled blocks."""
+    kv = torch.full(layout.cache_shape(num_blocks, hkv, d), float("nan"), dtype=dtype)
+    perm = torch.randperm(num_blocks)
+    max_blocks = max(-(-n // layout.block_size) for n in lengths) + 1
+    table = torch.zeros(len(lengths), max_blocks, dtype=torch.int32)
+    keys, values, used = [], [], 0
+    for i, n in enumerate(lengths):
+        nb = -(-n // layout.block_size) + 1
+        table[i, :nb] = perm[used : used + nb].int()
+        used += nb
+        k, v = torch.randn(n, hkv, d, dtype=dtype), torch.randn(n, hkv, d, dtype=dtype)
+        pos = torch.arange(n)
+        slots = table[i, pos // layout.block_size].long() * layout.block_size + pos % layout.block_size
+        for chunk in torch.arange(n).split(7):  # chunked writes
+            ops.write_kv(kv, layout, k[chunk], v[chunk], slots[chunk])
+        keys.append(k)
+        values.append(v)
+    return kv, table, keys, values
+
+
+@pytest.mark.parametrize("block_size,page_size", [(16, 1), (16, 4), (32, 8), (16, 16)])
+def test_write_kv_stores_tokens_and_summaries(block_size, page_size):
+    torch.manual_seed(block_size + page_size)
+    layout = KVLayout(block_size, page_size)
+    kv, table, keys, values = make_request_cache(layout, 16, 2, 8, [45, 19])
+    for i, n in enumerate([45, 19]):
+        k, v = ops.gather_tokens(kv, layout, table[i], n)
+        assert torch.equal(k, keys[i]) and torch.equal(v, values[i])
+        kmax, kmin = ops.gather_page_summaries(kv, layout, table[i : i + 1], -(-n // page_size))
+        ref_max, ref_min = page_summaries(keys[i], page_size)
+        assert torch.equal(kmax[0], ref_max) and torch.equal(kmin[0], ref_min)
+
+
+def test_compaction_keeps_selected_tokens_per_head():
+    torch.manual_seed(0)
+    layout = KVLayout(16, 4)
+    prompt = 70
+    kv, table, keys, values = make_request_cache(layout, 12, 2, 8, [prompt])
+    q = torch.randn(8, 4, 8)
+    kept = snapkv_select(q, keys[0], prompt, keep=23, pool_kernel=5)
+    ops.compact_kept_tokens(kv, layout, table[0], kept, prompt)
+    k, v = ops.gather_tokens(kv, layout, table[0], 23)
+    for h in range(2):
+        assert torch.equal(k[:, h], keys[0][kept[h], h]) and torch.equal(v[:, h], values[0][kept[h], h])
+    kmax, _ = ops.gather_page_summaries(kv, layout, table[:1], 6)
+    assert torch.equal(kmax[0], page_summaries(k, 4)[0])
+    # decode tokens at positions 70.. extend the tail pages, which start empty
+    new_k = torch.randn(3, 2, 8)
+    pos = torch.arange(prompt, prompt + 3)
+    slots = table[0, pos // 16].long() * 16 + pos % 16
+    ops.write_kv(kv, layout, new_k, torch.randn(3, 2, 8), slots)
+    kmax, kmin = ops.gather_page_summaries(kv, layout, table[:1], 19)
+    assert torch.equal(kmax[0, 17], new_k[:2].amax(0)) and torch.equal(kmin[0, 18], new_k[2])
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_paged_hsa_and_attention_match_contiguous(group):
+    torch.manual_seed(group)
+    layout = KVLayout(16, 4)
+    lengths = [60, 33, 90]
+    hkv, d = 2, 16
+    kv, table, keys, values = make_request_cache(layout, 32, hkv, d, lengths)
+    seq_lens = torch.tensor(lengths)
+    # requests 1 and 2 have an evicted gap (page-aligned: compaction handles the rest)
+    keep = torch.tensor([60, 20, 40])
+    gap_end = torch.tensor([60, 28, 80])
+    query = torch.randn(3, hkv * group, d)
+    top_pages = torch.tensor([4, 100, 6])  # request 1's budget exceeds its context
+    pages = ops.hsa_select_pages(query, kv, layout, table, seq_lens, keep, gap_end, torch.tensor([8, 16, 4]), top_pages)
+
+    num_pages = 23
+    live = torch.stack([ops.live_positions(num_pages * 4, int(keep[i]), int(gap_end[i]), torch.device("cpu")) for i in range(3)])
+    live &= torch.arange(num_pages * 4)[None] < seq_lens[:, None]
+    padded_k = torch.zeros(3, num_pages * 4, hkv, d)
+    padded_v = torch.zeros(3, num_pages * 4, hkv, d)
+    for i, n in enumerate(lengths):
+        padded_k[i, :n], padded_v[i, :n] = keys[i], values[i]
+    masked = torch.where(live[..., None, None], padded_k, float("nan"))
+    kmax = masked.view(3, num_pages, 4, hkv, d).nan_to_num(float("-inf")).amax(2)
+    kmin = masked.view(3, num_pages, 4, hkv, d).nan_to_num(float("inf")).amin(2)
+    plen = live.view(3, num_pages, 4).sum(-1)
+    expected = hsa_select(query, kmax, kmin, plen, torch.tensor([8, 16, 4]), top_pages)
+    assert torch.equal(pages, expected)
+    assert (pages[1] >= 0).sum(-1).tolist() == [int((plen[1] > 0).sum())] * hkv
+
+    out = ops.paged_sparse_attention(query, kv, layout, table, pages, seq_lens, keep, gap_end, 0.25)
+    tok = (pages.clamp(min=0)[..., None] * 4 + torch.arange(4)).flatten(-2)
+    ok = (pages >= 0).repeat_interleave(4, -1) & live.gather(1, tok.flatten(1)).view_as(tok)
+    ref = sparse_attention(query, padded_k, padded_v, torch.where(ok, tok, -1), 0.25)
+    assert torch.allclose(out, ref, atol=1e-5)
