@@ -298,7 +298,7 @@ def _hsa_logits_kernel(
         logit = (hi + lo) / temp[:, None] + tl.log(tl.maximum(plen, 1).to(tl.float32))[None, :]
         logit = tl.where(valid[None, :], logit, float("-inf"))
         gm = g < G
-        lptr = logit_ptr + ((b * nh + h) * G_P + g)[:, None] * NP + p[None, :]
+        lptr = logit_ptr + ((b * nh + h) * G + g)[:, None] * NP + p[None, :]
         tl.store(lptr, logit, mask=gm[:, None] & (p < NP)[None, :])
         m = tl.max(logit, axis=1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -361,7 +361,7 @@ def _hsa_scores_kernel(
         ok = gm & (s > 0)
         m = tl.where(ok, m, 0.0)
         inv = tl.where(ok, 1.0 / tl.where(ok, s, 1.0), 0.0)
-        lptr = logit_ptr + ((b * nh + h) * G_P + g)[:, None] * NP + p[None, :]
+        lptr = logit_ptr + ((b * nh + h) * G + g)[:, None] * NP + p[None, :]
         logit = tl.load(lptr, mask=gm[:, None] & pm[None, :], other=float("-inf"))
         prob = tl.where(ok[:, None], tl.exp(logit - m[:, None]) * inv[:, None], 0.0)
         score = tl.sum(prob, axis=0) / G
@@ -411,7 +411,7 @@ def hsa_page_scores(
         query, r, qm, temp, query.stride(0), query.stride(1), group, head_dim,
         G_P=g_p, BLOCK_D=block_d, num_warps=4,
     )
-    logits = torch.empty(batch, hkv, g_p, num_pages, dtype=torch.float32, device=device)
+    logits = torch.empty(batch, hkv, group, num_pages, dtype=torch.float32, device=device)
     pmax = torch.empty(batch, hkv, num_tiles, g_p, dtype=torch.float32, device=device)
     psum = torch.empty_like(pmax)
     _hsa_logits_kernel[(batch, hkv, num_tiles)](
@@ -662,12 +662,14 @@ def _window_stats_kernel(
     q_ptr, k_ptr, m_ptr, l_ptr,
     scale,
     s_qw, s_qh, s_kl, s_kh,
-    W, L, G, D,
+    W, L, G, D, CHUNK,
     BW: tl.constexpr, BL: tl.constexpr, BLOCK_D: tl.constexpr, LOWP: tl.constexpr,
 ):
-    # pass 1: per (query head, window row) causal softmax max and normaliser over the prompt
+    # pass 1: per (query head, window row, key chunk) causal softmax max and normaliser
     hq = tl.program_id(0).to(tl.int64)
     wt = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2).to(tl.int64)
+    nsp = tl.num_programs(2).to(tl.int64)
     hk = hq // G
     w = wt * BW + tl.arange(0, BW)
     wm = w < W
@@ -679,8 +681,8 @@ def _window_stats_kernel(
     qpos = L - W + w
     m = tl.full([BW], float("-inf"), tl.float32)
     s = tl.zeros([BW], tl.float32)
-    hi = tl.minimum(L, L - W + wt * BW + BW)
-    for l0 in range(0, hi, BL):
+    hi = tl.minimum(tl.minimum(L, L - W + wt * BW + BW), (sp + 1) * CHUNK)
+    for l0 in range(sp * CHUNK, hi, BL):
         lpos = l0 + tl.arange(0, BL)
         lm = lpos < L
         k = tl.load(k_ptr + lpos[:, None] * s_kl + hk * s_kh + d[None, :], mask=lm[:, None] & dm[None, :], other=0.0)
@@ -694,8 +696,8 @@ def _window_stats_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
         m = m_new
-    tl.store(m_ptr + hq * W + w, m, mask=wm)
-    tl.store(l_ptr + hq * W + w, s, mask=wm)
+    tl.store(m_ptr + (hq * nsp + sp) * W + w, m, mask=wm)
+    tl.store(l_ptr + (hq * nsp + sp) * W + w, s, mask=wm)
 
 
 @triton.jit
@@ -740,7 +742,12 @@ def _window_accum_kernel(
 
 
 def snapkv_window_scores(
-    window_queries: torch.Tensor, keys: torch.Tensor, prompt_len: int, scale: float | None = None
+    window_queries: torch.Tensor,
+    keys: torch.Tensor,
+    prompt_len: int,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Same as algorithms.snapkv.window_scores: [Hkv, prompt_len] float32.
 
@@ -764,12 +771,22 @@ def snapkv_window_scores(
     bl = 64 if block_d <= 64 else 32
     if device.type != "cuda":
         bl = 32
-    m = torch.empty(num_q_heads, w, dtype=torch.float32, device=device)
-    lsum = torch.empty_like(m)
-    _window_stats_kernel[(num_q_heads, triton.cdiv(w, bw))](
-        q, k, m, lsum, float(scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        w, prompt_len, group, head_dim, BW=bw, BL=bl, BLOCK_D=block_d, LOWP=lowp, num_warps=4,
+    w_tiles = triton.cdiv(w, bw)
+    if num_splits is None:
+        num_splits = triton.cdiv(2 * _num_sms(device), num_q_heads * w_tiles)
+    num_splits = max(1, min(int(num_splits), triton.cdiv(prompt_len, bl)))
+    chunk = triton.cdiv(triton.cdiv(prompt_len, num_splits), bl) * bl
+    num_splits = triton.cdiv(prompt_len, chunk)
+    m_part = torch.empty(num_q_heads, num_splits, w, dtype=torch.float32, device=device)
+    l_part = torch.empty_like(m_part)
+    _window_stats_kernel[(num_q_heads, w_tiles, num_splits)](
+        q, k, m_part, l_part, float(scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        w, prompt_len, group, head_dim, chunk, BW=bw, BL=bl, BLOCK_D=block_d, LOWP=lowp, num_warps=4,
     )
+    # combine the key chunks (split 0 always sees key 0, so m is finite)
+    m = m_part.amax(dim=1)
+    lsum = (l_part * torch.exp(m_part - m[:, None, :])).sum(dim=1)
+    m, lsum = m.contiguous(), lsum.contiguous()
     out = torch.empty(num_kv_heads, prompt_len, dtype=torch.float32, device=device)
     _window_accum_kernel[(num_kv_heads, triton.cdiv(prompt_len, bl))](
         q, k, m, lsum, out, float(scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
