@@ -22,6 +22,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from rocketkv_vllm.config import RocketKVConfig, request_settings
+from rocketkv_vllm.kernels import flash_prefill
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.plan import RequestPlan, cached_plan_request
 from rocketkv_vllm.vllm_glue.batch_context import current_rows
@@ -110,6 +111,18 @@ class DecodeBatch:
 
 
 @dataclass
+class PackedDense:
+    """Gap-free dense rows packed for one FlashAttention call (GPU)."""
+
+    token_index: torch.Tensor  # [T] query tokens of the rows, row by row
+    rows: torch.Tensor  # [R]
+    cu_seqlens_q: torch.Tensor  # [R + 1] int32
+    seq_lens: torch.Tensor  # [R] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclass
 class RocketKVMetadata:
     num_actual_tokens: int
     block_table: torch.Tensor
@@ -117,6 +130,7 @@ class RocketKVMetadata:
     dense: list[DenseRow]
     compactions: list[Compaction]
     decode: DecodeBatch | None
+    packed_dense: PackedDense | None = None  # replaces `dense` where FlashAttention is available
 
 
 class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
@@ -165,4 +179,21 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             columns = torch.tensor(decode_rows, dtype=torch.int64).T.to(self.device, non_blocking=True)
             max_top_pages = max(r[-1] for r in decode_rows)
             decode = DecodeBatch(*columns, max_top_pages=max_top_pages)
-        return RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)
+        meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)
+        if dense and flash_prefill.available(self.device) and all(r.keep == r.gap_end for r in dense):
+            meta.packed_dense = self._pack(dense)
+        return meta
+
+    def _pack(self, dense: list[DenseRow]) -> PackedDense:
+        query_lens = [r.query_end - r.query_start for r in dense]
+        token_index = torch.cat([torch.arange(r.query_start, r.query_end) for r in dense])
+        cu = torch.zeros(len(dense) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(query_lens).cumsum(0)
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        return PackedDense(
+            dev(token_index), dev(torch.tensor([r.row for r in dense])), dev(cu),
+            dev(torch.tensor([r.seq_len for r in dense], dtype=torch.int32)), max(query_lens), max(r.seq_len for r in dense),
+        )

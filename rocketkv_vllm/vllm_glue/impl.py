@@ -7,7 +7,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionTy
 
 from rocketkv_vllm.algorithms import snapkv_select
 from rocketkv_vllm.config import RocketKVConfig
-from rocketkv_vllm.kernels import get_ops
+from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
 from rocketkv_vllm.vllm_glue.backend import RocketKVMetadata
@@ -85,11 +85,18 @@ class RocketKVImpl(AttentionImpl):
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
 
-        for row in meta.dense:
-            out[row.query_start : row.query_end] = reference.paged_causal_attention(
-                query[row.query_start : row.query_end], kv_cache, self.layout, meta.block_table[row.row],
-                row.seq_len, row.keep, row.gap_end, self.scale,
+        packed = meta.packed_dense
+        if packed is not None:
+            out[packed.token_index] = flash_prefill.flash_prefill(
+                query[packed.token_index], kv_cache, self.layout, meta.block_table[packed.rows], packed.cu_seqlens_q,
+                packed.seq_lens, packed.max_query_len, packed.max_seq_len, self.scale,
             )
+        else:
+            for row in meta.dense:
+                out[row.query_start : row.query_end] = reference.paged_causal_attention(
+                    query[row.query_start : row.query_end], kv_cache, self.layout, meta.block_table[row.row],
+                    row.seq_len, row.keep, row.gap_end, self.scale,
+                )
         for c in meta.compactions:
             block_row = meta.block_table[c.row]
             keys, _ = reference.gather_tokens(kv_cache, self.layout, block_row, c.prompt_len)

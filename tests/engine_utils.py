@@ -1,0 +1,56 @@
+"""Helpers for the tests that drive vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def default_model() -> str:
+    from fetch_model import DEFAULT_OUT, fetch
+
+    return fetch(DEFAULT_OUT)
+
+
+def passkey_prompt(passkey: int, repeats: int) -> str:
+    filler = FILLER * repeats
+    return f"{filler} The pass key is {passkey}. Remember it. {passkey} is the pass key. {filler} What is the pass key? The pass key is"
+
+
+def scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def block_pool(llm):
+    return scheduler(llm).kv_cache_manager.block_pool
+
+
+def free_blocks(llm) -> int:
+    return block_pool(llm).get_num_free_blocks()
+
+
+def total_usable_blocks(llm) -> int:
+    return block_pool(llm).num_gpu_blocks - 1  # the null block is never free
+
+
+def run_steps(llm, requests: dict, until_decoding: int | None = None) -> tuple[dict, list[int]]:
+    """Add requests {id: (prompt, SamplingParams)} and step to completion.
+
+    Returns ({id: token ids}, free block counts after each step).
+    """
+    for request_id, (prompt, params) in requests.items():
+        llm.llm_engine.add_request(request_id, prompt, params)
+    outputs, free = {}, []
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        free.append(free_blocks(llm))
+    return outputs, free
