@@ -54,3 +54,25 @@ def run_steps(llm, requests: dict, until_decoding: int | None = None) -> tuple[d
                 outputs[out.request_id] = list(out.outputs[0].token_ids)
         free.append(free_blocks(llm))
     return outputs, free
+
+
+def tiny_llama(path: str, seed: int = 0) -> str:
+    """A 2-layer random Llama (GQA 4:1, head_dim 32) saved at path: fast engine tests, no tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
+def token_prompt(length: int, seed: int) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return {"prompt_token_ids": torch.randint(3, 500, (length,), generator=generator).tolist()}

@@ -1,0 +1,151 @@
+"""RocketKV inside vLLM's engine: batching, block freeing and accounting, preemption, aborts,
+validation. A tiny random Llama keeps these fast; the same path serves any GQA Llama."""
+import gc
+
+import pytest
+
+from engine_utils import free_blocks, run_steps, scheduler, tiny_llama, token_prompt, total_usable_blocks
+
+from vllm import LLM, SamplingParams
+
+BLOCK = 16
+
+
+def greedy(max_tokens: int = 16, **extra) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False, extra_args=extra or None)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    model = tiny_llama(str(tmp_path_factory.mktemp("tiny")))
+    engine = LLM(
+        model, skip_tokenizer_init=True, attention_backend="rocketkv", dtype="float32", enforce_eager=True,
+        max_model_len=1024, block_size=BLOCK, kv_cache_memory_bytes=1 << 20, max_num_batched_tokens=256,
+        max_num_seqs=8, additional_config={"rocketkv": {"budget": 64, "window": 16}},
+    )
+    yield engine
+    del engine
+    gc.collect()
+
+
+PROMPTS = [token_prompt(600, 1), token_prompt(37, 2), token_prompt(300, 3)]
+
+
+def test_kv_blocks_include_page_summaries(llm):
+    # page 4 in 16-token blocks: 4 max rows + 4 min rows per 32 K/V rows -> 1.25x a plain block
+    spec = scheduler(llm).kv_cache_manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    assert type(spec).__name__ == "RocketKVSpec"
+    assert spec.page_size_bytes * 4 == spec.block_size * 2 * spec.num_kv_heads * spec.head_size * 4 * 5
+
+
+@pytest.mark.parametrize("mode", ["rocketkv", "mt"])
+@pytest.mark.parametrize("budget", [16, 64, 4096])
+def test_outputs_have_requested_length(llm, mode, budget):
+    outputs = llm.generate(PROMPTS, greedy(20, rocketkv_budget=budget, rocketkv_mode=mode), use_tqdm=False)
+    assert [len(ids) for ids in token_ids(outputs)] == [20] * len(PROMPTS)
+
+
+def test_mixed_batch_equals_requests_run_alone(llm):
+    settings = [{"rocketkv_budget": 48}, {"rocketkv_mode": "mt", "rocketkv_budget": 64}, {"rocketkv_mode": "full"}, {}]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[2], PROMPTS[1]]
+    alone = [token_ids(llm.generate([p], greedy(**s), use_tqdm=False))[0] for p, s in zip(prompts, settings)]
+    assert token_ids(llm.generate(prompts, [greedy(**s) for s in settings], use_tqdm=False)) == alone
+
+
+def test_budget_covering_prompt_equals_full_attention(llm):
+    full = token_ids(llm.generate(PROMPTS, greedy(rocketkv_mode="full"), use_tqdm=False))
+    assert token_ids(llm.generate(PROMPTS, greedy(rocketkv_budget=600), use_tqdm=False)) == full
+
+
+def blocks_held_in_decode(llm, extra: dict) -> int:
+    _, free = run_steps(llm, {f"usage-{sorted(extra.items())}": (PROMPTS[0], greedy(24, **extra))})
+    return total_usable_blocks(llm) - min(free[-8:])
+
+
+def test_decode_holds_only_kept_blocks(llm):
+    prompt_blocks = -(-600 // BLOCK)
+    full = blocks_held_in_decode(llm, {"rocketkv_mode": "full"})
+    mt = blocks_held_in_decode(llm, {"rocketkv_mode": "mt"})
+    small = blocks_held_in_decode(llm, {"rocketkv_budget": 32})
+    large = blocks_held_in_decode(llm, {"rocketkv_budget": 256})
+    assert full == mt >= prompt_blocks
+    assert small < large < full
+    assert small <= full // 3
+
+
+def test_no_block_leaked_after_finish(llm):
+    requests = {f"fin{i}": (PROMPTS[i % 3], greedy(8, rocketkv_budget=16 * (i + 1))) for i in range(6)}
+    outputs, _ = run_steps(llm, requests)
+    assert sorted(outputs) == sorted(requests)
+    assert free_blocks(llm) == total_usable_blocks(llm)
+
+
+def test_no_block_leaked_after_abort(llm):
+    for i, extra in enumerate([{"rocketkv_budget": 32}, {"rocketkv_mode": "full"}, {"rocketkv_mode": "mt"}]):
+        llm.llm_engine.add_request(f"abort{i}", PROMPTS[i % 2 * 2], greedy(200, **extra))
+    for _ in range(5):  # some still prefilling, some decoding after compaction
+        llm.llm_engine.step()
+    llm.llm_engine.abort_request([f"abort{i}" for i in range(3)])
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+    assert free_blocks(llm) == total_usable_blocks(llm)
+
+
+def test_preempted_requests_finish_without_leaking(llm, monkeypatch):
+    sched = scheduler(llm)
+    preempted = []
+    original = sched._preempt_request
+
+    def counting(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    monkeypatch.setattr(sched, "_preempt_request", counting)
+    capacity = total_usable_blocks(llm) * BLOCK
+    requests = {f"pre{i}": (token_prompt(300, 10 + i), greedy(200, rocketkv_mode="full")) for i in range(4)}
+    requests |= {f"pre-rkv{i}": (token_prompt(300, 20 + i), greedy(200, rocketkv_budget=32)) for i in range(3)}
+    assert sum(500 for _ in requests) > capacity  # the scenario must overflow the cache
+    outputs, _ = run_steps(llm, requests)
+    assert preempted
+    assert sorted(outputs) == sorted(requests) and all(len(ids) == 200 for ids in outputs.values())
+    assert free_blocks(llm) == total_usable_blocks(llm)
+
+
+def test_compressed_requests_fit_more_at_once(llm):
+    """At the same cache size, budgeted requests run concurrently where full ones queue."""
+    capacity = total_usable_blocks(llm)
+
+    def peak_running(extra: dict) -> int:
+        for i in range(8):
+            llm.llm_engine.add_request(f"cap{extra}{i}", token_prompt(450, 40 + i), greedy(40, **extra))
+        peak = 0
+        while llm.llm_engine.has_unfinished_requests():
+            llm.llm_engine.step()
+            peak = max(peak, len(scheduler(llm).running))
+        return peak
+
+    full, compressed = peak_running({"rocketkv_mode": "full"}), peak_running({"rocketkv_budget": 32})
+    assert compressed > full
+    assert free_blocks(llm) == capacity
+
+
+@pytest.mark.parametrize(
+    "extra,field",
+    [
+        ({"rocketkv_budget": 0}, "rocketkv_budget"),
+        ({"rocketkv_budget": -4}, "rocketkv_budget"),
+        ({"rocketkv_budget": "many"}, "rocketkv_budget"),
+        ({"rocketkv_budget": 1.5}, "rocketkv_budget"),
+        ({"rocketkv_mode": "turbo"}, "rocketkv_mode"),
+        ({"rocketkv_mode": 3}, "rocketkv_mode"),
+    ],
+)
+def test_invalid_request_settings_raise_and_engine_keeps_serving(llm, extra, field):
+    with pytest.raises(ValueError, match=field):
+        llm.generate(PROMPTS[1:2], greedy(**extra), use_tqdm=False)
+    assert len(token_ids(llm.generate(PROMPTS[1:2], greedy(4), use_tqdm=False))[0]) == 4
+    assert free_blocks(llm) == total_usable_blocks(llm)
