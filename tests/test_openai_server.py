@@ -1,0 +1,89 @@
+"""`vllm serve --attention-backend rocketkv` answering OpenAI clients (engine in its own process)."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+import requests
+
+from engine_utils import default_model, passkey_prompt
+
+PASSKEY = 52913
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    cmd = [
+        "vllm", "serve", default_model(), "--attention-backend", "rocketkv", "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "2048", "--block-size", "16", "--enforce-eager",
+        "--kv-cache-memory-bytes", str(128 << 20), "--max-num-seqs", "4",
+        "--additional-config", '{"rocketkv": {"budget": 512}}',
+    ]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stderr.read()[-3000:]}")
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("server did not come up in 300 s")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+
+
+def model_name(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_completion_with_per_request_budget(client):
+    prompt = passkey_prompt(PASSKEY, 22)
+    for xargs in ({"rocketkv_budget": 512}, {"rocketkv_mode": "mt", "rocketkv_budget": 256}, {"rocketkv_mode": "full"}):
+        out = client.completions.create(
+            model=model_name(client), prompt=prompt, max_tokens=10, temperature=0, extra_body={"vllm_xargs": xargs}
+        )
+        assert str(PASSKEY) in out.choices[0].text.replace(" ", ""), xargs
+
+
+def test_chat_completion(client):
+    out = client.chat.completions.create(
+        model=model_name(client), messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16, temperature=0, extra_body={"vllm_xargs": {"rocketkv_budget": 64}},
+    )
+    assert "Paris" in out.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "xargs,field",
+    [({"rocketkv_budget": 0}, "rocketkv_budget"), ({"rocketkv_budget": "lots"}, "rocketkv_budget"), ({"rocketkv_mode": "x"}, "rocketkv_mode")],
+)
+def test_bad_settings_get_http_400_and_server_keeps_serving(client, xargs, field):
+    with pytest.raises(openai.BadRequestError, match=field):
+        client.completions.create(model=model_name(client), prompt="Hello", max_tokens=4, extra_body={"vllm_xargs": xargs})
+    assert client.completions.create(model=model_name(client), prompt="Hello", max_tokens=4).choices[0].text
+
+
+def test_kv_cache_usage_metric_is_exported(server):
+    assert "vllm:kv_cache_usage_perc" in requests.get(f"{server}/metrics", timeout=10).text
