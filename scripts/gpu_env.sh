@@ -8,3 +8,4 @@ mkdir -p "$_dist"
 printf 'Metadata-Version: 2.1\nName: rocketkv_vllm\nVersion: 0.1.0\n' > "$_dist/METADATA"
 printf '[vllm.general_plugins]\nrocketkv = rocketkv_vllm.vllm_glue.plugin:register\n' > "$_dist/entry_points.txt"
 ls rocketkv_vllm/_C*.so >/dev/null 2>&1 || ROCKETKV_BUILD_CUDA=1 PATH=/usr/local/cuda/bin:$PATH python setup.py -q build_ext --inplace >/dev/null
+export ROCKETKV_OFFLINE=1

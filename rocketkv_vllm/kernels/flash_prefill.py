@@ -21,8 +21,9 @@ def _flash_attn_varlen_func():
     return flash_attn_varlen_func
 
 
-def available(device: torch.device) -> bool:
-    return device.type == "cuda" and _flash_attn_varlen_func() is not None
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """FlashAttention 3 serves fp16/bf16 caches on CUDA; other cases use the torch path."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen_func() is not None
 
 
 def flash_prefill(

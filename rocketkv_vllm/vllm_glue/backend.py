@@ -180,7 +180,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             max_top_pages = max(r[-1] for r in decode_rows)
             decode = DecodeBatch(*columns, max_top_pages=max_top_pages)
         meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)
-        if dense and flash_prefill.available(self.device) and all(r.keep == r.gap_end for r in dense):
+        if dense and flash_prefill.available(self.device, self.kv_cache_spec.dtype) and all(r.keep == r.gap_end for r in dense):
             meta.packed_dense = self._pack(dense)
         return meta
 
