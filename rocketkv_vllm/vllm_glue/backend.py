@@ -108,6 +108,7 @@ class DecodeBatch:
     top_channels: torch.Tensor
     top_pages: torch.Tensor
     max_top_pages: int
+    max_blocks: int  # block-table columns the longest decode row needs
 
 
 @dataclass
@@ -178,7 +179,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         if decode_rows:
             columns = torch.tensor(decode_rows, dtype=torch.int64).T.to(self.device, non_blocking=True)
             max_top_pages = max(r[-1] for r in decode_rows)
-            decode = DecodeBatch(*columns, max_top_pages=max_top_pages)
+            max_blocks = -(-max(r[2] for r in decode_rows) // self.block_size)
+            decode = DecodeBatch(*columns, max_top_pages=max_top_pages, max_blocks=max_blocks)
         meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)
         if dense and flash_prefill.available(self.device, self.kv_cache_spec.dtype) and all(r.keep == r.gap_end for r in dense):
             meta.packed_dense = self._pack(dense)

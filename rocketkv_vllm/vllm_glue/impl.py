@@ -105,7 +105,7 @@ class RocketKVImpl(AttentionImpl):
 
         d = meta.decode
         if d is not None:
-            block_table = meta.block_table[d.rows]
+            block_table = meta.block_table[d.rows, : d.max_blocks]  # HSA scans only pages that can be live
             q = query[d.token_index]
             pages = ops.hsa_select_pages(
                 q, kv_cache, self.layout, block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
