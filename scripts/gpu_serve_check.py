@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -28,7 +29,8 @@ def main() -> None:
     args = parser.parse_args()
     model = tempfile.mkdtemp()
     shutil.copy(os.path.join(HERE, "..", "benchmarks", "llama31_8b_config.json"), os.path.join(model, "config.json"))
-    cmd = ["vllm", "serve", model, "--load-format", "dummy", "--skip-tokenizer-init", "--attention-backend", "rocketkv",
+    # the `vllm` console script: python -m vllm.entrypoints.cli.main (no script on the staged GPU machine)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--load-format", "dummy", "--skip-tokenizer-init", "--attention-backend", "rocketkv",
            "--max-model-len", str(args.ctx), "--port", str(args.port), "--served-model-name", "llama-8b-dummy",
            "--additional-config", json.dumps({"rocketkv": {"budget": args.budget}})]
     print(" ".join(cmd), flush=True)

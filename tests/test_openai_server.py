@@ -24,7 +24,9 @@ def free_port() -> int:
 def server():
     port = free_port()
     cmd = [
-        "vllm", "serve", default_model(), "--attention-backend", "rocketkv", "--host", "127.0.0.1", "--port", str(port),
+        # `python -m vllm.entrypoints.cli.main` is the `vllm` console script itself
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", default_model(),
+        "--attention-backend", "rocketkv", "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "2048", "--block-size", "16", "--enforce-eager",
         "--kv-cache-memory-bytes", str(128 << 20), "--max-num-seqs", "4",
         "--additional-config", '{"rocketkv": {"budget": 512}}',
