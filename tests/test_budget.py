@@ -65,3 +65,8 @@ def test_invalid_arguments(kwargs, field):
     args = dict(prompt_len=1000, max_new_tokens=10, budget=100, head_dim=64, block_size=16) | kwargs
     with pytest.raises(ValueError, match=field):
         split_budget(**args)
+
+
+def test_prompt_shorter_than_window_is_kept_whole():
+    plan = split_budget(20, 500, 8, head_dim=64, block_size=16, window=32)
+    assert plan.compress and plan.prompt_keep == 20

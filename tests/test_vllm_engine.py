@@ -149,3 +149,20 @@ def test_invalid_request_settings_raise_and_engine_keeps_serving(llm, extra, fie
         llm.generate(PROMPTS[1:2], greedy(**extra), use_tqdm=False)
     assert len(token_ids(llm.generate(PROMPTS[1:2], greedy(4), use_tqdm=False))[0]) == 4
     assert free_blocks(llm) == total_usable_blocks(llm)
+
+
+def test_mt_mode_keeps_prefix_caching_and_evicting_requests_bypass_it(llm):
+    shared = token_prompt(400, 77)
+    first = llm.generate([shared], greedy(6, rocketkv_mode="mt"), use_tqdm=False)[0]
+    again = llm.generate([shared], greedy(6, rocketkv_mode="mt"), use_tqdm=False)[0]
+    assert again.num_cached_tokens >= 400 - 2 * BLOCK
+    assert list(again.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+    # an evicting request neither reads those blocks (it rewrites its own in place) ...
+    evicting = llm.generate([shared], greedy(6, rocketkv_budget=32), use_tqdm=False)[0]
+    assert evicting.num_cached_tokens == 0
+    after = llm.generate([shared], greedy(6, rocketkv_mode="mt"), use_tqdm=False)[0]
+    assert list(after.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+    # ... nor publishes its compacted blocks as a prefix of its prompt
+    private = token_prompt(400, 78)
+    llm.generate([private], greedy(6, rocketkv_budget=32), use_tqdm=False)
+    assert llm.generate([private], greedy(6, rocketkv_mode="mt"), use_tqdm=False)[0].num_cached_tokens == 0

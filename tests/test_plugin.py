@@ -1,0 +1,60 @@
+"""The vLLM plugin's hooks, checked directly (no engine)."""
+import pytest
+
+from rocketkv_vllm.vllm_glue import plugin
+
+plugin.register()
+
+from vllm.config import AttentionConfig  # noqa: E402
+from vllm.platforms.cpu import CpuPlatform  # noqa: E402
+from vllm.platforms.interface import Platform  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "rocketkv"]
+    assert entry.value == "rocketkv_vllm.vllm_glue.plugin:register"
+
+
+@pytest.mark.parametrize("name", ["rocketkv", "RocketKV", "ROCKETKV", "custom"])
+def test_backend_name_resolves_to_custom(name):
+    assert AttentionConfig(backend=name).backend is AttentionBackendEnum.CUSTOM
+    assert AttentionBackendEnum.CUSTOM.get_path() == plugin.BACKEND_PATH
+
+
+def test_unknown_backend_still_rejected():
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        AttentionConfig(backend="rocketkvx")
+
+
+def test_cpu_platform_honours_rocketkv_and_keeps_its_default():
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, None) == plugin.BACKEND_PATH
+    stock = CpuPlatform.get_attn_backend_cls(None, _selector())
+    assert stock == AttentionBackendEnum.CPU_ATTN.get_path()
+
+
+def _selector():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(use_mla=False, use_sparse=False)
+
+
+def test_register_is_idempotent():
+    plugin.register()
+    plugin._registered = False
+    plugin.register()  # wrappers must not stack
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, None) == plugin.BACKEND_PATH
+
+
+@pytest.mark.parametrize("extra", [{"rocketkv_budget": 0}, {"rocketkv_mode": "fast"}, {"rocketkv_budget": "9"}])
+def test_request_validation_rejects_bad_settings(extra):
+    with pytest.raises(ValueError, match=next(iter(extra))):
+        Platform.validate_request(None, SamplingParams(extra_args=extra))
+
+
+def test_request_validation_passes_good_and_foreign_settings():
+    Platform.validate_request(None, SamplingParams(extra_args={"rocketkv_budget": 64, "rocketkv_mode": "MT", "other": 1}))
+    Platform.validate_request(None, SamplingParams())
