@@ -98,17 +98,21 @@ class Compaction:
 
 @dataclass
 class DecodeBatch:
-    """HSA decode rows, as device tensors indexed by decode position."""
+    """HSA decode rows, prepared once per step for every layer (int32 device tensors).
 
-    token_index: torch.Tensor  # [Bd] query token of each decode row
-    rows: torch.Tensor  # [Bd] batch row
+    Decode rows come first in the batch (the builder asks vLLM to reorder), so their
+    query tokens are usually 0..Bd-1 and `token_index` is None.
+    """
+
+    token_index: torch.Tensor | None  # [Bd] query token of each decode row, None = tokens 0..Bd-1
+    num_rows: int
+    block_table: torch.Tensor  # [Bd, max_blocks] rows of the decode requests, only usable columns
     seq_lens: torch.Tensor
     keep: torch.Tensor
     gap_end: torch.Tensor
     top_channels: torch.Tensor
     top_pages: torch.Tensor
     max_top_pages: int
-    max_blocks: int  # block-table columns the longest decode row needs
 
 
 @dataclass
@@ -141,6 +145,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         self.head_dim = kv_cache_spec.head_size
         self.block_size = kv_cache_spec.block_size
         self.device = device
+        self._init_reorder_batch_threshold(1)  # decodes first: their tokens are a prefix of the batch
 
     def _plan(self, state, seq_len: int) -> RequestPlan:
         if state is None:  # dummy rows (profiling, warm-up): exact attention
@@ -175,16 +180,23 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
                 compactions.append(
                     Compaction(i, starts[i] + window_start - computed, starts[i] + prompt_len - computed, prompt_len, plan.keep)
                 )
-        decode = None
-        if decode_rows:
-            columns = torch.tensor(decode_rows, dtype=torch.int64).T.to(self.device, non_blocking=True)
-            max_top_pages = max(r[-1] for r in decode_rows)
-            max_blocks = -(-max(r[2] for r in decode_rows) // self.block_size)
-            decode = DecodeBatch(*columns, max_top_pages=max_top_pages, max_blocks=max_blocks)
+        decode = self._decode_batch(decode_rows, cm.block_table_tensor) if decode_rows else None
         meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)
         if dense and flash_prefill.available(self.device, self.kv_cache_spec.dtype) and all(r.keep == r.gap_end for r in dense):
             meta.packed_dense = self._pack(dense)
         return meta
+
+    def _decode_batch(self, decode_rows: list[tuple[int, ...]], block_table: torch.Tensor) -> DecodeBatch:
+        tokens, rows, *columns = torch.tensor(decode_rows, dtype=torch.int32).T
+        max_blocks = -(-int(columns[0].max()) // self.block_size)
+        contiguous = bool(torch.equal(tokens, torch.arange(len(decode_rows), dtype=torch.int32)))
+        rows = rows.to(self.device, non_blocking=True)
+        seq_lens, keep, gap_end, top_channels, top_pages = torch.stack(columns).to(self.device, non_blocking=True)
+        return DecodeBatch(
+            None if contiguous else tokens.long().to(self.device, non_blocking=True), len(decode_rows),
+            block_table[rows.long(), :max_blocks], seq_lens, keep, gap_end, top_channels, top_pages,
+            max_top_pages=int(columns[-1].max()),
+        )
 
     def _pack(self, dense: list[DenseRow]) -> PackedDense:
         query_lens = [r.query_end - r.query_start for r in dense]

@@ -105,13 +105,13 @@ class RocketKVImpl(AttentionImpl):
 
         d = meta.decode
         if d is not None:
-            block_table = meta.block_table[d.rows, : d.max_blocks]  # HSA scans only pages that can be live
-            q = query[d.token_index]
+            rows = slice(0, d.num_rows) if d.token_index is None else d.token_index
+            q = query[rows]
             pages = ops.hsa_select_pages(
-                q, kv_cache, self.layout, block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
+                q, kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
                 max_top_pages=d.max_top_pages,
             )
-            out[d.token_index] = ops.paged_sparse_attention(
-                q, kv_cache, self.layout, block_table, pages, d.seq_lens, d.keep, d.gap_end, self.scale
+            out[rows] = ops.paged_sparse_attention(
+                q, kv_cache, self.layout, d.block_table, pages, d.seq_lens, d.keep, d.gap_end, self.scale
             )
         return output
