@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+from demo import passkey_prompt  # noqa: E402,F401  (the demo's prompt is the tests' prompt)
 
 
 def default_model() -> str:
@@ -24,9 +24,15 @@ def default_model() -> str:
     return fetch(DEFAULT_OUT)
 
 
-def passkey_prompt(passkey: int, repeats: int) -> str:
-    filler = FILLER * repeats
-    return f"{filler} The pass key is {passkey}. Remember it. {passkey} is the pass key. {filler} What is the pass key? The pass key is"
+def greedy(max_tokens: int = 16, detokenize: bool = True, **extra):
+    """Greedy sampling of exactly max_tokens, RocketKV settings as extra_args."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=detokenize, extra_args=extra or None)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
 
 
 def scheduler(llm):

@@ -8,9 +8,9 @@ import gc
 
 import pytest
 
-from engine_utils import default_model, passkey_prompt
+from engine_utils import default_model, greedy, passkey_prompt, token_ids
 
-from vllm import LLM, SamplingParams
+from vllm import LLM
 
 ENGINE_ARGS = dict(
     dtype="float32", enforce_eager=True, max_model_len=2048, block_size=16, kv_cache_memory_bytes=128 << 20,
@@ -18,14 +18,6 @@ ENGINE_ARGS = dict(
 )
 PASSKEY = 71432
 PROMPTS = [passkey_prompt(PASSKEY, 22), "The capital of France is"]
-
-
-def greedy(max_tokens: int = 12, **extra) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args=extra or None)
-
-
-def token_ids(outputs) -> list[list[int]]:
-    return [list(o.outputs[0].token_ids) for o in outputs]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +28,7 @@ def model() -> str:
 @pytest.fixture(scope="module")
 def stock_outputs(model):
     llm = LLM(model, attention_backend="CPU_ATTN", **ENGINE_ARGS)
-    out = token_ids(llm.generate(PROMPTS, greedy(), use_tqdm=False))
+    out = token_ids(llm.generate(PROMPTS, greedy(12), use_tqdm=False))
     del llm
     gc.collect()
     return out
@@ -55,13 +47,13 @@ def test_prompt_spans_several_prefill_chunks(llm):
 
 
 def test_budget_covering_prompt_matches_stock_vllm(llm, stock_outputs):
-    assert token_ids(llm.generate(PROMPTS, greedy(rocketkv_budget=4096), use_tqdm=False)) == stock_outputs
-    assert token_ids(llm.generate(PROMPTS, greedy(rocketkv_mode="full"), use_tqdm=False)) == stock_outputs
+    assert token_ids(llm.generate(PROMPTS, greedy(12, rocketkv_budget=4096), use_tqdm=False)) == stock_outputs
+    assert token_ids(llm.generate(PROMPTS, greedy(12, rocketkv_mode="full"), use_tqdm=False)) == stock_outputs
 
 
 @pytest.mark.parametrize("extra", [{}, {"rocketkv_budget": 256, "rocketkv_mode": "mt"}])
 def test_pass_key_survives_compression(llm, stock_outputs, extra):
     stock_text = llm.get_tokenizer().decode(stock_outputs[0])
     assert str(PASSKEY) in stock_text.replace(" ", "")
-    text = llm.generate(PROMPTS[:1], greedy(**extra), use_tqdm=False)[0].outputs[0].text
+    text = llm.generate(PROMPTS[:1], greedy(12, **extra), use_tqdm=False)[0].outputs[0].text
     assert str(PASSKEY) in text.replace(" ", "")

@@ -1,22 +1,16 @@
 """RocketKV inside vLLM's engine: batching, block freeing and accounting, preemption, aborts,
 validation. A tiny random Llama keeps these fast; the same path serves any GQA Llama."""
+import functools
 import gc
 
 import pytest
 
-from engine_utils import free_blocks, run_steps, scheduler, tiny_llama, token_prompt, total_usable_blocks
+from engine_utils import free_blocks, greedy, run_steps, scheduler, tiny_llama, token_ids, token_prompt, total_usable_blocks
 
-from vllm import LLM, SamplingParams
+from vllm import LLM
 
 BLOCK = 16
-
-
-def greedy(max_tokens: int = 16, **extra) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False, extra_args=extra or None)
-
-
-def token_ids(outputs) -> list[list[int]]:
-    return [list(o.outputs[0].token_ids) for o in outputs]
+greedy = functools.partial(greedy, detokenize=False)  # the tiny model has no tokenizer
 
 
 @pytest.fixture(scope="module")
