@@ -1,6 +1,8 @@
 """SnapKV++ (stage 1): choose the prompt tokens each KV head keeps at prefill end."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +19,17 @@ def adaptive_pool_kernel(prefix_len: int, kernel_size: int) -> int:
     return max(1, min(kernel_size, fit))
 
 
+def check_window_shapes(window_queries: torch.Tensor, keys: torch.Tensor, prompt_len: int) -> tuple[int, int, int]:
+    """(W, GQA group size, head dim) of a window-scoring call, or ValueError."""
+    w, num_q_heads, head_dim = window_queries.shape
+    num_kv_heads = keys.shape[1]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    if not 0 < w <= prompt_len <= keys.shape[0]:
+        raise ValueError(f"need 0 < window ({w}) <= prompt_len ({prompt_len}) <= keys ({keys.shape[0]})")
+    return w, num_q_heads // num_kv_heads, head_dim
+
+
 def window_scores(
     window_queries: torch.Tensor, keys: torch.Tensor, prompt_len: int, scale: float | None = None
 ) -> torch.Tensor:
@@ -27,14 +40,9 @@ def window_scores(
     Returns [Hkv, prompt_len] float32: causal softmax over the prompt, summed over the
     window queries and over the query heads of each GQA group.
     """
-    w, num_q_heads, head_dim = window_queries.shape
+    w, group, head_dim = check_window_shapes(window_queries, keys, prompt_len)
     num_kv_heads = keys.shape[1]
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    if not 0 < w <= prompt_len <= keys.shape[0]:
-        raise ValueError(f"need 0 < window ({w}) <= prompt_len ({prompt_len}) <= keys ({keys.shape[0]})")
     scale = head_dim**-0.5 if scale is None else scale
-    group = num_q_heads // num_kv_heads
     q = window_queries.float().view(w, num_kv_heads, group, head_dim)
     k = keys[:prompt_len].float()
     logits = torch.einsum("wkgd,lkd->kgwl", q, k) * scale
@@ -51,12 +59,14 @@ def snapkv_select(
     keep: int,
     pool_kernel: int = 63,
     scale: float | None = None,
+    scores_fn: Callable[..., torch.Tensor] = window_scores,
 ) -> torch.Tensor:
     """Token indices each KV head keeps: [Hkv, min(keep, prompt_len)], ascending int64.
 
     The window (last W = window_queries.shape[0] prompt tokens) is always kept; the
     other keep - W slots go to the prefix tokens with the highest max-pooled window
     attention. Every head keeps the same number of tokens, each its own set.
+    scores_fn computes window_scores (a kernel with its signature may stand in).
     """
     if isinstance(keep, bool) or not isinstance(keep, int) or keep <= 0:
         raise ValueError(f"keep must be a positive integer, got {keep!r}")
@@ -68,7 +78,7 @@ def snapkv_select(
     if keep < w:
         raise ValueError(f"keep ({keep}) must be at least the observation window ({w})")
     prefix_len = prompt_len - w
-    scores = window_scores(window_queries, keys, prompt_len, scale)[:, :prefix_len]
+    scores = scores_fn(window_queries, keys, prompt_len, scale)[:, :prefix_len]
     kernel = adaptive_pool_kernel(prefix_len, pool_kernel)
     pooled = F.max_pool1d(scores[:, None, :], kernel, stride=1, padding=kernel // 2)[:, 0]
     top = pooled.topk(keep - w, dim=-1).indices.sort(dim=-1).values

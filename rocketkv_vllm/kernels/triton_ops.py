@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rocketkv_vllm.algorithms.snapkv import check_window_shapes
 from rocketkv_vllm.kv_layout import KVLayout
 
 __all__ = [
@@ -754,14 +755,9 @@ def snapkv_window_scores(
     Two passes (row max/normaliser, then accumulation per key tile); nothing larger than
     the [W, prompt_len] statistics is materialised.
     """
-    w, num_q_heads, head_dim = window_queries.shape
-    num_kv_heads = keys.shape[1]
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    if not 0 < w <= prompt_len <= keys.shape[0]:
-        raise ValueError(f"need 0 < window ({w}) <= prompt_len ({prompt_len}) <= keys ({keys.shape[0]})")
+    w, group, head_dim = check_window_shapes(window_queries, keys, prompt_len)
+    num_kv_heads, num_q_heads = keys.shape[1], window_queries.shape[1]
     scale = head_dim**-0.5 if scale is None else scale
-    group = num_q_heads // num_kv_heads
     device = keys.device
     q = window_queries if window_queries.stride(-1) == 1 else window_queries.contiguous()
     k = keys if keys.stride(-1) == 1 else keys.contiguous()

@@ -100,7 +100,10 @@ class RocketKVImpl(AttentionImpl):
         for c in meta.compactions:
             block_row = meta.block_table[c.row]
             keys, _ = reference.gather_tokens(kv_cache, self.layout, block_row, c.prompt_len)
-            kept = snapkv_select(query[c.window_start : c.window_end], keys, c.prompt_len, c.keep, self.config.pool_kernel, self.scale)
+            kept = snapkv_select(
+                query[c.window_start : c.window_end], keys, c.prompt_len, c.keep, self.config.pool_kernel, self.scale,
+                scores_fn=ops.snapkv_window_scores,
+            )
             ops.compact_kept_tokens(kv_cache, self.layout, block_row, kept, c.prompt_len)
 
         d = meta.decode
