@@ -98,3 +98,24 @@ def test_paged_hsa_and_attention_match_contiguous(group):
     ok = (pages >= 0).repeat_interleave(4, -1) & live.gather(1, tok.flatten(1)).view_as(tok)
     ref = sparse_attention(query, padded_k, padded_v, torch.where(ok, tok, -1), 0.25)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt,written,keep", [(37, 43, 20), (40, 50, 12), (33, 36, 33 - 1)])
+def test_compaction_of_a_resumed_request_keeps_tokens_past_the_prompt(prompt, written, keep):
+    """vLLM recomputes prompt + outputs after preemption: positions >= prompt are live already."""
+    torch.manual_seed(prompt)
+    layout = KVLayout(16, 4)
+    kv, table, keys, _ = make_request_cache(layout, 12, 2, 8, [written])
+    kept = torch.stack([torch.randperm(prompt - 4)[: keep - 4].sort().values for _ in range(2)])
+    kept = torch.cat([kept, torch.arange(prompt - 4, prompt).expand(2, -1)], dim=1)
+    ops.compact_kept_tokens(kv, layout, table[0], kept, prompt)
+    ops.refold_after_prompt(kv, layout, table[0], prompt, written)
+    live = ops.live_positions(written, keep, prompt, torch.device("cpu"))
+    k, _ = ops.gather_tokens(kv, layout, table[0], written)
+    pages = -(-written // 4)
+    kmax, kmin = ops.gather_page_summaries(kv, layout, table[:1], pages)
+    for page in range(pages):
+        positions = [p for p in range(page * 4, min(written, page * 4 + 4)) if live[p]]
+        if positions:
+            assert torch.equal(kmax[0, page], k[positions].amax(0)), page
+            assert torch.equal(kmin[0, page], k[positions].amin(0)), page

@@ -58,3 +58,24 @@ def test_request_validation_rejects_bad_settings(extra):
 def test_request_validation_passes_good_and_foreign_settings():
     Platform.validate_request(None, SamplingParams(extra_args={"rocketkv_budget": 64, "rocketkv_mode": "MT", "other": 1}))
     Platform.validate_request(None, SamplingParams())
+
+
+def _processor(mode: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(vllm_config=SimpleNamespace(
+        attention_config=SimpleNamespace(backend=AttentionBackendEnum.CUSTOM),
+        additional_config={"rocketkv": {"mode": mode}},
+    ))
+
+
+def test_streaming_sessions_cannot_evict():
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    with pytest.raises(ValueError, match="streaming-input sessions"):
+        InputProcessor.process_inputs(_processor("rocketkv"), "r", "hi", SamplingParams(), (), resumable=True)
+    with pytest.raises(ValueError, match="streaming-input sessions"):
+        InputProcessor.process_inputs(_processor("mt"), "r", "hi", SamplingParams(extra_args={"rocketkv_mode": "rocketkv"}), (), resumable=True)
+    # MT sessions pass the guard (and then fail on the fake processor, past it)
+    with pytest.raises(AttributeError):
+        InputProcessor.process_inputs(_processor("mt"), "r", "hi", SamplingParams(), (), resumable=True)

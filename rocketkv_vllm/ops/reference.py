@@ -146,6 +146,30 @@ def compact_kept_tokens(
         kmin[tb, :, tp] = float("inf")
 
 
+def refold_after_prompt(
+    kv_cache: torch.Tensor, layout: KVLayout, block_row: torch.Tensor, prompt_len: int, seq_len: int
+) -> None:
+    """Fold tokens already written past the prompt back into the summaries compaction reset.
+
+    Only a resumed request (vLLM recomputes prompt + outputs) has such tokens when stage 1
+    runs: compact_kept_tokens empties the pages of the prompt's tail block, which may
+    already hold live tokens at positions [prompt_len, seq_len).
+    """
+    end = min(seq_len, (prompt_len // layout.block_size + 1) * layout.block_size)
+    if end <= prompt_len:
+        return
+    pos = torch.arange(prompt_len, end, device=kv_cache.device)
+    block = block_row[pos // layout.block_size].long()
+    keys = layout.keys(kv_cache)[block, :, pos % layout.block_size]  # [T, Hkv, D]
+    page = (pos % layout.block_size) // layout.page_size
+    kmax, kmin = layout.page_max(kv_cache), layout.page_min(kv_cache)
+    for p in page.unique().tolist():
+        rows = keys[page == p]
+        b = int(block[page == p][0])
+        kmax[b, :, p] = torch.maximum(kmax[b, :, p], rows.amax(dim=0))
+        kmin[b, :, p] = torch.minimum(kmin[b, :, p], rows.amin(dim=0))
+
+
 def page_lengths(
     seq_lens: torch.Tensor, keep: torch.Tensor, gap_end: torch.Tensor, num_pages: int, page_size: int
 ) -> torch.Tensor:

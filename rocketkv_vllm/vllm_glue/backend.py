@@ -94,6 +94,7 @@ class Compaction:
     window_end: int
     prompt_len: int
     keep: int
+    seq_len: int  # > prompt_len only when a resumed request recomputes its outputs too
 
 
 @dataclass
@@ -178,7 +179,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             if plan.evicts and computed < prompt_len <= seq_len:
                 window_start = max(computed, prompt_len - self.config.window)
                 compactions.append(
-                    Compaction(i, starts[i] + window_start - computed, starts[i] + prompt_len - computed, prompt_len, plan.keep)
+                    Compaction(i, starts[i] + window_start - computed, starts[i] + prompt_len - computed, prompt_len, plan.keep, seq_len)
                 )
         decode = self._decode_batch(decode_rows, cm.block_table_tensor) if decode_rows else None
         meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)

@@ -105,6 +105,8 @@ class RocketKVImpl(AttentionImpl):
                 scores_fn=ops.snapkv_window_scores,
             )
             ops.compact_kept_tokens(kv_cache, self.layout, block_row, kept, c.prompt_len)
+            if c.seq_len > c.prompt_len:
+                reference.refold_after_prompt(kv_cache, self.layout, block_row, c.prompt_len, c.seq_len)
 
         d = meta.decode
         if d is not None:

@@ -78,6 +78,24 @@ def _use_v1_model_runner() -> None:
     _wrap(VllmConfig, "_get_v2_model_runner_unsupported_features", make)
 
 
+def _refuse_unsupported(vllm_config, block_size: int) -> None:
+    """Engine features whose metadata paths bypass RocketKV's per-request rows or block plan."""
+    from rocketkv_vllm.vllm_glue.backend import RocketKVBackend
+
+    parallel = vllm_config.parallel_config
+    refused = {
+        f"--block-size {block_size} (use one of {RocketKVBackend.get_supported_kernel_block_sizes()})":
+            block_size not in RocketKVBackend.get_supported_kernel_block_sizes(),
+        "speculative decoding": vllm_config.speculative_config is not None,
+        "KV transfer connectors": vllm_config.kv_transfer_config is not None,
+        "dual-batch overlap (microbatching)": bool(getattr(parallel, "use_ubatching", False)),
+        "decode context parallelism": getattr(parallel, "decode_context_parallel_size", 1) > 1,
+    }
+    unsupported = [name for name, present in refused.items() if present]
+    if unsupported:
+        raise ValueError(f"the RocketKV attention backend does not support {', '.join(unsupported)}")
+
+
 def _emit_rocketkv_spec() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -93,6 +111,7 @@ def _emit_rocketkv_spec() -> None:
                 return spec
             if type(spec) is not FullAttentionSpec:
                 raise ValueError(f"RocketKV supports full attention layers only, got {type(spec).__name__}")
+            _refuse_unsupported(vllm_config, spec.block_size)
             config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
             if spec.block_size % config.page_size:
                 raise ValueError(f"rocketkv.page_size ({config.page_size}) must divide the block size ({spec.block_size})")
@@ -172,6 +191,22 @@ def _validate_requests() -> None:
         return classmethod(validate_request)
 
     _wrap(Platform, "validate_request", make)
+
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    def make_streaming_guard(original):
+        @functools.wraps(original)
+        def process_inputs(self, request_id, prompt, params, *args, resumable: bool = False, **kwargs):
+            # a streaming-input session grows its prompt after stage 1 has evicted: refuse eviction
+            if resumable and _uses_rocketkv(self.vllm_config):
+                config = RocketKVConfig.from_additional_config(self.vllm_config.additional_config)
+                if request_settings(getattr(params, "extra_args", None), config).mode == "rocketkv":
+                    raise ValueError("streaming-input sessions need rocketkv_mode 'mt' or 'full' (eviction would drop later input)")
+            return original(self, request_id, prompt, params, *args, resumable=resumable, **kwargs)
+
+        return process_inputs
+
+    _wrap(InputProcessor, "process_inputs", make_streaming_guard)
 
 
 def register() -> None:
