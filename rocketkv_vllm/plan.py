@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from rocketkv_vllm.algorithms import split_budget
-from rocketkv_vllm.config import RequestSettings, RocketKVConfig
+from rocketkv_vllm.config import RequestSettings, RocketKVConfig, request_settings
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class RequestPlan:
     sparse: bool
     top_channels: int
     top_pages: int
+
+    @classmethod
+    def exact(cls, prompt_len: int, head_dim: int) -> "RequestPlan":
+        """No eviction, exact attention at decode."""
+        return cls(prompt_len, prompt_len, False, head_dim, 0)
 
     @property
     def evicts(self) -> bool:
@@ -48,7 +54,7 @@ def plan_request(
     block_size: int,
 ) -> RequestPlan:
     if settings.mode == "full":
-        return RequestPlan(prompt_len, prompt_len, False, head_dim, 0)
+        return RequestPlan.exact(prompt_len, head_dim)
     split = split_budget(
         prompt_len,
         max(0, max_new_tokens),
@@ -60,10 +66,18 @@ def plan_request(
         page_size=config.page_size,
     )
     if not split.compress:
-        return RequestPlan(prompt_len, prompt_len, False, head_dim, 0)
+        return RequestPlan.exact(prompt_len, head_dim)
     channels = min(head_dim, config.top_channels or split.top_channels)
     top_k = config.top_k or split.top_k
     return RequestPlan(prompt_len, split.prompt_keep, True, channels, max(1, top_k // config.page_size))
 
 
 cached_plan_request = functools.lru_cache(maxsize=16384)(plan_request)
+
+
+def plan_for_params(params: Any, prompt_len: int, config: RocketKVConfig, head_dim: int, block_size: int) -> RequestPlan:
+    """A request's plan from its SamplingParams (extra_args, max_tokens): the one call the
+    scheduler and the workers both make, so they agree on what is evicted."""
+    settings = request_settings(getattr(params, "extra_args", None), config)
+    max_tokens = getattr(params, "max_tokens", None) or 0
+    return cached_plan_request(settings, config, prompt_len, max_tokens, head_dim, block_size)

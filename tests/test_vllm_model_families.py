@@ -11,7 +11,7 @@ from vllm import LLM
 greedy = functools.partial(greedy, detokenize=False)
 
 
-# Mistral 7B v0.2 and later use full attention (v0.1's sliding window is rejected, see below)
+# Mistral 7B v0.2 and later use full attention (v0.1's sliding window is refused: test_vllm_refusals)
 @pytest.mark.parametrize("family,overrides", [("Mistral", {"sliding_window": None}), ("Qwen2", {}), ("Qwen3", {})])
 def test_family_runs_compressed_and_exact(tmp_path, family, overrides):
     model = tiny_llama(str(tmp_path), family=family, **overrides)
@@ -30,9 +30,3 @@ def test_family_runs_compressed_and_exact(tmp_path, family, overrides):
         del llm
         gc.collect()
 
-
-def test_sliding_window_models_are_refused_clearly(tmp_path):
-    model = tiny_llama(str(tmp_path), family="Mistral", sliding_window=64)
-    with pytest.raises(Exception, match="does not support sliding windows"):
-        LLM(model, skip_tokenizer_init=True, attention_backend="rocketkv", dtype="float32", enforce_eager=True,
-            max_model_len=256, block_size=16, kv_cache_memory_bytes=1 << 20)

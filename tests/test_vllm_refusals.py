@@ -27,3 +27,9 @@ def model(tmp_path_factory):
 def test_unsupported_features_are_refused(model, extra, message):
     with pytest.raises(Exception, match=message):
         LLM(model, **BASE, **extra)
+
+
+def test_sliding_window_models_are_refused(tmp_path):
+    model = tiny_llama(str(tmp_path), family="Mistral", sliding_window=64)
+    with pytest.raises(Exception, match="does not support sliding windows"):
+        LLM(model, **BASE, block_size=16)

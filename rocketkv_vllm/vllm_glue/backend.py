@@ -21,10 +21,10 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from rocketkv_vllm.config import RocketKVConfig, request_settings
+from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import flash_prefill
 from rocketkv_vllm.kv_layout import KVLayout
-from rocketkv_vllm.plan import RequestPlan, cached_plan_request
+from rocketkv_vllm.plan import RequestPlan, plan_for_params
 from rocketkv_vllm.vllm_glue.batch_context import current_rows
 
 
@@ -150,11 +150,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
 
     def _plan(self, state, seq_len: int) -> RequestPlan:
         if state is None:  # dummy rows (profiling, warm-up): exact attention
-            return RequestPlan(seq_len, seq_len, False, self.head_dim, 0)
-        params = state.sampling_params
-        settings = request_settings(params.extra_args if params else None, self.config)
-        max_tokens = params.max_tokens if params and params.max_tokens is not None else 0
-        return cached_plan_request(settings, self.config, state.num_prompt_tokens, max_tokens, self.head_dim, self.block_size)
+            return RequestPlan.exact(seq_len, self.head_dim)
+        return plan_for_params(state.sampling_params, state.num_prompt_tokens, self.config, self.head_dim, self.block_size)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> RocketKVMetadata:
         cm = common_attn_metadata

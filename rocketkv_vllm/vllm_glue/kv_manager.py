@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from rocketkv_vllm.config import RocketKVConfig, request_settings
+from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kv_layout import KVLayout
-from rocketkv_vllm.plan import RequestPlan, plan_request
+from rocketkv_vllm.plan import RequestPlan, plan_for_params
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -62,8 +62,7 @@ class RocketKVManager(FullAttentionManager):
         """Plan the request (once per admission) and keep evicting requests off the prefix cache."""
         plan = self._plans.get(request.request_id)
         if plan is None:
-            settings = request_settings(request.sampling_params.extra_args if request.sampling_params else None, self.rocketkv)
-            plan = plan_request(settings, self.rocketkv, request.num_prompt_tokens, request.max_tokens, self.head_dim, self.block_size)
+            plan = plan_for_params(request.sampling_params, request.num_prompt_tokens, self.rocketkv, self.head_dim, self.block_size)
             self._plans[request.request_id] = plan
         if plan.evicts:
             request.skip_reading_prefix_cache = True
