@@ -115,17 +115,19 @@ def oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels):
     return _group_softmax_mean(logits, valid), valid
 
 
+def chosen_pages(selection, b, h):
+    """The pages a PageSelection chose for request b, KV head h (entries past count are unspecified)."""
+    return selection.index[b, h, : int(selection.count[b, h])].long()
+
+
 def assert_same_selection(out, ref, scores):
-    """Identical page sets, or sets whose scores are equal (ties)."""
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    if torch.equal(out, ref):
-        return
-    for b in range(out.shape[0]):
-        for h in range(out.shape[1]):
-            a, r = out[b, h], ref[b, h]
-            a, r = a[a >= 0], r[r >= 0]
-            assert a.numel() == r.numel(), (b, h, a, r)
-            assert torch.equal(a, a.sort().values)
+    """Identical page sets, or sets whose scores are equal (ties); ascending order."""
+    assert out.count.shape == ref.count.shape, (out.count.shape, ref.count.shape)
+    assert torch.equal(out.count.cpu(), ref.count.cpu()), (out.count, ref.count)
+    for b in range(out.count.shape[0]):
+        for h in range(out.count.shape[1]):
+            a, r = chosen_pages(out, b, h), chosen_pages(ref, b, h)
+            assert (a >= 0).all() and torch.equal(a, a.sort().values), (b, h, a)
             if torch.equal(a, r):
                 continue
             sa, sr = scores[b, h, a].sort().values, scores[b, h, r].sort().values
@@ -236,23 +238,36 @@ def test_hsa_select_pages(group, block_size, page_size, dtype, d):
     torch.testing.assert_close(got[..., :n].masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
 
     out = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
+    assert out.index.shape == (len(seq), kv.shape[1], table.shape[1] * layout.pages_per_block)
     assert_same_selection(out, ref, scores)
-    assert (out[-1] == -1).all()  # everything evicted: empty selection
-    assert ((out[1] >= 0).sum(-1) == valid[1].sum()).all()  # budget > context: every live page
-
-    width = ref.shape[-1] + 3
-    fixed = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp, max_top_pages=width)
-    assert fixed.shape[-1] == width and (fixed[..., ref.shape[-1]:] == -1).all()
-    assert torch.equal(fixed[..., : ref.shape[-1]], out)
+    assert (out.count[-1] == 0).all()  # everything evicted: empty selection
+    assert (out.count[1] == valid[1].sum()).all()  # budget > context: every live page
+    # fewer programs than tiles: each program strides over several tiles of its request
+    strided = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp, splits=1)
+    assert_same_selection(strided, ref, scores)
 
 
-def test_hsa_select_int_budgets_and_narrow_width():
+@pytest.mark.parametrize("top_pages", [1, 3, 1 << 30])
+def test_hsa_select_int_budgets(top_pages):
     layout, kv, table, seq, keep, gap, query, _, _ = _select_inputs(4, 16, 4, torch.float32, HEAD_DIMS[0], 5)
     d = query.shape[-1]
-    ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, d // 2, 3)
+    ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, d // 2, top_pages)
     scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, d // 2)
-    out = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, d // 2, 3, max_top_pages=3)
+    out = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, d // 2, top_pages)
     assert_same_selection(out, ref, scores)
+
+
+def test_hsa_select_ties_take_lowest_pages():
+    """Equal scores at the k-th place: the lowest pages win, exactly k are chosen."""
+    layout = KVLayout(16, 4)
+    hkv, d, n = 2, HEAD_DIMS[0], 40 * SCALE
+    kv = torch.zeros(layout.cache_shape(-(-n // 16) + 1, hkv, d), device=DEV)
+    table = torch.arange(-(-n // 16), device=DEV, dtype=torch.int32)[None]
+    seq = torch.tensor([n], device=DEV)
+    query = torch.randn(1, hkv * 2, d, device=DEV)
+    out = T.hsa_select_pages(query, kv, layout, table, seq, seq, seq, d, 5)
+    assert out.count.tolist() == [[5, 5]]
+    assert (out.index[0, :, :5] == torch.arange(5, device=DEV)).all()
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,18 +289,19 @@ ATTN_CASES = [
 @pytest.mark.parametrize("group,block_size,page_size,dtype,num_splits", ATTN_CASES)
 def test_paged_sparse_attention(group, block_size, page_size, dtype, num_splits, d):
     layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, block_size, page_size, dtype, d, group * 17 + page_size)
-    pages = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
-    # holes (-1) in the middle of the list and a KV head with nothing chosen
-    pages = pages.clone()
-    pages[0, 0, 1] = -1
-    pages[2, 1] = -1
+    index, count = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
+    index = torch.cat([index, torch.full_like(index, 12345)], dim=-1)  # garbage past count is never read
+    # a hole (-1) in the middle of a list, a KV head with nothing chosen
+    index[0, 0, 1] = -1
+    count = count.clone()
+    count[2, 1] = 0
     # a few chosen pages that straddle the evicted gap / the end of the sequence
-    pages[3, 0, -1] = int(gap[3]) // page_size
-    pages[1, 1, -1] = (int(seq[1]) - 1) // page_size
+    index[3, 0, count[3, 0] - 1] = int(gap[3]) // page_size
+    index[1, 1, count[1, 1] - 1] = (int(seq[1]) - 1) // page_size
     poison_dead_tokens(kv, layout, table, seq, keep, gap)
     scale = d**-0.5
-    ref = R.paged_sparse_attention(query, kv, layout, table, pages, seq, keep, gap, scale)
-    out = T.paged_sparse_attention(query, kv, layout, table, pages, seq, keep, gap, scale, num_splits=num_splits)
+    ref = R.paged_sparse_attention(query, kv, layout, table, index, count, seq, keep, gap, scale)
+    out = T.paged_sparse_attention(query, kv, layout, table, index, count, seq, keep, gap, scale, num_splits=num_splits)
     assert out.dtype == query.dtype and out.shape == query.shape
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < tol(dtype)
@@ -375,46 +391,45 @@ def test_get_ops_dispatch(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_graph_select_and_attend(dtype):
+    """One captured graph replays correctly as lengths, budgets and queries change."""
     torch.manual_seed(3)
     group, d = 4, 128
     layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, 16, 4, dtype, d, 11)
     seq, keep, gap = seq.int(), keep.int(), gap.int()
     tc, tp = tc.int(), tp.int()
-    width = 64
     scale = d**-0.5
 
     def step():
-        pages = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp, max_top_pages=width)
-        return pages, T.paged_sparse_attention(query, kv, layout, table, pages, seq, keep, gap, scale)
+        sel = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
+        return sel, T.paged_sparse_attention(query, kv, layout, table, sel.index, sel.count, seq, keep, gap, scale)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):  # compile / autotune outside the capture
+        for _ in range(2):  # compile outside the capture
             step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_pages, static_out = step()
+        static_sel, static_out = step()
     for trial in range(3):
         if trial:
             query.copy_(torch.randn_like(query))
             seq.copy_((seq - 3 * trial).clamp(min=1))
             keep.copy_(torch.minimum(keep, seq))
             gap.copy_(torch.minimum(gap, seq))
+            tp.copy_(torch.roll(tp, 1))
         graph.replay()
         torch.cuda.synchronize()
-        pages, out = step()
-        assert torch.equal(static_pages, pages)
+        sel, out = step()
+        assert torch.equal(static_sel.count, sel.count)
         assert torch.equal(static_out, out)
-        ref_pages = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, torch.clamp(tp, max=width))
+        ref_sel = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
         scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
-        k = ref_pages.shape[-1]
-        assert (static_pages[..., k:] == -1).all()
-        assert_same_selection(static_pages[..., :k], ref_pages, scores)
+        assert_same_selection(static_sel, ref_sel, scores)
         poisoned = kv.clone()
         poison_dead_tokens(poisoned, layout, table, seq, keep, gap)
-        ref = R.paged_sparse_attention(query, poisoned, layout, table, static_pages, seq, keep, gap, scale)
+        ref = R.paged_sparse_attention(query, poisoned, layout, table, static_sel.index, static_sel.count, seq, keep, gap, scale)
         assert rel_err(static_out, ref) < tol(dtype)
 
 

@@ -76,7 +76,7 @@ def test_paged_hsa_and_attention_match_contiguous(group):
     gap_end = torch.tensor([60, 28, 80])
     query = torch.randn(3, hkv * group, d)
     top_pages = torch.tensor([4, 100, 6])  # request 1's budget exceeds its context
-    pages = ops.hsa_select_pages(query, kv, layout, table, seq_lens, keep, gap_end, torch.tensor([8, 16, 4]), top_pages)
+    pages, count = ops.hsa_select_pages(query, kv, layout, table, seq_lens, keep, gap_end, torch.tensor([8, 16, 4]), top_pages)
 
     num_pages = 23
     live = torch.stack([ops.live_positions(num_pages * 4, int(keep[i]), int(gap_end[i]), torch.device("cpu")) for i in range(3)])
@@ -90,10 +90,12 @@ def test_paged_hsa_and_attention_match_contiguous(group):
     kmin = masked.view(3, num_pages, 4, hkv, d).nan_to_num(float("inf")).amin(2)
     plen = live.view(3, num_pages, 4).sum(-1)
     expected = hsa_select(query, kmax, kmin, plen, torch.tensor([8, 16, 4]), top_pages)
-    assert torch.equal(pages, expected)
-    assert (pages[1] >= 0).sum(-1).tolist() == [int((plen[1] > 0).sum())] * hkv
+    assert torch.equal(pages[..., : expected.shape[-1]], expected.int())
+    assert torch.equal(count, (expected >= 0).sum(-1, dtype=torch.int32))
+    assert count[1].tolist() == [int((plen[1] > 0).sum())] * hkv
 
-    out = ops.paged_sparse_attention(query, kv, layout, table, pages, seq_lens, keep, gap_end, 0.25)
+    out = ops.paged_sparse_attention(query, kv, layout, table, pages, count, seq_lens, keep, gap_end, 0.25)
+    pages = pages.long()
     tok = (pages.clamp(min=0)[..., None] * 4 + torch.arange(4)).flatten(-2)
     ok = (pages >= 0).repeat_interleave(4, -1) & live.gather(1, tok.flatten(1)).view_as(tok)
     ref = sparse_attention(query, padded_k, padded_v, torch.where(ok, tok, -1), 0.25)

@@ -9,10 +9,21 @@ evicted nothing has keep == gap_end.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from rocketkv_vllm.algorithms import attend_chosen, causal_attention, hsa_select
 from rocketkv_vllm.kv_layout import KVLayout
+
+
+class PageSelection(NamedTuple):
+    """Pages chosen per request and KV head: index [B, Hkv, W] int32 holds logical page
+    numbers, ascending, in its first count [B, Hkv] entries; later entries are unspecified
+    (-1 here, anything in the kernels)."""
+
+    index: torch.Tensor
+    count: torch.Tensor
 
 
 def write_kv(
@@ -199,19 +210,15 @@ def hsa_select_pages(
     gap_end: torch.Tensor,
     top_channels: torch.Tensor,
     top_pages: torch.Tensor,
-    max_top_pages: int | None = None,
-) -> torch.Tensor:
-    """HSA over the paged cache: logical page indices [B, Hkv, W], -1 padded.
-
-    W = max_top_pages when given (a fixed width for batched kernels), else max(top_pages).
-    """
-    num_pages = -(-int(seq_lens.max().item()) // layout.page_size)
+) -> PageSelection:
+    """HSA over the paged cache: per request and KV head, the top_pages live pages with the
+    highest approximate attention (every live page when top_pages covers them)."""
+    num_pages = max(1, -(-int(seq_lens.max().item()) // layout.page_size))
     kmax, kmin = gather_page_summaries(kv_cache, layout, block_table, num_pages)
     plen = page_lengths(seq_lens, keep, gap_end, num_pages, layout.page_size)
-    pages = hsa_select(query, kmax, kmin, plen, top_channels, top_pages)
-    if max_top_pages is not None:
-        pages = torch.nn.functional.pad(pages, (0, max(0, max_top_pages - pages.shape[-1])), value=-1)
-    return pages
+    top_pages = torch.as_tensor(top_pages, device=query.device).clamp(max=num_pages)
+    pages = hsa_select(query, kmax, kmin, plen, top_channels, top_pages).int()
+    return PageSelection(pages, (pages >= 0).sum(dim=-1, dtype=torch.int32))
 
 
 def paged_sparse_attention(
@@ -220,13 +227,17 @@ def paged_sparse_attention(
     layout: KVLayout,
     block_table: torch.Tensor,
     page_index: torch.Tensor,
+    page_count: torch.Tensor,
     seq_lens: torch.Tensor,
     keep: torch.Tensor,
     gap_end: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Exact attention over the live tokens of the chosen pages: [B, Hq, D]."""
+    """Exact attention over the live tokens of the chosen pages page_index[b, h, :page_count[b, h]]
+    (-1 entries skipped): [B, Hq, D]."""
     ps = layout.page_size
+    entry = torch.arange(page_index.shape[-1], device=page_index.device)
+    page_index = torch.where(entry < page_count[..., None], page_index.long(), -1)
     offsets = torch.arange(ps, device=kv_cache.device)
     tokens = (page_index.clamp(min=0)[..., None] * ps + offsets).flatten(-2)  # [B, Hkv, K*ps]
     chosen = (page_index >= 0).repeat_interleave(ps, dim=-1)

@@ -1,0 +1,204 @@
+"""Split-K paged sparse attention (flash decoding) over chosen pages, Triton.
+
+Grid (B, Hkv, S): the S programs of a (request, KV head) split that head's chosen pages
+evenly at run time, so the grid depends on the batch size only (CUDA graphs) and work is
+balanced whatever each request's budget. All query heads of the GQA group share each
+K/V read. The next chunk's page and block numbers are loaded one iteration ahead, so
+the K/V loads never wait on the two dependent index loads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rocketkv_vllm.kernels.triton_common import (
+    check_cache,
+    check_group,
+    contiguous_last,
+    group_pad,
+    live_tokens,
+    lowp_dot,
+    np2,
+    num_sms,
+    per_request,
+)
+from rocketkv_vllm.kv_layout import KVLayout
+
+
+@triton.jit
+def _chunk_rows(pidx_ptr, bt_ptr, j, end, off, seq, keep, gap, h, s_cb, s_ch, s_cr, BS: tl.constexpr, PS: tl.constexpr):
+    """Cache row offsets and liveness of the tokens of chosen entries j [TOK]."""
+    jm = j < end
+    page = tl.load(pidx_ptr + j, mask=jm, other=-1).to(tl.int64)
+    pos = page * PS + off
+    live = jm & (page >= 0) & live_tokens(pos, seq, keep, gap)
+    blk = tl.load(bt_ptr + pos // BS, mask=live, other=0).to(tl.int64)
+    return blk * s_cb + h * s_ch + (pos % BS) * s_cr, live
+
+
+@triton.jit
+def _sparse_attn_split_kernel(
+    q_ptr, kv_ptr, bt_ptr, pidx_ptr, cnt_ptr, seq_ptr, keep_ptr, gap_ptr,
+    acc_ptr, m_ptr, l_ptr,
+    scale,
+    s_qb, s_qh,
+    s_cb, s_ch, s_cr, s_bt,
+    s_pb, s_ph,
+    G, D,
+    BS: tl.constexpr, PS: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr, TOK: tl.constexpr,
+    LOWP: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2)
+    nh = tl.num_programs(1).to(tl.int64)
+    ns = tl.num_programs(2)
+    g = tl.arange(0, G_P)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < G
+    dm = d < D
+    PPI: tl.constexpr = TOK // PS  # chosen pages per iteration
+    count = tl.load(cnt_ptr + b * nh + h)
+    per_split = tl.cdiv(tl.cdiv(count, ns), PPI) * PPI
+    start = sp * per_split
+    end = tl.minimum(start + per_split, count)
+    m = tl.full([G_P], float("-inf"), tl.float32)
+    l = tl.zeros([G_P], tl.float32)
+    acc = tl.zeros([G_P, BLOCK_D], tl.float32)
+    if start < end:
+        q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+        if LOWP:
+            q = q.to(kv_ptr.dtype.element_ty)
+        else:
+            q = q.to(tl.float32)
+        seq = tl.load(seq_ptr + b)
+        keep = tl.load(keep_ptr + b)
+        gap = tl.load(gap_ptr + b)
+        tok = tl.arange(0, TOK)
+        ent = tok // PS
+        off = tok % PS
+        pidx = pidx_ptr + b * s_pb + h * s_ph
+        bt = bt_ptr + b * s_bt
+        row, live = _chunk_rows(pidx, bt, start + ent, end, off, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS)
+        for j0 in range(start, end, PPI):
+            lm = live[:, None] & dm[None, :]
+            k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0)
+            v = tl.load(kv_ptr + row[:, None] + BS * s_cr + d[None, :], mask=lm, other=0.0)
+            cur_live = live
+            row, live = _chunk_rows(pidx, bt, j0 + PPI + ent, end, off, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS)
+            if LOWP:
+                s = tl.dot(q, tl.trans(k))
+            else:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            s = tl.where(cur_live[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            if LOWP:
+                pv = tl.dot(p.to(kv_ptr.dtype.element_ty), v)
+            else:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+    base = ((b * nh + h) * ns + sp) * G_P + g
+    tl.store(m_ptr + base, m, mask=gm)
+    tl.store(l_ptr + base, l, mask=gm)
+    tl.store(acc_ptr + base[:, None] * BLOCK_D + d[None, :], acc, mask=gm[:, None])
+
+
+@triton.jit
+def _sparse_attn_reduce_kernel(
+    acc_ptr, m_ptr, l_ptr, out_ptr,
+    s_ob, s_oh,
+    G, D, NSPLIT,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    nh = tl.num_programs(1).to(tl.int64)
+    g = tl.arange(0, G_P)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < G
+    dm = d < D
+    m = tl.full([G_P], float("-inf"), tl.float32)
+    l = tl.zeros([G_P], tl.float32)
+    acc = tl.zeros([G_P, BLOCK_D], tl.float32)
+    for s in range(0, NSPLIT):
+        base = ((b * nh + h) * NSPLIT + s) * G_P + g
+        ms = tl.load(m_ptr + base, mask=gm, other=float("-inf"))
+        ls = tl.load(l_ptr + base, mask=gm, other=0.0)
+        a = tl.load(acc_ptr + base[:, None] * BLOCK_D + d[None, :], mask=gm[:, None], other=0.0)
+        m_new = tl.maximum(m, ms)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        beta = tl.exp(ms - m_safe)
+        l = l * alpha + ls * beta
+        acc = acc * alpha[:, None] + a * beta[:, None]
+        m = m_new
+    out = tl.where((l > 0)[:, None], acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
+    optr = out_ptr + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :]
+    tl.store(optr, out.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+
+
+def paged_sparse_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    block_table: torch.Tensor,
+    page_index: torch.Tensor,
+    page_count: torch.Tensor,
+    seq_lens: torch.Tensor,
+    keep: torch.Tensor,
+    gap_end: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    tokens_per_iter: int | None = None,
+) -> torch.Tensor:
+    """Exact attention over the live tokens of the chosen pages page_index[b, h, :page_count[b, h]]
+    (-1 entries are skipped): [B, Hq, D] in query's dtype."""
+    check_cache(kv_cache, layout)
+    group = check_group(query, kv_cache)
+    batch, num_q_heads, head_dim = query.shape
+    hkv = kv_cache.shape[1]
+    device = query.device
+    out = torch.empty(batch, num_q_heads, head_dim, dtype=query.dtype, device=device)
+    if batch == 0:
+        return out
+    ps = layout.page_size
+    g_p, block_d = group_pad(group), np2(head_dim)
+    if tokens_per_iter is None:
+        tokens_per_iter = 64 if head_dim <= 128 else 32
+    tok = max(16, ps, np2(tokens_per_iter))
+    if num_splits is None:
+        num_splits = triton.cdiv(2 * num_sms(device), batch * hkv)
+    num_splits = max(1, int(num_splits))
+    query = contiguous_last(query)
+    pidx = contiguous_last(page_index)
+    bt = contiguous_last(block_table)
+    seq, kp, ge = (per_request(t, batch, device) for t in (seq_lens, keep, gap_end))
+    count = page_count.to(device=device, dtype=torch.int32).contiguous()
+    lowp = lowp_dot(query, kv_cache)
+
+    acc = torch.empty(batch, hkv, num_splits, g_p, block_d, dtype=torch.float32, device=device)
+    m = torch.empty(batch, hkv, num_splits, g_p, dtype=torch.float32, device=device)
+    l = torch.empty_like(m)
+    _sparse_attn_split_kernel[(batch, hkv, num_splits)](
+        query, kv_cache, bt, pidx, count, seq, kp, ge, acc, m, l,
+        float(scale),
+        query.stride(0), query.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
+        pidx.stride(0), pidx.stride(1),
+        group, head_dim,
+        BS=layout.block_size, PS=ps, G_P=g_p, BLOCK_D=block_d, TOK=tok, LOWP=lowp,
+        num_warps=4, num_stages=2,
+    )
+    _sparse_attn_reduce_kernel[(batch, hkv)](
+        acc, m, l, out, out.stride(0), out.stride(1), group, head_dim, num_splits,
+        G_P=g_p, BLOCK_D=block_d, num_warps=4,
+    )
+    return out

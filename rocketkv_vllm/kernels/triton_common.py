@@ -1,0 +1,98 @@
+"""Helpers shared by the Triton kernels: host-side launch parameters and device functions."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from rocketkv_vllm.kv_layout import KVLayout
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def lowp_dot(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Feed tl.dot 16-bit operands (fp32 accumulation) when both tensors are the same
+    fp16/bf16 dtype. The Triton interpreter's bf16 dot is broken (3.6), so it gets fp32."""
+    if a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return not (interpreting() and a.dtype == torch.bfloat16)
+
+
+def np2(x: int) -> int:
+    return triton.next_power_of_2(max(1, int(x)))
+
+
+def group_pad(group: int) -> int:
+    # tl.dot needs every dimension >= 16
+    return max(16, np2(group))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def per_request(value, batch: int, device: torch.device) -> torch.Tensor:
+    """[B] int32 on device without host sync (python ints become a fill kernel)."""
+    if isinstance(value, torch.Tensor):
+        t = value.to(device=device, dtype=torch.int32)
+        return t.expand(batch).contiguous() if t.dim() == 0 or t.numel() == 1 else t.contiguous()
+    return torch.full((batch,), int(value), dtype=torch.int32, device=device)
+
+
+def contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_cache(kv_cache: torch.Tensor, layout: KVLayout) -> None:
+    if kv_cache.dim() != 4 or kv_cache.shape[2] != layout.rows_per_block:
+        raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)} does not match layout {layout}")
+    if kv_cache.stride(3) != 1:
+        raise ValueError("kv_cache must be contiguous in head_dim")
+
+
+def check_group(query: torch.Tensor, kv_cache: torch.Tensor) -> int:
+    num_q_heads, hkv = query.shape[1], kv_cache.shape[1]
+    if num_q_heads % hkv:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({hkv})")
+    return num_q_heads // hkv
+
+
+@triton.jit
+def live_tokens(pos, seq, keep, gap):
+    """Logical positions holding live tokens: before the end, outside the evicted gap."""
+    return (pos < seq) & ((pos < keep) | (pos >= gap))
+
+
+@triton.jit
+def virtual_pages(seq, keep, gap, PS: tl.constexpr):
+    """The live pages of a request, numbered densely ("virtual" pages): the kept prompt
+    pages [0, nk), then the pages from the one holding gap_end (at least nk) to the end.
+    Returns (nk, first logical page of the tail, number of virtual pages)."""
+    nk = (keep + PS - 1) // PS
+    tail = tl.maximum(nk, gap // PS)
+    n = nk + tl.maximum((seq + PS - 1) // PS - tail, 0)
+    return nk, tail, n
+
+
+@triton.jit
+def logical_page(v, nk, tail):
+    return tl.where(v < nk, v, tail + v - nk)
+
+
+@triton.jit
+def page_len(p, seq, keep, gap, PS: tl.constexpr):
+    """Live tokens of logical pages p [TILE]."""
+    pos = p[:, None] * PS + tl.arange(0, PS)[None, :]
+    return tl.sum(live_tokens(pos, seq, keep, gap).to(tl.int32), axis=1)
+
+
+@triton.jit
+def nan_to_zero(x):
+    bad = (x != x) | (tl.abs(x) == float("inf"))
+    return tl.where(bad, 0.0, x)

@@ -1,0 +1,331 @@
+"""HSA page selection in three fixed-grid Triton kernels (CUDA-graph capturable).
+
+1. prep    (B, Hkv):    top-r channel mask of the group's mean |q|, masked queries,
+                        SparQ temperature per query head;
+2. logits  (B, Hkv, S): approximate page logits on the chosen channels from the page
+                        max/min summaries, per tile of live pages, plus per-tile softmax
+                        statistics; each of the S programs of a (request, KV head)
+                        strides over that request's own tiles, so the grid depends on the
+                        batch size only and short requests cost no empty programs;
+3. top-k   (B, Hkv):    group-softmax-mean page scores, then an exact radix select of the
+                        k-th largest score (4 histogram passes over 8-bit digits of the
+                        float bits) and one compaction pass writing the chosen logical
+                        pages in ascending order (ties broken by lower page).
+
+Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
+evicted gap), so an evicting request never scores its gap. A request whose budget covers
+all its live pages skips scoring and selects them all (this is how exact-attention decode
+rows share the sparse path).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rocketkv_vllm.kernels.triton_common import (
+    check_cache,
+    check_group,
+    contiguous_last,
+    group_pad,
+    logical_page,
+    nan_to_zero,
+    np2,
+    num_sms,
+    page_len,
+    per_request,
+    virtual_pages,
+)
+from rocketkv_vllm.kv_layout import KVLayout
+from rocketkv_vllm.ops.reference import PageSelection
+
+
+@triton.jit
+def _hsa_prep_kernel(
+    q_ptr, r_ptr, qm_ptr, temp_ptr,
+    s_qb, s_qh,
+    G, D,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    nh = tl.num_programs(1).to(tl.int64)
+    g = tl.arange(0, G_P)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < G
+    dm = d < D
+    rows = h * G + g
+    q = tl.load(q_ptr + b * s_qb + rows[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+    q = q.to(tl.float32)
+    qa = tl.abs(q)
+    score = tl.sum(qa, axis=0) / G
+    score = tl.where(dm, score, -1.0)
+    # rank of channel c = #channels strictly larger + #equal channels with a lower index
+    sc = score[None, :]
+    sd = score[:, None]
+    before = (sc > sd) | ((sc == sd) & (d[None, :] < d[:, None]))
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    r = tl.load(r_ptr + b)
+    chan = (rank < r) & dm
+    qm = tl.where(chan[None, :], q, 0.0)
+    total = tl.maximum(tl.sum(qa, axis=1), 1e-30)
+    kept = tl.sum(tl.abs(qm), axis=1)
+    temp = tl.sqrt(tl.maximum(D * kept / total, 1e-30))
+    temp = tl.where(gm, temp, 1.0)
+    out = (b * nh + h) * G_P
+    tl.store(qm_ptr + (out + g)[:, None] * BLOCK_D + d[None, :], qm)
+    tl.store(temp_ptr + out + g, temp)
+
+
+@triton.jit
+def _hsa_logits_kernel(
+    kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, qm_ptr, temp_ptr,
+    logit_ptr, tmax_ptr, tsum_ptr,
+    s_cb, s_ch, s_cr, s_bt,
+    G, D, NPV, NT,
+    BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
+    nh = tl.num_programs(1).to(tl.int64)
+    ns = tl.num_programs(2)
+    seq = tl.load(seq_ptr + b)
+    keep = tl.load(keep_ptr + b)
+    gap = tl.load(gap_ptr + b)
+    nk, tail, n = virtual_pages(seq, keep, gap, PS)
+    if tl.load(k_ptr + b) < n:  # else every live page is chosen: nothing to score
+        g = tl.arange(0, G_P)
+        gm = g < G
+        d = tl.arange(0, BLOCK_D)
+        qbase = (b * nh + h) * G_P
+        qm = tl.load(qm_ptr + (qbase + g)[:, None] * BLOCK_D + d[None, :])
+        temp = tl.load(temp_ptr + qbase + g)
+        # only the chosen channels are read
+        chan = (tl.max(tl.abs(qm), axis=0) > 0) & (d < D)
+        q_hi = tl.maximum(qm, 0.0)
+        q_lo = tl.minimum(qm, 0.0)
+        lrow = ((b * nh + h) * G + g) * NPV
+        for t in range(s, tl.cdiv(n, TILE), ns):
+            v = t * TILE + tl.arange(0, TILE)
+            p = logical_page(v, nk, tail).to(tl.int64)
+            plen = page_len(p, seq, keep, gap, PS)
+            valid = (v < n) & (plen > 0)
+            blk = tl.load(bt_ptr + b * s_bt + p // PPB, mask=valid, other=0).to(tl.int64)
+            row = blk * s_cb + h * s_ch + (2 * BS + p % PPB) * s_cr
+            lm = valid[:, None] & chan[None, :]
+            kmax = tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0).to(tl.float32)
+            kmin = tl.load(kv_ptr + row[:, None] + PPB * s_cr + d[None, :], mask=lm, other=0.0).to(tl.float32)
+            hi = tl.dot(q_hi, tl.trans(nan_to_zero(kmax)), input_precision="ieee")
+            lo = tl.dot(q_lo, tl.trans(nan_to_zero(kmin)), input_precision="ieee")
+            logit = (hi + lo) / temp[:, None] + tl.log(tl.maximum(plen, 1).to(tl.float32))[None, :]
+            logit = tl.where(valid[None, :], logit, float("-inf"))
+            tl.store(logit_ptr + lrow[:, None] + v[None, :], logit, mask=gm[:, None] & (v < n)[None, :])
+            m = tl.max(logit, axis=1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            stat = ((b * nh + h) * NT + t) * G_P + g
+            tl.store(tmax_ptr + stat, m)
+            tl.store(tsum_ptr + stat, tl.sum(tl.exp(logit - m_safe[:, None]), axis=1))
+
+
+@triton.jit
+def _hsa_topk_kernel(
+    seq_ptr, keep_ptr, gap_ptr, k_ptr,
+    logit_ptr, tmax_ptr, tsum_ptr, key_ptr, idx_ptr, cnt_ptr,
+    G, NPV, NT, W,
+    PS: tl.constexpr, G_P: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    nh = tl.num_programs(1).to(tl.int64)
+    bh = b * nh + h
+    seq = tl.load(seq_ptr + b)
+    keep = tl.load(keep_ptr + b)
+    gap = tl.load(gap_ptr + b)
+    k = tl.load(k_ptr + b)
+    nk, tail, n = virtual_pages(seq, keep, gap, PS)
+    c = tl.arange(0, CHUNK)
+    keys = key_ptr + bh * NPV
+    idx = idx_ptr + bh * W
+    # keys are int64 here so that digit shifts never reach the sign bit
+    threshold = tl.zeros([], tl.int64)
+    take_equal = tl.zeros([], tl.int32) + NPV  # pages scoring exactly `threshold` taken, lowest first
+    if k < n:
+        # softmax statistics of each query head over all tiles
+        g = tl.arange(0, G_P)
+        gm = g < G
+        ntiles = tl.cdiv(n, TILE)
+        m = tl.full([G_P], float("-inf"), tl.float32)
+        ssum = tl.zeros([G_P], tl.float32)
+        for t0 in range(0, ntiles, CHUNK):
+            tm = (t0 + c) < ntiles
+            st = (bh * NT + t0 + c)[:, None] * G_P + g[None, :]
+            pm = tl.load(tmax_ptr + st, mask=tm[:, None], other=float("-inf"))
+            ps = tl.load(tsum_ptr + st, mask=tm[:, None], other=0.0)
+            m_new = tl.maximum(m, tl.max(pm, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            ssum = ssum * tl.exp(m - m_safe) + tl.sum(ps * tl.exp(pm - m_safe[None, :]), axis=0)
+            m = m_new
+        ok = gm & (ssum > 0)
+        m = tl.where(ok, m, 0.0)
+        inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
+        # page scores as order-preserving int32 keys (scores are >= 0; -1 = not selectable)
+        n_valid = tl.zeros([], tl.int32)
+        for v0 in range(0, n, CHUNK):
+            v = v0 + c
+            vm = v < n
+            lg = tl.load(logit_ptr + ((bh * G + g) * NPV)[:, None] + v[None, :], mask=gm[:, None] & vm[None, :], other=float("-inf"))
+            score = tl.sum(tl.exp(lg - m[:, None]) * inv[:, None], axis=0)
+            valid = vm & (tl.max(lg, axis=0) > float("-inf"))
+            key = tl.where(valid, score.to(tl.int32, bitcast=True), -1)
+            tl.store(keys + v, key, mask=vm)
+            n_valid += tl.sum(valid.to(tl.int32))
+        if k < n_valid:
+            # radix select: after the four digits, `threshold` is the k-th largest key and
+            # `take_equal` the number of keys equal to it that belong to the top k
+            remaining = k
+            bins = tl.arange(0, 256)
+            for i in tl.static_range(4):
+                shift: tl.constexpr = 24 - 8 * i
+                hist = tl.zeros([256], tl.int32)
+                for v0 in range(0, n, CHUNK):
+                    v = v0 + c
+                    key = tl.load(keys + v, mask=v < n, other=-1).to(tl.int64)
+                    same_prefix = (key >= 0) & ((key >> (shift + 8)) == (threshold >> (shift + 8)))
+                    hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=same_prefix)
+                at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # keys with digit >= bin
+                digit = tl.max(tl.where(at_least >= remaining, bins, 0))
+                above = tl.sum(tl.where(bins > digit, hist, 0))
+                remaining -= above
+                threshold = threshold | (digit.to(tl.int64) << shift)
+            take_equal = remaining
+    # write the chosen pages: keys above the threshold, then the first take_equal equal ones
+    scored = (k < n) & (take_equal < NPV)
+    written = tl.zeros([], tl.int32)
+    equal_seen = tl.zeros([], tl.int32)
+    for v0 in range(0, n, CHUNK):
+        v = v0 + c
+        vm = v < n
+        p = logical_page(v, nk, tail)
+        if scored:
+            key = tl.load(keys + v, mask=vm, other=-1).to(tl.int64)
+            eq = vm & (key == threshold)
+            eq_rank = equal_seen + tl.cumsum(eq.to(tl.int32), 0) - eq.to(tl.int32)
+            chosen = vm & ((key > threshold) | (eq & (eq_rank < take_equal)))
+            equal_seen += tl.sum(eq.to(tl.int32))
+        else:
+            chosen = vm & (page_len(p, seq, keep, gap, PS) > 0)
+        ci = chosen.to(tl.int32)
+        slot = written + tl.cumsum(ci, 0) - ci
+        tl.store(idx + slot, p, mask=chosen)
+        written += tl.sum(ci)
+    tl.store(cnt_ptr + bh, written)
+
+
+def _launch(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    keep: torch.Tensor,
+    gap_end: torch.Tensor,
+    top_channels,
+    top_pages,
+    splits: int | None,
+) -> tuple[PageSelection, torch.Tensor]:
+    check_cache(kv_cache, layout)
+    group = check_group(query, kv_cache)
+    batch, _, head_dim = query.shape
+    hkv = kv_cache.shape[1]
+    device = query.device
+    g_p, block_d = group_pad(group), np2(head_dim)
+    ps, ppb = layout.page_size, layout.pages_per_block
+    # live pages never exceed the logical pages the block table can address
+    num_pages = block_table.shape[1] * ppb
+    tile = 64 if device.type == "cuda" else 16
+    num_tiles = triton.cdiv(num_pages, tile)
+    if splits is None:
+        splits = triton.cdiv(4 * num_sms(device), max(1, batch * hkv))
+    splits = max(1, min(int(splits), num_tiles))
+    query = contiguous_last(query)
+    bt = contiguous_last(block_table)
+    seq, kp, ge = (per_request(t, batch, device) for t in (seq_lens, keep, gap_end))
+    r = per_request(top_channels, batch, device)
+    k = per_request(top_pages, batch, device)
+
+    qm = torch.empty(batch, hkv, g_p, block_d, dtype=torch.float32, device=device)
+    temp = torch.empty(batch, hkv, g_p, dtype=torch.float32, device=device)
+    logits = torch.empty(batch, hkv, group, num_pages, dtype=torch.float32, device=device)
+    tile_max = torch.empty(batch, hkv, num_tiles, g_p, dtype=torch.float32, device=device)
+    tile_sum = torch.empty_like(tile_max)
+    keys = torch.empty(batch, hkv, num_pages, dtype=torch.int32, device=device)
+    index = torch.empty(batch, hkv, num_pages, dtype=torch.int32, device=device)
+    count = torch.empty(batch, hkv, dtype=torch.int32, device=device)
+    if batch == 0:
+        return PageSelection(index, count), keys
+    _hsa_prep_kernel[(batch, hkv)](
+        query, r, qm, temp, query.stride(0), query.stride(1), group, head_dim,
+        G_P=g_p, BLOCK_D=block_d, num_warps=4,
+    )
+    _hsa_logits_kernel[(batch, hkv, splits)](
+        kv_cache, bt, seq, kp, ge, k, qm, temp, logits, tile_max, tile_sum,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
+        group, head_dim, num_pages, num_tiles,
+        BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, num_warps=4,
+    )
+    _hsa_topk_kernel[(batch, hkv)](
+        seq, kp, ge, k, logits, tile_max, tile_sum, keys, index, count,
+        group, num_pages, num_tiles, num_pages,
+        PS=ps, G_P=g_p, TILE=tile, CHUNK=min(1024, np2(num_pages)), num_warps=4,
+    )
+    return PageSelection(index, count), keys
+
+
+def hsa_select_pages(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    keep: torch.Tensor,
+    gap_end: torch.Tensor,
+    top_channels,
+    top_pages,
+    *,
+    splits: int | None = None,
+) -> PageSelection:
+    """HSA over the paged cache: per request and KV head, the top_pages live pages with the
+    highest approximate attention (all live pages when top_pages covers them).
+
+    No host synchronisation; shapes depend only on the batch and the block table width.
+    """
+    selection, _ = _launch(query, kv_cache, layout, block_table, seq_lens, keep, gap_end, top_channels, top_pages, splits)
+    return selection
+
+
+def hsa_page_scores(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    keep: torch.Tensor,
+    gap_end: torch.Tensor,
+    top_channels,
+) -> torch.Tensor:
+    """The page scores the selection ranks: [B, Hkv, block_table width * pages_per_block]
+    float32 over logical pages, -inf where a page is not selectable (tests, benchmarks)."""
+    _, keys = _launch(query, kv_cache, layout, block_table, seq_lens, keep, gap_end, top_channels, 0, None)
+    batch, hkv, num_pages = keys.shape
+    scores = torch.full_like(keys, float("-inf"), dtype=torch.float32)
+    ps = layout.page_size
+    for b in range(batch):
+        seq, kp, ge = int(seq_lens[b]), int(keep[b]), int(gap_end[b])
+        nk = -(-kp // ps)
+        tail = max(nk, ge // ps)
+        logical = torch.cat([torch.arange(nk), torch.arange(tail, -(-seq // ps))]).to(keys.device)
+        key = keys[b, :, : logical.numel()]
+        scores[b, :, logical] = torch.where(key >= 0, key.view(torch.float32), float("-inf"))
+    return scores
