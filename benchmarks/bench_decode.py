@@ -86,6 +86,9 @@ def main() -> None:
                "--ctx", *map(str, args.ctx), "--batch", *map(str, args.batch)] + (["--eager"] if args.eager else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        # which CUDA-graph modes the engine captured, as vLLM logs them
+        graph_lines = [line for line in proc.stderr.splitlines() if "graph" in line.lower() and "captur" in line.lower()]
+        print(f"[{backend}] " + "\n[{backend}] ".join(graph_lines[-6:]), file=sys.stderr)
         if proc.returncode:
             print(proc.stderr[-4000:], file=sys.stderr)
     for row in rows:

@@ -1,15 +1,18 @@
 """Benchmark RocketKV's kernels on a GPU: time, bytes-moved floor, achieved bandwidth.
 
 Shapes default to Llama-3.1-8B (32 query heads, 8 KV heads, head_dim 128, bf16), block 16,
-page 4, batch 1/8/32, context 32K/128K, token budget 256/1024/2048 (HSA picks
-top_pages = budget / 2 / page_size pages per KV head).
+page 4, batch 1/8/32, context 32K/128K, token budget 256/1024/2048. Decode kernels run in
+both modes: `rocketkv` (the live pages after stage 1: the kept prompt tokens of the
+budget split plus 64 decode tokens) and `mt` (no eviction: every page of the context is
+scored); HSA picks the split's top_k / page_size pages and r channels per KV head.
 
-For every kernel: median time (triton.testing.do_bench, CUDA events, L2 flushed), the
-minimal bytes it must move, and the achieved GB/s against the device-to-device copy
-bandwidth measured at start (the roofline ceiling). paged_sparse_attention is compared
-with vLLM's FlashAttention-3 (vllm.vllm_flash_attn.flash_attn_varlen_func, when
+For every kernel: median time, the minimal bytes it must move, and the achieved GB/s
+against the device-to-device copy bandwidth measured at start (the roofline ceiling).
+Decode kernels are timed inside a CUDA graph (triton.testing.do_bench_cudagraph: device
+time without launch gaps, and proof that they capture). paged_sparse_attention is
+compared with vLLM's FlashAttention-3 (vllm.vllm_flash_attn.flash_attn_varlen_func, when
 importable) decoding over (a) a dense context as long as the sparse selection and (b) the
-full context; the selection time is reported as a fraction of the attention step at 128K.
+full context; the selection time is reported as a fraction of the attention step.
 
     python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100.json
     python benchmarks/bench_kernels.py --batches 1 --contexts 32768 --budgets 1024   # quick
@@ -34,16 +37,19 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rocketkv_vllm.algorithms.budget import split_budget  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
 from rocketkv_vllm.kernels import cuda_ops  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 
 
-def bench(fn, device, warmup=10, rep=50) -> float:
-    """Median milliseconds."""
+def bench(fn, device, warmup=10, rep=50, graph=False) -> float:
+    """Median milliseconds (graph=True: replayed from a CUDA graph)."""
     if device.type == "cuda":
         import triton.testing
 
+        if graph:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     fn()
     times = []
@@ -129,38 +135,48 @@ def bench_config(args, batch, context, device, copy_bw, fa_func):
         ms = bench(lambda: cuda_ops.write_kv(s.kv, layout, kc, vc, cslots), device)
         record(f"write_kv[cuda] prefill{chunk}", None, ms, pbytes)
 
-    # --- HSA selection + sparse attention per budget -----------------------------------
-    num_pages = context // ps
-    top_channels = torch.full((batch,), args.top_channels, dtype=torch.int32, device=device)
-    sel_bytes = batch * hkv * num_pages * 2 * d * elt  # every live page's max/min rows
+    # --- HSA selection + sparse attention per budget and mode ---------------------------
     for budget in args.budgets:
-        k_pages = max(1, budget // 2 // ps)
-        top_pages = torch.full((batch,), k_pages, dtype=torch.int32, device=device)
+        for mode in ("rocketkv", "mt"):
+            split = split_budget(context, 0, budget, d, bs, window=args.window, evict=mode == "rocketkv", page_size=ps)
+            decoded = 64  # tokens generated since stage 1
+            s.keep.fill_(split.prompt_keep)
+            s.gap.fill_(context - decoded)
+            live_pages = -(-split.prompt_keep // ps) + -(-decoded // ps)
+            if mode == "mt":
+                s.keep.fill_(context)
+                live_pages = -(-context // ps)
+            k_pages = split.top_k // ps
+            top_channels = torch.full((batch,), split.top_channels, dtype=torch.int32, device=device)
+            top_pages = torch.full((batch,), k_pages, dtype=torch.int32, device=device)
+            tag = dict(mode=mode, top_pages=k_pages, top_channels=split.top_channels, live_pages=live_pages)
 
-        def select():
-            return T.hsa_select_pages(s.query, s.kv, layout, s.table, s.seq, s.keep, s.gap,
-                                      top_channels, top_pages, max_top_pages=k_pages)
+            def select():
+                return T.hsa_select_pages(s.query, s.kv, layout, s.table, s.seq, s.keep, s.gap, top_channels, top_pages)
 
-        ms_scores = bench(lambda: T.hsa_page_scores(s.query, s.kv, layout, s.table, s.seq, s.keep, s.gap, top_channels), device)
-        record("hsa_page_scores", budget, ms_scores, sel_bytes)
-        ms_sel = bench(select, device)
-        record("hsa_select_pages", budget, ms_sel, sel_bytes, top_pages=k_pages)
-        pages = select()
-        tokens = k_pages * ps
-        attn_bytes = batch * hkv * tokens * 2 * d * elt + 2 * batch * s.hq * d * elt
-        ms_attn = bench(lambda: T.paged_sparse_attention(s.query, s.kv, layout, s.table, pages, s.seq, s.keep,
-                                                         s.gap, s.scale), device)
-        extra = {"selection_fraction": ms_sel / (ms_sel + ms_attn)}
-        record("paged_sparse_attention", budget, ms_attn, attn_bytes, tokens=tokens, **extra)
-        if fa_func is not None:
-            for label, n_tok in (("same_tokens", tokens), ("dense_context", context)):
-                try:
-                    ms_fa, fa_bytes = bench_fa3(fa_func, s, n_tok, device)
-                    record(f"fa3[{label}]", budget if label == "same_tokens" else None, ms_fa, fa_bytes,
-                           tokens=n_tok, sparse_attention_ms=ms_attn)
-                except Exception as exc:  # keep benchmarking the rest
-                    rows.append(dict(kernel=f"fa3[{label}]", batch=batch, context=context, error=repr(exc)[:300]))
-                torch.cuda.empty_cache()
+            sel_bytes = batch * hkv * live_pages * 2 * d * elt  # every live page's max/min rows
+            ms_sel = bench(select, device, graph=True)
+            record("hsa_select_pages", budget, ms_sel, sel_bytes, **tag)
+            pages = select()
+            tokens = k_pages * ps
+            attn_bytes = batch * hkv * tokens * 2 * d * elt + 2 * batch * s.hq * d * elt
+            ms_attn = bench(lambda: T.paged_sparse_attention(s.query, s.kv, layout, s.table, pages.index, pages.count,
+                                                             s.seq, s.keep, s.gap, s.scale), device, graph=True)
+            record("paged_sparse_attention", budget, ms_attn, attn_bytes, tokens=tokens,
+                   selection_fraction=ms_sel / (ms_sel + ms_attn), **tag)
+            if fa_func is not None and mode == "rocketkv":
+                for label, n_tok in (("same_tokens", tokens), ("dense_context", context)):
+                    if label == "dense_context" and budget != args.budgets[0]:
+                        continue  # independent of the budget
+                    try:
+                        ms_fa, fa_bytes = bench_fa3(fa_func, s, n_tok, device)
+                        record(f"fa3[{label}]", budget if label == "same_tokens" else None, ms_fa, fa_bytes,
+                               tokens=n_tok, sparse_attention_ms=ms_attn)
+                    except Exception as exc:  # keep benchmarking the rest
+                        rows.append(dict(kernel=f"fa3[{label}]", batch=batch, context=context, error=repr(exc)[:300]))
+                    torch.cuda.empty_cache()
+    s.keep.copy_(s.seq)
+    s.gap.copy_(s.seq)
 
     # --- stage 1: SnapKV window scores and compaction (one request) ---------------------
     if batch == args.batches[0]:
@@ -202,7 +218,7 @@ def bench_fa3(fa_func, s, n_tok, device):
         fa_func(q=s.query, k=k_cache, v=v_cache, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=n_tok,
                 seqused_k=seqused, softmax_scale=s.scale, causal=True, block_table=table, out=out, fa_version=3)
 
-    ms = bench(run, device)
+    ms = bench(run, device, graph=True)
     nbytes = s.batch * n_tok * s.hkv * 2 * s.d * s.elt + 2 * s.batch * s.hq * s.d * s.elt
     del k_cache, v_cache
     return ms, nbytes
@@ -217,6 +233,8 @@ def markdown(rows, copy_bw) -> str:
             lines.append(f"| {r['kernel']} | {r['batch']} | {r['context']} | | | | | | error: {r['error'][:80]} |")
             continue
         notes = []
+        if "mode" in r:
+            notes.append(f"{r['mode']}: {r['live_pages']} live pages, k={r['top_pages']}, r={r['top_channels']}")
         if "selection_fraction" in r:
             notes.append(f"selection = {100 * r['selection_fraction']:.0f}% of select+attend")
         if "sparse_attention_ms" in r:
@@ -231,17 +249,17 @@ def markdown(rows, copy_bw) -> str:
 
 def selection_summary(rows, context) -> str:
     out = [f"", f"Selection time as a fraction of the attention step (hsa_select_pages + paged_sparse_attention) at {context}:",
-           "", "| B | budget | select ms | attend ms | selection share | FA3 dense full-context ms |",
-           "|---:|---:|---:|---:|---:|---:|"]
+           "", "| mode | B | budget | select ms | attend ms | selection share | FA3 dense full-context ms |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("kernel") != "paged_sparse_attention" or r["context"] != context:
             continue
         sel = next(x for x in rows if x.get("kernel") == "hsa_select_pages" and x["batch"] == r["batch"]
-                   and x["context"] == context and x["budget"] == r["budget"])
+                   and x["context"] == context and x["budget"] == r["budget"] and x["mode"] == r["mode"])
         dense = next((x["ms"] for x in rows if x.get("kernel") == "fa3[dense_context]" and "ms" in x
                       and x["batch"] == r["batch"] and x["context"] == context), None)
         dense_s = f"{dense:.4f}" if dense is not None else "n/a"
-        out.append(f"| {r['batch']} | {r['budget']} | {sel['ms']:.4f} | {r['ms']:.4f} | "
+        out.append(f"| {r['mode']} | {r['batch']} | {r['budget']} | {sel['ms']:.4f} | {r['ms']:.4f} | "
                    f"{100 * r['selection_fraction']:.0f}% | {dense_s} |")
     return "\n".join(out)
 
@@ -258,7 +276,6 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--page-size", type=int, default=4)
-    p.add_argument("--top-channels", type=int, default=32)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--prefill-chunk", type=int, default=8192)
     p.add_argument("--no-fa3", action="store_true")
@@ -266,7 +283,7 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         device = torch.device("cpu")
-        args.batches, args.contexts, args.budgets = [2], [256], [64]
+        args.batches, args.contexts, args.budgets = [2], [512], [64]
         args.q_heads, args.kv_heads, args.head_dim, args.prefill_chunk, args.window = 8, 2, 32, 64, 8
         args.dtype = "float32"
     else:

@@ -1,8 +1,11 @@
 """RocketKV attention backend for vLLM: Backend (what it is), metadata builder (per-step plan).
 
 The impl (forward pass) lives in impl.py. Row kinds in a step:
-- dense:    prefill chunks and uncompressed decodes, exact causal attention;
-- decode:   one-token decodes of compressed requests, HSA over page summaries;
+- decode:   one-token rows (decodes, and one-token prompt chunks that evict nothing):
+            HSA over page summaries, then attention over the chosen pages; a row whose
+            plan is exact gets a budget covering all its pages, so every decode row runs
+            the same fixed-shape kernels and pure-decode steps replay as full CUDA graphs;
+- dense:    prefill chunks, exact causal attention;
 - compact:  the chunk that completes an evicting request's prompt: after its dense
             attention, SnapKV++ picks the kept tokens and compacts them in place.
 """
@@ -15,6 +18,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
@@ -97,23 +101,27 @@ class Compaction:
     seq_len: int  # > prompt_len only when a resumed request recomputes its outputs too
 
 
+ALL_PAGES = 1 << 30  # a budget covering every page: exact attention through the sparse path
+
+
 @dataclass
 class DecodeBatch:
-    """HSA decode rows, prepared once per step for every layer (int32 device tensors).
+    """Decode rows, prepared once per step for every layer (int32 device tensors).
 
     Decode rows come first in the batch (the builder asks vLLM to reorder), so their
-    query tokens are usually 0..Bd-1 and `token_index` is None.
+    query tokens are usually 0..Bd-1 and `token_index` is None; then every tensor is a
+    view of a persistent buffer (vLLM's block table and seq_lens, the builder's columns),
+    as CUDA-graph replay requires.
     """
 
     token_index: torch.Tensor | None  # [Bd] query token of each decode row, None = tokens 0..Bd-1
     num_rows: int
-    block_table: torch.Tensor  # [Bd, max_blocks] rows of the decode requests, only usable columns
+    block_table: torch.Tensor  # [Bd, max_blocks_per_request]
     seq_lens: torch.Tensor
     keep: torch.Tensor
     gap_end: torch.Tensor
     top_channels: torch.Tensor
     top_pages: torch.Tensor
-    max_top_pages: int
 
 
 @dataclass
@@ -140,6 +148,9 @@ class RocketKVMetadata:
 
 
 class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
+    # pure-decode steps run the fixed-shape decode kernels only: vLLM captures them whole
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
@@ -147,9 +158,15 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         self.block_size = kv_cache_spec.block_size
         self.device = device
         self._init_reorder_batch_threshold(1)  # decodes first: their tokens are a prefix of the batch
+        max_rows = max(
+            vllm_config.scheduler_config.max_num_seqs,
+            vllm_config.compilation_config.max_cudagraph_capture_size or 0,
+        )
+        # keep, gap_end, top_channels, top_pages of each decode row; persistent for CUDA graphs
+        self._columns = torch.zeros(4, max_rows, dtype=torch.int32, device=device)
 
     def _plan(self, state, seq_len: int) -> RequestPlan:
-        if state is None:  # dummy rows (profiling, warm-up): exact attention
+        if state is None:  # dummy rows (profiling, warm-up, graph capture): exact attention
             return RequestPlan.exact(seq_len, self.head_dim)
         return plan_for_params(state.sampling_params, state.num_prompt_tokens, self.config, self.head_dim, self.block_size)
 
@@ -159,42 +176,54 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         query_lens = [b - a for a, b in zip(starts, starts[1:])]
         seq_lens = cm.seq_lens.cpu().tolist() if cm._seq_lens_cpu is None else cm._seq_lens_cpu.tolist()
         rows = current_rows()
-        dense, compactions, decode_rows = [], [], []
+        dense, compactions, decode_rows, columns = [], [], [], []
         for i, query_len in enumerate(query_lens):
-            if query_len == 0:
+            if query_len == 0:  # finished this step, or CUDA-graph padding
                 continue
             seq_len = seq_lens[i]
             computed = seq_len - query_len
             plan = self._plan(rows[i] if i < len(rows) else None, seq_len)
             prompt_len = plan.prompt_len
+            completes_prompt = computed < prompt_len <= seq_len
+            if query_len == 1 and not (plan.evicts and completes_prompt):
+                compacted = plan.evicts and computed >= prompt_len
+                sparse = plan.sparse and computed >= prompt_len
+                decode_rows.append(i)
+                columns.append((
+                    plan.keep if compacted else prompt_len, prompt_len,
+                    plan.top_channels if sparse else self.head_dim, plan.top_pages if sparse else ALL_PAGES,
+                ))
+                continue
             compacted = plan.evicts and computed >= prompt_len
             keep, gap_end = (plan.keep, prompt_len) if compacted else (prompt_len, prompt_len)
-            if plan.sparse and query_len == 1 and computed >= prompt_len:
-                decode_rows.append((starts[i], i, seq_len, keep, gap_end, plan.top_channels, plan.top_pages))
-                continue
             dense.append(DenseRow(i, starts[i], starts[i] + query_len, seq_len, keep, gap_end))
-            if plan.evicts and computed < prompt_len <= seq_len:
+            if plan.evicts and completes_prompt:
                 window_start = max(computed, prompt_len - self.config.window)
                 compactions.append(
                     Compaction(i, starts[i] + window_start - computed, starts[i] + prompt_len - computed, prompt_len, plan.keep, seq_len)
                 )
-        decode = self._decode_batch(decode_rows, cm.block_table_tensor) if decode_rows else None
+        decode = self._decode_batch(cm, decode_rows, columns, pure=not dense) if decode_rows else None
         meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)
         if dense and flash_prefill.available(self.device, self.kv_cache_spec.dtype) and all(r.keep == r.gap_end for r in dense):
             meta.packed_dense = self._pack(dense)
         return meta
 
-    def _decode_batch(self, decode_rows: list[tuple[int, ...]], block_table: torch.Tensor) -> DecodeBatch:
-        tokens, rows, *columns = torch.tensor(decode_rows, dtype=torch.int32).T
-        max_blocks = -(-int(columns[0].max()) // self.block_size)
-        contiguous = bool(torch.equal(tokens, torch.arange(len(decode_rows), dtype=torch.int32)))
-        rows = rows.to(self.device, non_blocking=True)
-        seq_lens, keep, gap_end, top_channels, top_pages = torch.stack(columns).to(self.device, non_blocking=True)
-        return DecodeBatch(
-            None if contiguous else tokens.long().to(self.device, non_blocking=True), len(decode_rows),
-            block_table[rows.long(), :max_blocks], seq_lens, keep, gap_end, top_channels, top_pages,
-            max_top_pages=int(columns[-1].max()),
-        )
+    def _decode_batch(self, cm: CommonAttentionMetadata, rows: list[int], columns: list[tuple[int, ...]], pure: bool) -> DecodeBatch:
+        contiguous = rows == list(range(len(rows)))
+        # a pure-decode step covers every row, CUDA-graph padding included (seq_len 0: nothing to read)
+        num_rows = cm.num_reqs if pure and contiguous else len(rows)
+        values = torch.zeros(4, num_rows, dtype=torch.int32)
+        values[2], values[3] = self.head_dim, ALL_PAGES
+        values[:, : len(rows)] = torch.tensor(columns, dtype=torch.int32).T
+        cols = self._columns[:, :num_rows]
+        cols.copy_(values, non_blocking=True)  # pageable source: safe to reuse next step
+        if contiguous:
+            token_index, block_table, seq_lens = None, cm.block_table_tensor[:num_rows], cm.seq_lens[:num_rows]
+        else:
+            index = torch.tensor(rows, device=self.device)
+            token_index = cm.query_start_loc[index].long()
+            block_table, seq_lens = cm.block_table_tensor[index], cm.seq_lens[index]
+        return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3])
 
     def _pack(self, dense: list[DenseRow]) -> PackedDense:
         query_lens = [r.query_end - r.query_start for r in dense]

@@ -112,11 +112,11 @@ class RocketKVImpl(AttentionImpl):
         if d is not None:
             rows = slice(0, d.num_rows) if d.token_index is None else d.token_index
             q = query[rows]
-            pages = ops.hsa_select_pages(
-                q, kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
-                max_top_pages=d.max_top_pages,
+            selection = ops.hsa_select_pages(
+                q, kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages
             )
             out[rows] = ops.paged_sparse_attention(
-                q, kv_cache, self.layout, d.block_table, pages, d.seq_lens, d.keep, d.gap_end, self.scale
+                q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
+                self.scale,
             )
         return output

@@ -8,6 +8,8 @@ parses backend names, so each hook below is installed everywhere:
 - layers served by RocketKV emit RocketKVSpec, whose manager frees evicted blocks;
 - the scheduler tells that manager about each request (budget, mode, prompt length);
 - the model runner publishes the request in each batch row to the metadata builder;
+- a one-token step that still holds a prompt chunk is not replayed as a full CUDA graph
+  (the chunk that completes an evicting prompt runs SnapKV++ compaction, which is eager);
 - bad per-request settings are rejected before the request is queued (HTTP 400).
 """
 from __future__ import annotations
@@ -175,6 +177,23 @@ def _publish_batch_rows() -> None:
     _wrap(GPUModelRunner, "_build_attention_metadata", make)
 
 
+def _no_full_graph_for_prompt_chunks() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(original):
+        @functools.wraps(original)
+        def determine(self, num_tokens, num_reqs, *args, force_uniform_decode=None, **kwargs):
+            if force_uniform_decode is None and _uses_rocketkv(self.vllm_config):
+                batch = self.input_batch
+                if (batch.num_computed_tokens_cpu[:num_reqs] < batch.num_prompt_tokens[:num_reqs]).any():
+                    force_uniform_decode = False
+            return original(self, num_tokens, num_reqs, *args, force_uniform_decode=force_uniform_decode, **kwargs)
+
+        return determine
+
+    _wrap(GPUModelRunner, "_determine_batch_execution_and_padding", make)
+
+
 def _validate_requests() -> None:
     from vllm.platforms.interface import Platform
 
@@ -222,4 +241,5 @@ def register() -> None:
     _emit_rocketkv_spec()
     _track_requests_in_scheduler()
     _publish_batch_rows()
+    _no_full_graph_for_prompt_chunks()
     _registered = True
