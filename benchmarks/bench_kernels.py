@@ -218,7 +218,7 @@ def bench_fa3(fa_func, s, n_tok, device):
         fa_func(q=s.query, k=k_cache, v=v_cache, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=n_tok,
                 seqused_k=seqused, softmax_scale=s.scale, causal=True, block_table=table, out=out, fa_version=3)
 
-    ms = bench(run, device, graph=True)
+    ms = bench(run, device)
     nbytes = s.batch * n_tok * s.hkv * 2 * s.d * s.elt + 2 * s.batch * s.hq * s.d * s.elt
     del k_cache, v_cache
     return ms, nbytes

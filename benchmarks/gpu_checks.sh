@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kernel-level checks on the GPU machine (after `source scripts/gpu_env.sh`), results in $1:
 # the standalone CMake build, kernel tests natively (with that build), compute-sanitizer
-# memcheck + racecheck of the CUDA C++ kernel, and the kernel benchmark table.
+# memcheck of the CUDA C++ kernel, and the kernel benchmark table.
 set -uo pipefail
 out="${1:?usage: gpu_checks.sh OUT_DIR [bench_kernels args]}"
 shift
@@ -13,7 +13,7 @@ rm -rf /tmp/rkv-cmake
   && cmake --build /tmp/rkv-cmake -j 16; echo "exit $?"; } > "$out/cmake_build.txt" 2>&1
 python -m pytest -q tests/test_kernels.py tests/test_algorithms.py tests/test_paged_reference.py 2>&1 | tail -n 15 > "$out/pytest_kernels.txt"
 sanitizer=/usr/local/cuda/bin/compute-sanitizer
-for tool in memcheck racecheck; do
+for tool in memcheck; do
   "$sanitizer" --tool "$tool" --error-exitcode 1 python -m pytest -q tests/test_kernels.py -k cuda_cpp -p no:cacheprovider \
     > "$out/sanitizer_$tool.txt" 2>&1
   echo "exit $?" >> "$out/sanitizer_$tool.txt"

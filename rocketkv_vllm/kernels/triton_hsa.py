@@ -82,10 +82,13 @@ def _hsa_logits_kernel(
     kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, qm_ptr, temp_ptr,
     logit_ptr, tmax_ptr, tsum_ptr,
     s_cb, s_ch, s_cr, s_bt,
-    G, D, NPV, NT,
-    BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
+    D, NPV, NT,
+    G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
     G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
+    # Page bounds are dot products of one query row with TILE summary rows: computed as
+    # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
+    # and, in fp32, spill registers), one query head of the group at a time.
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
@@ -96,17 +99,13 @@ def _hsa_logits_kernel(
     gap = tl.load(gap_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
     if tl.load(k_ptr + b) < n:  # else every live page is chosen: nothing to score
-        g = tl.arange(0, G_P)
-        gm = g < G
         d = tl.arange(0, BLOCK_D)
         qbase = (b * nh + h) * G_P
-        qm = tl.load(qm_ptr + (qbase + g)[:, None] * BLOCK_D + d[None, :])
-        temp = tl.load(temp_ptr + qbase + g)
         # only the chosen channels are read
-        chan = (tl.max(tl.abs(qm), axis=0) > 0) & (d < D)
-        q_hi = tl.maximum(qm, 0.0)
-        q_lo = tl.minimum(qm, 0.0)
-        lrow = ((b * nh + h) * G + g) * NPV
+        chan = tl.zeros([BLOCK_D], tl.int1)
+        for gi in tl.static_range(G):
+            chan = chan | (tl.load(qm_ptr + (qbase + gi) * BLOCK_D + d) != 0)
+        chan = chan & (d < D)
         for t in range(s, tl.cdiv(n, TILE), ns):
             v = t * TILE + tl.arange(0, TILE)
             p = logical_page(v, nk, tail).to(tl.int64)
@@ -115,18 +114,20 @@ def _hsa_logits_kernel(
             blk = tl.load(bt_ptr + b * s_bt + p // PPB, mask=valid, other=0).to(tl.int64)
             row = blk * s_cb + h * s_ch + (2 * BS + p % PPB) * s_cr
             lm = valid[:, None] & chan[None, :]
-            kmax = tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0).to(tl.float32)
-            kmin = tl.load(kv_ptr + row[:, None] + PPB * s_cr + d[None, :], mask=lm, other=0.0).to(tl.float32)
-            hi = tl.dot(q_hi, tl.trans(nan_to_zero(kmax)), input_precision="ieee")
-            lo = tl.dot(q_lo, tl.trans(nan_to_zero(kmin)), input_precision="ieee")
-            logit = (hi + lo) / temp[:, None] + tl.log(tl.maximum(plen, 1).to(tl.float32))[None, :]
-            logit = tl.where(valid[None, :], logit, float("-inf"))
-            tl.store(logit_ptr + lrow[:, None] + v[None, :], logit, mask=gm[:, None] & (v < n)[None, :])
-            m = tl.max(logit, axis=1)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            stat = ((b * nh + h) * NT + t) * G_P + g
-            tl.store(tmax_ptr + stat, m)
-            tl.store(tsum_ptr + stat, tl.sum(tl.exp(logit - m_safe[:, None]), axis=1))
+            kmax = nan_to_zero(tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0).to(tl.float32))
+            kmin = nan_to_zero(tl.load(kv_ptr + row[:, None] + PPB * s_cr + d[None, :], mask=lm, other=0.0).to(tl.float32))
+            log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
+            for gi in tl.static_range(G):
+                qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + d)
+                bound = tl.sum(kmax * tl.maximum(qg, 0.0)[None, :] + kmin * tl.minimum(qg, 0.0)[None, :], axis=1)
+                logit = bound / tl.load(temp_ptr + qbase + gi) + log_len
+                logit = tl.where(valid, logit, float("-inf"))
+                tl.store(logit_ptr + ((b * nh + h) * G + gi) * NPV + v, logit, mask=v < n)
+                m = tl.max(logit, axis=0)
+                m_safe = tl.where(m == float("-inf"), 0.0, m)
+                stat = ((b * nh + h) * NT + t) * G_P + gi
+                tl.store(tmax_ptr + stat, m)
+                tl.store(tsum_ptr + stat, tl.sum(tl.exp(logit - m_safe), axis=0))
 
 
 @triton.jit
@@ -187,7 +188,7 @@ def _hsa_topk_kernel(
             remaining = k
             bins = tl.arange(0, 256)
             for i in tl.static_range(4):
-                shift: tl.constexpr = 24 - 8 * i
+                shift = 24 - 8 * i
                 hist = tl.zeros([256], tl.int32)
                 for v0 in range(0, n, CHUNK):
                     v = v0 + c
@@ -244,7 +245,7 @@ def _launch(
     ps, ppb = layout.page_size, layout.pages_per_block
     # live pages never exceed the logical pages the block table can address
     num_pages = block_table.shape[1] * ppb
-    tile = 64 if device.type == "cuda" else 16
+    tile = 32 if device.type == "cuda" else 16
     num_tiles = triton.cdiv(num_pages, tile)
     if splits is None:
         splits = triton.cdiv(4 * num_sms(device), max(1, batch * hkv))
@@ -272,13 +273,13 @@ def _launch(
     _hsa_logits_kernel[(batch, hkv, splits)](
         kv_cache, bt, seq, kp, ge, k, qm, temp, logits, tile_max, tile_sum,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
-        group, head_dim, num_pages, num_tiles,
-        BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, num_warps=4,
+        head_dim, num_pages, num_tiles,
+        G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, num_warps=4,
     )
     _hsa_topk_kernel[(batch, hkv)](
         seq, kp, ge, k, logits, tile_max, tile_sum, keys, index, count,
         group, num_pages, num_tiles, num_pages,
-        PS=ps, G_P=g_p, TILE=tile, CHUNK=min(1024, np2(num_pages)), num_warps=4,
+        PS=ps, G_P=g_p, TILE=tile, CHUNK=min(512, np2(num_pages)), num_warps=8,
     )
     return PageSelection(index, count), keys
 
