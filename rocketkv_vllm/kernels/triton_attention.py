@@ -45,7 +45,7 @@ def _sparse_attn_split_kernel(
     s_qb, s_qh,
     s_cb, s_ch, s_cr, s_bt,
     s_pb, s_ph,
-    G, D,
+    G, D, W,
     BS: tl.constexpr, PS: tl.constexpr,
     G_P: tl.constexpr, BLOCK_D: tl.constexpr, TOK: tl.constexpr,
     LOWP: tl.constexpr,
@@ -60,7 +60,7 @@ def _sparse_attn_split_kernel(
     gm = g < G
     dm = d < D
     PPI: tl.constexpr = TOK // PS  # chosen pages per iteration
-    count = tl.load(cnt_ptr + b * nh + h)
+    count = tl.minimum(tl.load(cnt_ptr + b * nh + h), W)
     per_split = tl.cdiv(tl.cdiv(count, ns), PPI) * PPI
     start = sp * per_split
     end = tl.minimum(start + per_split, count)
@@ -193,7 +193,7 @@ def paged_sparse_attention(
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
         pidx.stride(0), pidx.stride(1),
-        group, head_dim,
+        group, head_dim, pidx.shape[-1],
         BS=layout.block_size, PS=ps, G_P=g_p, BLOCK_D=block_d, TOK=tok, LOWP=lowp,
         num_warps=4, num_stages=2,
     )

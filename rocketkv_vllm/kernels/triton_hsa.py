@@ -245,7 +245,7 @@ def _launch(
     ps, ppb = layout.page_size, layout.pages_per_block
     # live pages never exceed the logical pages the block table can address
     num_pages = block_table.shape[1] * ppb
-    tile = 32 if device.type == "cuda" else 16
+    tile = 16
     num_tiles = triton.cdiv(num_pages, tile)
     if splits is None:
         splits = triton.cdiv(4 * num_sms(device), max(1, batch * hkv))

@@ -216,11 +216,11 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         values[2], values[3] = self.head_dim, ALL_PAGES
         values[:, : len(rows)] = torch.tensor(columns, dtype=torch.int32).T
         cols = self._columns[:, :num_rows]
-        cols.copy_(values, non_blocking=True)  # pageable source: safe to reuse next step
+        cols.copy_(self._to_device(values))
         if contiguous:
             token_index, block_table, seq_lens = None, cm.block_table_tensor[:num_rows], cm.seq_lens[:num_rows]
         else:
-            index = torch.tensor(rows, device=self.device)
+            index = self._to_device(torch.tensor(rows))
             token_index = cm.query_start_loc[index].long()
             block_table, seq_lens = cm.block_table_tensor[index], cm.seq_lens[index]
         return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3])
@@ -231,10 +231,16 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         cu = torch.zeros(len(dense) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(query_lens).cumsum(0)
 
-        def dev(t: torch.Tensor) -> torch.Tensor:
-            return t.to(self.device, non_blocking=True)
-
+        dev = self._to_device
         return PackedDense(
             dev(token_index), dev(torch.tensor([r.row for r in dense])), dev(cu),
             dev(torch.tensor([r.seq_len for r in dense], dtype=torch.int32)), max(query_lens), max(r.seq_len for r in dense),
         )
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Host to device without blocking the host: a copy from pageable memory would wait
+        for the GPU to drain the stream, serialising every step's preparation with the
+        previous step. torch's pinned allocator keeps the staging block until the copy ran."""
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
