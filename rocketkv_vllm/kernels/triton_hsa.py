@@ -39,6 +39,9 @@ from rocketkv_vllm.kernels.triton_common import (
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.reference import PageSelection
 
+# pages per step of the top-k kernel's passes over keys / over [group, pages] logits
+RADIX_CHUNK, SCORE_CHUNK = 4096, 512
+
 
 @triton.jit
 def _hsa_prep_kernel(
@@ -135,7 +138,7 @@ def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
     logit_ptr, tmax_ptr, tsum_ptr, key_ptr, idx_ptr, cnt_ptr,
     G, NPV, NT, W,
-    PS: tl.constexpr, G_P: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
+    PS: tl.constexpr, G_P: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr, SCORE_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -146,7 +149,10 @@ def _hsa_topk_kernel(
     gap = tl.load(gap_ptr + b)
     k = tl.load(k_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
+    # the radix and output passes see CHUNK keys at once (one iteration for most requests);
+    # the passes over [G, pages] logits use smaller chunks to stay in registers
     c = tl.arange(0, CHUNK)
+    sc = tl.arange(0, SCORE_CHUNK)
     keys = key_ptr + bh * NPV
     idx = idx_ptr + bh * W
     # keys are int64 here so that digit shifts never reach the sign bit
@@ -159,9 +165,9 @@ def _hsa_topk_kernel(
         ntiles = tl.cdiv(n, TILE)
         m = tl.full([G_P], float("-inf"), tl.float32)
         ssum = tl.zeros([G_P], tl.float32)
-        for t0 in range(0, ntiles, CHUNK):
-            tm = (t0 + c) < ntiles
-            st = (bh * NT + t0 + c)[:, None] * G_P + g[None, :]
+        for t0 in range(0, ntiles, SCORE_CHUNK):
+            tm = (t0 + sc) < ntiles
+            st = (bh * NT + t0 + sc)[:, None] * G_P + g[None, :]
             pm = tl.load(tmax_ptr + st, mask=tm[:, None], other=float("-inf"))
             ps = tl.load(tsum_ptr + st, mask=tm[:, None], other=0.0)
             m_new = tl.maximum(m, tl.max(pm, axis=0))
@@ -173,8 +179,8 @@ def _hsa_topk_kernel(
         inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
         # page scores as order-preserving int32 keys (scores are >= 0; -1 = not selectable)
         n_valid = tl.zeros([], tl.int32)
-        for v0 in range(0, n, CHUNK):
-            v = v0 + c
+        for v0 in range(0, n, SCORE_CHUNK):
+            v = v0 + sc
             vm = v < n
             lg = tl.load(logit_ptr + ((bh * G + g) * NPV)[:, None] + v[None, :], mask=gm[:, None] & vm[None, :], other=float("-inf"))
             score = tl.sum(tl.exp(lg - m[:, None]) * inv[:, None], axis=0)
@@ -279,7 +285,7 @@ def _launch(
     _hsa_topk_kernel[(batch, hkv)](
         seq, kp, ge, k, logits, tile_max, tile_sum, keys, index, count,
         group, num_pages, num_tiles, num_pages,
-        PS=ps, G_P=g_p, TILE=tile, CHUNK=min(512, np2(num_pages)), num_warps=8,
+        PS=ps, G_P=g_p, TILE=tile, CHUNK=min(RADIX_CHUNK, np2(num_pages)), SCORE_CHUNK=min(SCORE_CHUNK, np2(num_pages)), num_warps=8,
     )
     return PageSelection(index, count), keys
 
