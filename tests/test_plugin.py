@@ -79,3 +79,15 @@ def test_streaming_sessions_cannot_evict():
     # MT sessions pass the guard (and then fail on the fake processor, past it)
     with pytest.raises(AttributeError):
         InputProcessor.process_inputs(_processor("mt"), "r", "hi", SamplingParams(), (), resumable=True)
+
+
+def test_prompt_chunks_keep_steps_off_full_graphs():
+    import numpy as np
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    decoding = SimpleNamespace(num_computed_tokens_cpu=np.array([40, 12, 0]), num_prompt_tokens=np.array([30, 12, 50]))
+    assert not plugin.holds_prompt_chunk(decoding, 2)
+    assert plugin.holds_prompt_chunk(decoding, 3)  # the third request's last prompt token
+    assert getattr(GPUModelRunner._determine_batch_execution_and_padding, "_rocketkv_wrapped", False)

@@ -177,6 +177,12 @@ def _publish_batch_rows() -> None:
     _wrap(GPUModelRunner, "_build_attention_metadata", make)
 
 
+def holds_prompt_chunk(input_batch, num_reqs: int) -> bool:
+    """Whether a request of the batch is still prefilling (its scheduled tokens are prompt)."""
+    computed = input_batch.num_computed_tokens_cpu[:num_reqs]
+    return bool((computed < input_batch.num_prompt_tokens[:num_reqs]).any())
+
+
 def _no_full_graph_for_prompt_chunks() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -184,8 +190,7 @@ def _no_full_graph_for_prompt_chunks() -> None:
         @functools.wraps(original)
         def determine(self, num_tokens, num_reqs, *args, force_uniform_decode=None, **kwargs):
             if force_uniform_decode is None and _uses_rocketkv(self.vllm_config):
-                batch = self.input_batch
-                if (batch.num_computed_tokens_cpu[:num_reqs] < batch.num_prompt_tokens[:num_reqs]).any():
+                if holds_prompt_chunk(self.input_batch, num_reqs):
                     force_uniform_decode = False
             return original(self, num_tokens, num_reqs, *args, force_uniform_decode=force_uniform_decode, **kwargs)
 
