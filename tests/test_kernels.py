@@ -247,6 +247,18 @@ def test_hsa_select_pages(group, block_size, page_size, dtype, d):
     assert_same_selection(strided, ref, scores)
 
 
+def test_hsa_select_in_row_groups(monkeypatch):
+    """A scratch budget smaller than the batch's logits: requests are scored two at a time."""
+    from rocketkv_vllm.kernels import triton_hsa
+
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 4, torch.bfloat16, HEAD_DIMS[0], 13)
+    per_row = kv.shape[1] * table.shape[1] * layout.pages_per_block * (4 + 1)
+    monkeypatch.setattr(triton_hsa, "SCRATCH_ELEMENTS", 2 * per_row)
+    ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
+    scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
+    assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
+
+
 def test_hsa_select_in_many_chunks(monkeypatch):
     """Requests longer than the top-k kernel's chunks: every pass loops."""
     from rocketkv_vllm.kernels import triton_hsa

@@ -41,6 +41,8 @@ from rocketkv_vllm.ops.reference import PageSelection
 
 # pages per step of the top-k kernel's passes over keys / over [group, pages] logits
 RADIX_CHUNK, SCORE_CHUNK = 4096, 512
+# fp32 logits + int32 keys held at once (256 MiB); bigger batches are scored in row groups
+SCRATCH_ELEMENTS = 1 << 26
 
 
 @triton.jit
@@ -241,7 +243,8 @@ def _launch(
     top_channels,
     top_pages,
     splits: int | None,
-) -> tuple[PageSelection, torch.Tensor]:
+    keep_keys: bool = False,
+) -> tuple[PageSelection, torch.Tensor | None]:
     check_cache(kv_cache, layout)
     group = check_group(query, kv_cache)
     batch, _, head_dim = query.shape
@@ -253,8 +256,11 @@ def _launch(
     num_pages = block_table.shape[1] * ppb
     tile = 16
     num_tiles = triton.cdiv(num_pages, tile)
+    # requests are scored in groups whose logits and keys fit the scratch budget
+    per_row = hkv * num_pages * (group + 1)
+    rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
-        splits = triton.cdiv(4 * num_sms(device), max(1, batch * hkv))
+        splits = triton.cdiv(4 * num_sms(device), max(1, rows * hkv))
     splits = max(1, min(int(splits), num_tiles))
     query = contiguous_last(query)
     bt = contiguous_last(block_table)
@@ -262,32 +268,34 @@ def _launch(
     r = per_request(top_channels, batch, device)
     k = per_request(top_pages, batch, device)
 
-    qm = torch.empty(batch, hkv, g_p, block_d, dtype=torch.float32, device=device)
-    temp = torch.empty(batch, hkv, g_p, dtype=torch.float32, device=device)
-    logits = torch.empty(batch, hkv, group, num_pages, dtype=torch.float32, device=device)
-    tile_max = torch.empty(batch, hkv, num_tiles, g_p, dtype=torch.float32, device=device)
-    tile_sum = torch.empty_like(tile_max)
-    keys = torch.empty(batch, hkv, num_pages, dtype=torch.int32, device=device)
     index = torch.empty(batch, hkv, num_pages, dtype=torch.int32, device=device)
     count = torch.empty(batch, hkv, dtype=torch.int32, device=device)
-    if batch == 0:
-        return PageSelection(index, count), keys
-    _hsa_prep_kernel[(batch, hkv)](
-        query, r, qm, temp, query.stride(0), query.stride(1), group, head_dim,
-        G_P=g_p, BLOCK_D=block_d, num_warps=4,
-    )
-    _hsa_logits_kernel[(batch, hkv, splits)](
-        kv_cache, bt, seq, kp, ge, k, qm, temp, logits, tile_max, tile_sum,
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
-        head_dim, num_pages, num_tiles,
-        G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, num_warps=4,
-    )
-    _hsa_topk_kernel[(batch, hkv)](
-        seq, kp, ge, k, logits, tile_max, tile_sum, keys, index, count,
-        group, num_pages, num_tiles, num_pages,
-        PS=ps, G_P=g_p, TILE=tile, CHUNK=min(RADIX_CHUNK, np2(num_pages)), SCORE_CHUNK=min(SCORE_CHUNK, np2(num_pages)), num_warps=8,
-    )
-    return PageSelection(index, count), keys
+    qm = torch.empty(rows, hkv, g_p, block_d, dtype=torch.float32, device=device)
+    temp = torch.empty(rows, hkv, g_p, dtype=torch.float32, device=device)
+    logits = torch.empty(rows, hkv, group, num_pages, dtype=torch.float32, device=device)
+    tile_max = torch.empty(rows, hkv, num_tiles, g_p, dtype=torch.float32, device=device)
+    tile_sum = torch.empty_like(tile_max)
+    keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
+    for r0 in range(0, batch, rows):
+        part = slice(r0, min(batch, r0 + rows))
+        n = part.stop - r0
+        _hsa_prep_kernel[(n, hkv)](
+            query[part], r[part], qm, temp, query.stride(0), query.stride(1), group, head_dim,
+            G_P=g_p, BLOCK_D=block_d, num_warps=4,
+        )
+        _hsa_logits_kernel[(n, hkv, splits)](
+            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], qm, temp, logits, tile_max, tile_sum,
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
+            head_dim, num_pages, num_tiles,
+            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, num_warps=4,
+        )
+        _hsa_topk_kernel[(n, hkv)](
+            seq[part], kp[part], ge[part], k[part], logits, tile_max, tile_sum, keys, index[part], count[part],
+            group, num_pages, num_tiles, num_pages,
+            PS=ps, G_P=g_p, TILE=tile, CHUNK=min(RADIX_CHUNK, np2(num_pages)),
+            SCORE_CHUNK=min(SCORE_CHUNK, np2(num_pages)), num_warps=8,
+        )
+    return PageSelection(index, count), keys if keep_keys else None
 
 
 def hsa_select_pages(
@@ -324,7 +332,7 @@ def hsa_page_scores(
 ) -> torch.Tensor:
     """The page scores the selection ranks: [B, Hkv, block_table width * pages_per_block]
     float32 over logical pages, -inf where a page is not selectable (tests, benchmarks)."""
-    _, keys = _launch(query, kv_cache, layout, block_table, seq_lens, keep, gap_end, top_channels, 0, None)
+    _, keys = _launch(query, kv_cache, layout, block_table, seq_lens, keep, gap_end, top_channels, 0, None, keep_keys=True)
     batch, hkv, num_pages = keys.shape
     scores = torch.full_like(keys, float("-inf"), dtype=torch.float32)
     ps = layout.page_size
