@@ -396,15 +396,19 @@ def test_get_ops_dispatch(monkeypatch):
     monkeypatch.delenv("ROCKETKV_TRITON_INTERPRET", raising=False)
     cpu = kernels.get_ops("cpu")
     assert cpu.backend == "reference" and cpu.hsa_select_pages is R.hsa_select_pages
+    assert all(callable(getattr(cpu, n)) for n in names)
     monkeypatch.setenv("ROCKETKV_TRITON_INTERPRET", "1")
-    interp = kernels.get_ops(torch.device("cpu"))
-    assert interp.backend == "triton" and interp.paged_sparse_attention is T.paged_sparse_attention
-    for ops in (cpu, interp):
-        assert all(callable(getattr(ops, n)) for n in names)
-    if CUDA:
+    if CUDA:  # triton was imported compiling: the interpreter cannot be switched on any more
+        kernels._ops_for.cache_clear()
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 from process start"):
+            kernels.get_ops(torch.device("cpu"))
         gpu = kernels.get_ops("cuda")
         assert gpu.backend in ("triton", "triton+cuda")
         assert all(callable(getattr(gpu, n)) for n in names)
+    else:
+        interp = kernels.get_ops(torch.device("cpu"))
+        assert interp.backend == "triton" and interp.paged_sparse_attention is T.paged_sparse_attention
+        assert all(callable(getattr(interp, n)) for n in names)
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,16 +11,17 @@ from vllm import LLM
 
 BLOCK = 16
 greedy = functools.partial(greedy, detokenize=False)  # the tiny model has no tokenizer
+ENGINE_ARGS = dict(
+    skip_tokenizer_init=True, attention_backend="rocketkv", dtype="float32", enforce_eager=True, max_model_len=1024,
+    block_size=BLOCK, kv_cache_memory_bytes=1 << 20, max_num_batched_tokens=256, max_num_seqs=8,
+    additional_config={"rocketkv": {"budget": 64, "window": 16}},
+)
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     model = tiny_llama(str(tmp_path_factory.mktemp("tiny")))
-    engine = LLM(
-        model, skip_tokenizer_init=True, attention_backend="rocketkv", dtype="float32", enforce_eager=True,
-        max_model_len=1024, block_size=BLOCK, kv_cache_memory_bytes=1 << 20, max_num_batched_tokens=256,
-        max_num_seqs=8, additional_config={"rocketkv": {"budget": 64, "window": 16}},
-    )
+    engine = LLM(model, **ENGINE_ARGS)
     yield engine
     del engine
     gc.collect()
@@ -160,3 +161,37 @@ def test_mt_mode_keeps_prefix_caching_and_evicting_requests_bypass_it(llm):
     private = token_prompt(400, 78)
     llm.generate([private], greedy(6, rocketkv_budget=32), use_tqdm=False)
     assert llm.generate([private], greedy(6, rocketkv_mode="mt"), use_tqdm=False)[0].num_cached_tokens == 0
+
+
+KERNEL_PATH_RUN = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from engine_utils import greedy, token_ids
+from vllm import LLM
+llm = LLM({model!r}, **{args!r})
+layer = next(iter(llm.llm_engine.model_executor.driver_worker.worker.model_runner.compilation_config.static_forward_context.values()))
+params = [greedy(6, detokenize=False, **s) for s in {settings!r}]
+tokens = token_ids(llm.generate({prompts!r}, params, use_tqdm=False))
+print("RESULT", json.dumps([layer.impl._ops.backend, tokens]))
+"""
+
+
+def test_triton_kernel_path_matches_reference_path(llm, tmp_path):
+    """The GPU path's kernels (here under the Triton interpreter, which must be on before
+    triton is imported: a fresh process) inside the engine give the reference path's tokens,
+    with evicting, MT and exact rows in one batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    settings = [{"rocketkv_budget": 48}, {"rocketkv_mode": "mt", "rocketkv_budget": 64}, {"rocketkv_mode": "full"}]
+    model = llm.llm_engine.model_config.model
+    code = KERNEL_PATH_RUN.format(tests=os.path.dirname(__file__), model=model, args=ENGINE_ARGS, settings=settings, prompts=PROMPTS)
+    env = dict(os.environ, ROCKETKV_TRITON_INTERPRET="1", TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    result = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result, run.stderr[-3000:]
+    backend, tokens = json.loads(result[0].removeprefix("RESULT "))
+    assert backend == "triton"
+    assert tokens == token_ids(llm.generate(PROMPTS, [greedy(6, **s) for s in settings], use_tqdm=False))

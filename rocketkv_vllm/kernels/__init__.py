@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -57,8 +58,11 @@ def _ops_for(kind: str, interpret: bool) -> SimpleNamespace:
     if kind == "cuda":
         return _triton_ops(cuda_write_kv=True)
     if interpret:
-        # must be set before triton_ops (and its @triton.jit functions) is imported
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        # triton decides interpretation when a @triton.jit function is defined, its own
+        # standard library included: the flag must be on before triton is first imported
+        if os.environ.get("TRITON_INTERPRET") != "1" and "triton.language" in sys.modules:
+            raise RuntimeError("ROCKETKV_TRITON_INTERPRET=1 needs TRITON_INTERPRET=1 from process start")
+        os.environ["TRITON_INTERPRET"] = "1"
         return _triton_ops(cuda_write_kv=False)
     return _reference_ops()
 
