@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Kernel-level checks on the GPU machine (after `source scripts/gpu_env.sh`), results in $1:
 # the standalone CMake build, kernel tests natively (with that build), compute-sanitizer
-# memcheck of the CUDA C++ kernel, and the kernel benchmark table.
+# memcheck of the CUDA C++ kernel and of the decode kernels, and the kernel benchmark tables.
 set -uo pipefail
-out="${1:?usage: gpu_checks.sh OUT_DIR [bench_kernels args]}"
+out="${1:?usage: gpu_checks.sh OUT_DIR [bench_kernels args, e.g. --contexts 32768,131072 --budgets 2048]}"
 shift
 mkdir -p "$out"
 # the CMake build writes rocketkv_vllm/_C*.so over the setup.py one: the tests below use it
@@ -13,9 +13,12 @@ rm -rf /tmp/rkv-cmake
   && cmake --build /tmp/rkv-cmake -j 16; echo "exit $?"; } > "$out/cmake_build.txt" 2>&1
 python -m pytest -q tests/test_kernels.py tests/test_algorithms.py tests/test_paged_reference.py 2>&1 | tail -n 15 > "$out/pytest_kernels.txt"
 sanitizer=/usr/local/cuda/bin/compute-sanitizer
-for tool in memcheck; do
-  "$sanitizer" --tool "$tool" --error-exitcode 1 python -m pytest -q tests/test_kernels.py -k cuda_cpp -p no:cacheprovider \
-    > "$out/sanitizer_$tool.txt" 2>&1
-  echo "exit $?" >> "$out/sanitizer_$tool.txt"
+"$sanitizer" --tool memcheck --error-exitcode 1 python -m pytest -q tests/test_kernels.py -k cuda_cpp -p no:cacheprovider \
+  > "$out/sanitizer_write_kv.txt" 2>&1
+echo "exit $?" >> "$out/sanitizer_write_kv.txt"
+"$sanitizer" --tool memcheck --error-exitcode 1 python benchmarks/decode_ops_once.py 8 32768 > "$out/sanitizer_decode.txt" 2>&1
+echo "exit $?" >> "$out/sanitizer_decode.txt"
+# one process per batch size: a failure leaves the other tables
+for batch in 1 8 32; do
+  python benchmarks/bench_kernels.py --batches "$batch" --out "$out/kernels_b$batch.json" "$@" > "$out/kernels_b$batch.md" 2> "$out/kernels_b$batch.err"
 done
-python benchmarks/bench_kernels.py --out "$out/kernels.json" "$@" > "$out/kernels.md" 2> "$out/kernels.err"

@@ -1,0 +1,54 @@
+"""Runs each decode kernel once on a Llama-3.1-8B-shaped batch, synchronising after each:
+a target for compute-sanitizer (gpu_checks.sh) that names the kernel that fails.
+
+    python benchmarks/decode_ops_once.py BATCH CONTEXT
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rocketkv_vllm.kernels import cuda_ops  # noqa: E402
+from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
+from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
+
+BLOCK, Q_HEADS, KV_HEADS, HEAD_DIM = 16, 32, 8, 128
+
+
+def run(name: str, fn) -> None:
+    fn()
+    torch.cuda.synchronize()
+    print("ok", name, flush=True)
+
+
+def main(batch: int, context: int) -> None:
+    layout = KVLayout(BLOCK, 4)
+    blocks_per_request = context // BLOCK + 1
+    kv = torch.randn(layout.cache_shape(batch * blocks_per_request, KV_HEADS, HEAD_DIM), dtype=torch.bfloat16, device="cuda")
+    table = torch.randperm(batch * blocks_per_request, device="cuda").int().view(batch, blocks_per_request)
+    seq = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    keep, gap = torch.full_like(seq, context * 3 // 10), seq - 64
+    query = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    channels, pages = torch.full_like(seq, 108), torch.full_like(seq, 256)
+
+    pos = seq.long()
+    slots = table.gather(1, (pos // BLOCK)[:, None].int()).long()[:, 0] * BLOCK + pos % BLOCK
+    new = torch.randn(batch, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    run("write_kv[triton]", lambda: T.write_kv(kv, layout, new, new, slots))
+    if cuda_ops.available():
+        run("write_kv[cuda]", lambda: cuda_ops.write_kv(kv, layout, new, new, slots))
+    for mode in ("rocketkv", "mt"):
+        if mode == "mt":
+            keep.fill_(context)
+        selection = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, channels, pages)
+        run(f"hsa_select_pages[{mode}]", lambda: None)
+        run(f"paged_sparse_attention[{mode}]", lambda: T.paged_sparse_attention(
+            query, kv, layout, table, selection.index, selection.count, seq, keep, gap, HEAD_DIM**-0.5))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))
