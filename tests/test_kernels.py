@@ -333,6 +333,9 @@ def test_paged_sparse_attention(group, block_size, page_size, dtype, num_splits,
     assert (out[2, g : 2 * g] == 0).all()  # head 1 of request 2 chose nothing
     assert (out[-1] == 0).all()  # empty selection
     assert float(out.float().abs().max()) < POISON / 10  # dead values never leak in
+    into = torch.full_like(query, float("nan"))
+    assert T.paged_sparse_attention(query, kv, layout, table, index, count, seq, keep, gap, scale, num_splits=num_splits, out=into) is into
+    assert torch.equal(into, out)
 
 
 # ---------------------------------------------------------------------------------------

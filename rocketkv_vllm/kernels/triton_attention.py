@@ -158,15 +158,19 @@ def paged_sparse_attention(
     *,
     num_splits: int | None = None,
     tokens_per_iter: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the live tokens of the chosen pages page_index[b, h, :page_count[b, h]]
-    (-1 entries are skipped): [B, Hq, D] in query's dtype."""
+    (-1 entries are skipped): [B, Hq, D] in query's dtype, written into `out` when given."""
     check_cache(kv_cache, layout)
     group = check_group(query, kv_cache)
     batch, num_q_heads, head_dim = query.shape
     hkv = kv_cache.shape[1]
     device = query.device
-    out = torch.empty(batch, num_q_heads, head_dim, dtype=query.dtype, device=device)
+    if out is None:
+        out = torch.empty(batch, num_q_heads, head_dim, dtype=query.dtype, device=device)
+    elif out.shape != query.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(query.shape)} and contiguous in head_dim, got {tuple(out.shape)}")
     if batch == 0:
         return out
     ps = layout.page_size

@@ -232,9 +232,10 @@ def paged_sparse_attention(
     keep: torch.Tensor,
     gap_end: torch.Tensor,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the live tokens of the chosen pages page_index[b, h, :page_count[b, h]]
-    (-1 entries skipped): [B, Hq, D]."""
+    (-1 entries skipped): [B, Hq, D], written into `out` when given."""
     ps = layout.page_size
     entry = torch.arange(page_index.shape[-1], device=page_index.device)
     page_index = torch.where(entry < page_count[..., None], page_index.long(), -1)
@@ -249,4 +250,8 @@ def paged_sparse_attention(
     head = torch.arange(tokens.shape[1], device=kv_cache.device)[None, :, None]
     k = layout.keys(kv_cache)[block, head, tokens % layout.block_size]
     v = layout.values(kv_cache)[block, head, tokens % layout.block_size]
-    return attend_chosen(query, k, v, chosen, scale)
+    result = attend_chosen(query, k, v, chosen, scale)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out

@@ -110,13 +110,15 @@ class RocketKVImpl(AttentionImpl):
 
         d = meta.decode
         if d is not None:
-            rows = slice(0, d.num_rows) if d.token_index is None else d.token_index
-            q = query[rows]
+            contiguous = d.token_index is None
+            q = query[: d.num_rows] if contiguous else query[d.token_index]
             selection = ops.hsa_select_pages(
                 q, kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages
             )
-            out[rows] = ops.paged_sparse_attention(
+            result = ops.paged_sparse_attention(
                 q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
-                self.scale,
+                self.scale, out=out[: d.num_rows] if contiguous else None,
             )
+            if not contiguous:
+                out[d.token_index] = result
         return output
