@@ -252,7 +252,7 @@ def test_hsa_select_in_row_groups(monkeypatch):
     from rocketkv_vllm.kernels import triton_hsa
 
     layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 4, torch.bfloat16, HEAD_DIMS[0], 13)
-    per_row = kv.shape[1] * table.shape[1] * layout.pages_per_block * (4 + 1)
+    per_row = kv.shape[1] * table.shape[1] * layout.pages_per_block * (4 + 1)  # logits + keys, a lower bound
     monkeypatch.setattr(triton_hsa, "SCRATCH_ELEMENTS", 2 * per_row)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
     scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)

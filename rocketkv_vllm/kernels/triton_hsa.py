@@ -41,7 +41,8 @@ from rocketkv_vllm.ops.reference import PageSelection
 
 # pages per step of the top-k kernel's passes over keys / over [group, pages] logits
 RADIX_CHUNK, SCORE_CHUNK = 4096, 512
-# fp32 logits + int32 keys held at once (256 MiB); bigger batches are scored in row groups
+# 4-byte scratch elements (logits, keys, tile statistics, masked queries) held at once
+# (256 MiB); bigger batches are scored in row groups. The output page lists are extra.
 SCRATCH_ELEMENTS = 1 << 26
 
 
@@ -103,6 +104,7 @@ def _hsa_logits_kernel(
     keep = tl.load(keep_ptr + b)
     gap = tl.load(gap_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
+    n = tl.minimum(n, NPV)  # never past the block table
     if tl.load(k_ptr + b) < n:  # else every live page is chosen: nothing to score
         d = tl.arange(0, BLOCK_D)
         qbase = (b * nh + h) * G_P
@@ -151,6 +153,7 @@ def _hsa_topk_kernel(
     gap = tl.load(gap_ptr + b)
     k = tl.load(k_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
+    n = tl.minimum(n, NPV)  # never past the block table
     # the radix and output passes see CHUNK keys at once (one iteration for most requests);
     # the passes over [G, pages] logits use smaller chunks to stay in registers
     c = tl.arange(0, CHUNK)
@@ -170,8 +173,8 @@ def _hsa_topk_kernel(
         for t0 in range(0, ntiles, SCORE_CHUNK):
             tm = (t0 + sc) < ntiles
             st = (bh * NT + t0 + sc)[:, None] * G_P + g[None, :]
-            pm = tl.load(tmax_ptr + st, mask=tm[:, None], other=float("-inf"))
-            ps = tl.load(tsum_ptr + st, mask=tm[:, None], other=0.0)
+            pm = tl.load(tmax_ptr + st, mask=tm[:, None] & gm[None, :], other=float("-inf"))
+            ps = tl.load(tsum_ptr + st, mask=tm[:, None] & gm[None, :], other=0.0)
             m_new = tl.maximum(m, tl.max(pm, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             ssum = ssum * tl.exp(m - m_safe) + tl.sum(ps * tl.exp(pm - m_safe[None, :]), axis=0)
@@ -190,6 +193,7 @@ def _hsa_topk_kernel(
             key = tl.where(valid, score.to(tl.int32, bitcast=True), -1)
             tl.store(keys + v, key, mask=vm)
             n_valid += tl.sum(valid.to(tl.int32))
+        tl.debug_barrier()  # the keys are read back below in other threads' layout
         if k < n_valid:
             # radix select: after the four digits, `threshold` is the k-th largest key and
             # `take_equal` the number of keys equal to it that belong to the top k
@@ -257,7 +261,7 @@ def _launch(
     tile = 16
     num_tiles = triton.cdiv(num_pages, tile)
     # requests are scored in groups whose logits and keys fit the scratch budget
-    per_row = hkv * num_pages * (group + 1)
+    per_row = hkv * (num_pages * (group + 1) + 2 * num_tiles * g_p + g_p * (block_d + 1))
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
         splits = triton.cdiv(4 * num_sms(device), max(1, rows * hkv))
@@ -312,7 +316,8 @@ def hsa_select_pages(
     splits: int | None = None,
 ) -> PageSelection:
     """HSA over the paged cache: per request and KV head, the top_pages live pages with the
-    highest approximate attention (all live pages when top_pages covers them).
+    highest approximate attention (all live pages when top_pages covers them, none when
+    top_pages is 0).
 
     No host synchronisation; shapes depend only on the batch and the block table width.
     """

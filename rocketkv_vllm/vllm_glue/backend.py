@@ -165,9 +165,12 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         # keep, gap_end, top_channels, top_pages of each decode row; persistent for CUDA graphs
         self._columns = torch.zeros(4, max_rows, dtype=torch.int32, device=device)
 
-    def _plan(self, state, seq_len: int) -> RequestPlan:
-        if state is None:  # dummy rows (profiling, warm-up, graph capture): exact attention
+    def _plan(self, rows, i: int, seq_len: int) -> RequestPlan:
+        if not rows:  # dummy batches (profiling, warm-up, graph capture): exact attention
             return RequestPlan.exact(seq_len, self.head_dim)
+        state = rows[i] if i < len(rows) else None
+        if state is None:  # guessing "exact" would read the freed gap of an evicting request
+            raise RuntimeError(f"RocketKV: batch row {i} has no request state")
         return plan_for_params(state.sampling_params, state.num_prompt_tokens, self.config, self.head_dim, self.block_size)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> RocketKVMetadata:
@@ -182,7 +185,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
                 continue
             seq_len = seq_lens[i]
             computed = seq_len - query_len
-            plan = self._plan(rows[i] if i < len(rows) else None, seq_len)
+            plan = self._plan(rows, i, seq_len)
             prompt_len = plan.prompt_len
             completes_prompt = computed < prompt_len <= seq_len
             if query_len == 1 and not (plan.evicts and completes_prompt):

@@ -110,6 +110,7 @@ class RocketKVImpl(AttentionImpl):
 
         d = meta.decode
         if d is not None:
+            # (tokens past num_rows, if any, are CUDA-graph padding that nobody reads)
             contiguous = d.token_index is None
             q = query[: d.num_rows] if contiguous else query[d.token_index]
             selection = ops.hsa_select_pages(
