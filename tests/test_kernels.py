@@ -1,7 +1,7 @@
 """Triton / CUDA C++ kernels against the torch reference ops (rocketkv_vllm.ops.reference).
 
 On a CPU-only machine the Triton kernels run under the Triton interpreter
-(TRITON_INTERPRET=1, set below before triton_ops is imported) with small shapes; on a
+(TRITON_INTERPRET=1, set by conftest.py before anything imports triton) with small shapes; on a
 GPU the same tests run natively with bigger shapes, plus the GPU-only tests (CUDA-graph
 capture, CUDA C++ write_kv).
 """
@@ -11,8 +11,6 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from rocketkv_vllm.algorithms.hsa import (  # noqa: E402
     _group_queries,
