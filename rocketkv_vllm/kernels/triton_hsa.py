@@ -84,6 +84,19 @@ def _hsa_prep_kernel(
 
 
 @triton.jit
+def _summary_rows(bt, t, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr,
+                  BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr, TILE: tl.constexpr):
+    """Virtual pages of tile t, their live-token counts, which are scored, and the cache
+    row of each page's max summary."""
+    v = t * TILE + tl.arange(0, TILE)
+    p = logical_page(v, nk, tail).to(tl.int64)
+    plen = page_len(p, seq, keep, gap, PS)
+    valid = (v < n) & (plen > 0)
+    blk = tl.load(bt + p // PPB, mask=valid, other=0).to(tl.int64)
+    return v, plen, valid, blk * s_cb + h * s_ch + (2 * BS + p % PPB) * s_cr
+
+
+@triton.jit
 def _hsa_logits_kernel(
     kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, qm_ptr, temp_ptr,
     logit_ptr, tmax_ptr, tsum_ptr,
@@ -113,16 +126,15 @@ def _hsa_logits_kernel(
         for gi in tl.static_range(G):
             chan = chan | (tl.load(qm_ptr + (qbase + gi) * BLOCK_D + d) != 0)
         chan = chan & (d < D)
+        bt = bt_ptr + b * s_bt
+        nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
         for t in range(s, tl.cdiv(n, TILE), ns):
-            v = t * TILE + tl.arange(0, TILE)
-            p = logical_page(v, nk, tail).to(tl.int64)
-            plen = page_len(p, seq, keep, gap, PS)
-            valid = (v < n) & (plen > 0)
-            blk = tl.load(bt_ptr + b * s_bt + p // PPB, mask=valid, other=0).to(tl.int64)
-            row = blk * s_cb + h * s_ch + (2 * BS + p % PPB) * s_cr
+            v, plen, valid, row = nv, nplen, nvalid, nrow
             lm = valid[:, None] & chan[None, :]
             kmax = nan_to_zero(tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0).to(tl.float32))
             kmin = nan_to_zero(tl.load(kv_ptr + row[:, None] + PPB * s_cr + d[None, :], mask=lm, other=0.0).to(tl.float32))
+            # the next tile's block numbers load while this tile computes
+            nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
             log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
             for gi in tl.static_range(G):
                 qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + d)
@@ -264,7 +276,7 @@ def _launch(
     per_row = hkv * (num_pages * (group + 1) + 2 * num_tiles * g_p + g_p * (block_d + 1))
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
-        splits = triton.cdiv(4 * num_sms(device), max(1, rows * hkv))
+        splits = triton.cdiv(8 * num_sms(device), max(1, rows * hkv))
     splits = max(1, min(int(splits), num_tiles))
     query = contiguous_last(query)
     bt = contiguous_last(block_table)

@@ -1,0 +1,77 @@
+"""The decode-path Triton kernels compile for Hopper (sm_90) at Llama-3.1-8B shapes, on any
+machine (triton's bundled ptxas), and keep every value in registers: a spill to local
+memory made one version of the page-scoring kernel 28x slower."""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+CODE = r"""
+import json, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from rocketkv_vllm.kernels import triton_attention, triton_hsa, triton_write
+
+LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4)
+KERNELS = {
+    "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128), 4),
+    "hsa_logits": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32",
+                   "logit_ptr": "*fp32", "tmax_ptr": "*fp32", "tsum_ptr": "*fp32"}, dict(LLAMA, G=4, TILE=16), 4),
+    "hsa_topk": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "tmax_ptr": "*fp32", "tsum_ptr": "*fp32"},
+                 dict(PS=4, G_P=16, TILE=16, CHUNK=triton_hsa.RADIX_CHUNK, SCORE_CHUNK=triton_hsa.SCORE_CHUNK), 8),
+    "sparse_attn_split": (triton_attention._sparse_attn_split_kernel, {"q_ptr": "*bf16", "kv_ptr": "*bf16", "acc_ptr": "*fp32",
+                          "m_ptr": "*fp32", "l_ptr": "*fp32", "scale": "fp32"}, dict(BS=16, PS=4, G_P=16, BLOCK_D=128, TOK=64, LOWP=True), 4),
+    "sparse_attn_reduce": (triton_attention._sparse_attn_reduce_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+                           "out_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128), 4),
+    "write_kv": (triton_write._write_kv_kernel, {"kv_ptr": "*bf16", "key_ptr": "*bf16", "val_ptr": "*bf16", "slot_ptr": "*i64",
+                 "order_ptr": "*i64"}, dict(BS=16, PS=4, PPB=4, BLOCK_D=128, USE_ORDER=False), 2),
+}
+# what triton's launcher specialises at these shapes: 16-byte aligned pointers, and strides
+# and head_dim that are multiples of 16 (this is what lets loads vectorise)
+DIVISIBLE_BY_16 = {"s_cb", "s_ch", "s_cr", "s_qb", "s_qh", "s_ob", "s_oh", "s_kt", "s_kh", "s_vt", "s_vh", "D"}
+ptxas = get_ptxas(90).path
+report = {}
+for name, (fn, types, constexprs, warps) in KERNELS.items():
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        else:
+            signature[arg] = types.get(arg, "*i32" if arg.endswith("_ptr") else "i32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+             if arg not in constexprs and (arg.endswith("_ptr") or arg in DIVISIBLE_BY_16)}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True).stderr
+    report[name] = info + f"vectorised 16-byte loads: {kernel.asm['ptx'].count('.v4.')}"
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def ptxas_reports():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        run = subprocess.run([sys.executable, "-c", CODE], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
+    assert lines, run.stderr[-3000:]
+    import json
+
+    return json.loads(lines[0].removeprefix("REPORT "))
+
+
+@pytest.mark.parametrize("kernel", ["hsa_prep", "hsa_logits", "hsa_topk", "sparse_attn_split", "sparse_attn_reduce", "write_kv"])
+def test_kernel_compiles_for_sm90_without_spills(ptxas_reports, kernel):
+    info = ptxas_reports[kernel]
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    assert spills, info
+    assert spills.groups() == ("0", "0"), info
