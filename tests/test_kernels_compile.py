@@ -1,4 +1,4 @@
-"""The decode-path Triton kernels compile for Hopper (sm_90) at Llama-3.1-8B shapes, on any
+"""The GPU path's Triton kernels compile for Hopper (sm_90) at Llama-3.1-8B shapes, on any
 machine (triton's bundled ptxas), and keep every value in registers: a spill to local
 memory made one version of the page-scoring kernel 28x slower."""
 import os
@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
-from rocketkv_vllm.kernels import triton_attention, triton_hsa, triton_write
+from rocketkv_vllm.kernels import triton_attention, triton_hsa, triton_snapkv, triton_write
 
 LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4)
 KERNELS = {
@@ -28,12 +28,20 @@ KERNELS = {
                           "m_ptr": "*fp32", "l_ptr": "*fp32", "scale": "fp32"}, dict(BS=16, PS=4, G_P=16, BLOCK_D=128, TOK=64, LOWP=True), 4),
     "sparse_attn_reduce": (triton_attention._sparse_attn_reduce_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
                            "out_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128), 4),
+    "snapkv_window_stats": (triton_snapkv._window_stats_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "m_ptr": "*fp32",
+                            "l_ptr": "*fp32", "scale": "fp32"}, dict(BW=32, BL=64, BLOCK_D=128, LOWP=True), 4),
+    "snapkv_window_accum": (triton_snapkv._window_accum_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "m_ptr": "*fp32",
+                            "l_ptr": "*fp32", "out_ptr": "*fp32", "scale": "fp32"}, dict(BW=32, BL=64, BLOCK_D=128, LOWP=True), 4),
+    "compact_gather": (triton_snapkv._compact_gather_kernel, {"kv_ptr": "*bf16", "tmp_ptr": "*bf16", "kept_ptr": "*i64"},
+                       dict(BS=16, BT=32, BLOCK_D=128), 4),
+    "compact_scatter": (triton_snapkv._compact_scatter_kernel, {"kv_ptr": "*bf16", "tmp_ptr": "*bf16"},
+                        dict(BS=16, PS=4, PPB=4, NPT=8, BLOCK_D=128), 4),
     "write_kv": (triton_write._write_kv_kernel, {"kv_ptr": "*bf16", "key_ptr": "*bf16", "val_ptr": "*bf16", "slot_ptr": "*i64",
                  "order_ptr": "*i64"}, dict(BS=16, PS=4, PPB=4, BLOCK_D=128, USE_ORDER=False), 2),
 }
 # what triton's launcher specialises at these shapes: 16-byte aligned pointers, and strides
 # and head_dim that are multiples of 16 (this is what lets loads vectorise)
-DIVISIBLE_BY_16 = {"s_cb", "s_ch", "s_cr", "s_qb", "s_qh", "s_ob", "s_oh", "s_kt", "s_kh", "s_vt", "s_vh", "D"}
+DIVISIBLE_BY_16 = {"s_cb", "s_ch", "s_cr", "s_qb", "s_qh", "s_ob", "s_oh", "s_kt", "s_kh", "s_vt", "s_vh", "s_qw", "s_kl", "D"}
 ptxas = get_ptxas(90).path
 report = {}
 for name, (fn, types, constexprs, warps) in KERNELS.items():
@@ -69,7 +77,10 @@ def ptxas_reports():
     return json.loads(lines[0].removeprefix("REPORT "))
 
 
-@pytest.mark.parametrize("kernel", ["hsa_prep", "hsa_logits", "hsa_topk", "sparse_attn_split", "sparse_attn_reduce", "write_kv"])
+@pytest.mark.parametrize("kernel", [
+    "hsa_prep", "hsa_logits", "hsa_topk", "sparse_attn_split", "sparse_attn_reduce", "write_kv",
+    "snapkv_window_stats", "snapkv_window_accum", "compact_gather", "compact_scatter",
+])
 def test_kernel_compiles_for_sm90_without_spills(ptxas_reports, kernel):
     info = ptxas_reports[kernel]
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
