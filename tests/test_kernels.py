@@ -393,7 +393,7 @@ def test_compact_kept_tokens(block_size, page_size, prompt_len, keep, dtype):
 def test_get_ops_dispatch(monkeypatch):
     from rocketkv_vllm import kernels
 
-    names = ("write_kv", "hsa_select_pages", "paged_sparse_attention", "snapkv_window_scores", "compact_kept_tokens")
+    names = kernels.OP_NAMES
     monkeypatch.delenv("ROCKETKV_TRITON_INTERPRET", raising=False)
     cpu = kernels.get_ops("cpu")
     assert cpu.backend == "reference" and cpu.hsa_select_pages is R.hsa_select_pages
