@@ -261,8 +261,8 @@ def test_hsa_select_in_many_chunks(monkeypatch):
     """Requests longer than the top-k kernel's chunks: every pass loops."""
     from rocketkv_vllm.kernels import triton_hsa
 
-    monkeypatch.setattr(triton_hsa, "RADIX_CHUNK", 16)
-    monkeypatch.setattr(triton_hsa, "SCORE_CHUNK", 16)
+    monkeypatch.setattr(triton_hsa, "PAGE_CHUNK", 16)
+    monkeypatch.setattr(triton_hsa, "STAT_CHUNK", 2)
     layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], 9)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
     scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)

@@ -39,8 +39,8 @@ from rocketkv_vllm.kernels.triton_common import (
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.reference import PageSelection
 
-# pages per step of the top-k kernel's passes over keys / over [group, pages] logits
-RADIX_CHUNK, SCORE_CHUNK = 4096, 512
+# pages per step of the top-k kernel's page passes, tiles per step of its statistics pass
+PAGE_CHUNK, STAT_CHUNK = 4096, 256
 # 4-byte scratch elements (logits, keys, tile statistics, masked queries) held at once
 # (256 MiB); bigger batches are scored in row groups. The output page lists are extra.
 SCRATCH_ELEMENTS = 1 << 26
@@ -153,8 +153,9 @@ def _hsa_logits_kernel(
 def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
     logit_ptr, tmax_ptr, tsum_ptr, key_ptr, idx_ptr, cnt_ptr,
-    G, NPV, NT, W,
-    PS: tl.constexpr, G_P: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr, SCORE_CHUNK: tl.constexpr,
+    NPV, NT, W,
+    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
+    STAT_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -166,10 +167,10 @@ def _hsa_topk_kernel(
     k = tl.load(k_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
     n = tl.minimum(n, NPV)  # never past the block table
-    # the radix and output passes see CHUNK keys at once (one iteration for most requests);
-    # the passes over [G, pages] logits use smaller chunks to stay in registers
+    # the page passes see CHUNK pages at once (one iteration for most requests); the pass
+    # over [tiles, group] statistics takes STAT_CHUNK tiles at a time
     c = tl.arange(0, CHUNK)
-    sc = tl.arange(0, SCORE_CHUNK)
+    sc = tl.arange(0, STAT_CHUNK)
     keys = key_ptr + bh * NPV
     idx = idx_ptr + bh * W
     # keys are int64 here so that digit shifts never reach the sign bit
@@ -182,7 +183,7 @@ def _hsa_topk_kernel(
         ntiles = tl.cdiv(n, TILE)
         m = tl.full([G_P], float("-inf"), tl.float32)
         ssum = tl.zeros([G_P], tl.float32)
-        for t0 in range(0, ntiles, SCORE_CHUNK):
+        for t0 in range(0, ntiles, STAT_CHUNK):
             tm = (t0 + sc) < ntiles
             st = (bh * NT + t0 + sc)[:, None] * G_P + g[None, :]
             pm = tl.load(tmax_ptr + st, mask=tm[:, None] & gm[None, :], other=float("-inf"))
@@ -196,12 +197,18 @@ def _hsa_topk_kernel(
         inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
         # page scores as order-preserving int32 keys (scores are >= 0; -1 = not selectable)
         n_valid = tl.zeros([], tl.int32)
-        for v0 in range(0, n, SCORE_CHUNK):
-            v = v0 + sc
+        for v0 in range(0, n, CHUNK):
+            v = v0 + c
             vm = v < n
-            lg = tl.load(logit_ptr + ((bh * G + g) * NPV)[:, None] + v[None, :], mask=gm[:, None] & vm[None, :], other=float("-inf"))
-            score = tl.sum(tl.exp(lg - m[:, None]) * inv[:, None], axis=0)
-            valid = vm & (tl.max(lg, axis=0) > float("-inf"))
+            score = tl.zeros([CHUNK], tl.float32)
+            best = tl.full([CHUNK], float("-inf"), tl.float32)
+            for gi in tl.static_range(G):  # one query head at a time: no padding to G_P rows
+                lg = tl.load(logit_ptr + (bh * G + gi) * NPV + v, mask=vm, other=float("-inf"))
+                m_g = tl.sum(tl.where(g == gi, m, 0.0))
+                inv_g = tl.sum(tl.where(g == gi, inv, 0.0))
+                score += tl.exp(lg - m_g) * inv_g
+                best = tl.maximum(best, lg)
+            valid = vm & (best > float("-inf"))
             key = tl.where(valid, score.to(tl.int32, bitcast=True), -1)
             tl.store(keys + v, key, mask=vm)
             n_valid += tl.sum(valid.to(tl.int32))
@@ -307,9 +314,9 @@ def _launch(
         )
         _hsa_topk_kernel[(n, hkv)](
             seq[part], kp[part], ge[part], k[part], logits, tile_max, tile_sum, keys, index[part], count[part],
-            group, num_pages, num_tiles, num_pages,
-            PS=ps, G_P=g_p, TILE=tile, CHUNK=min(RADIX_CHUNK, np2(num_pages)),
-            SCORE_CHUNK=min(SCORE_CHUNK, np2(num_pages)), num_warps=8,
+            num_pages, num_tiles, num_pages,
+            G=group, PS=ps, G_P=g_p, TILE=tile, CHUNK=min(PAGE_CHUNK, np2(num_pages)),
+            STAT_CHUNK=min(STAT_CHUNK, np2(num_tiles)), num_warps=16,  # 4096-page chunks fit without spills
         )
     return PageSelection(index, count), keys if keep_keys else None
 
