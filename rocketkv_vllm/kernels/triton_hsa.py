@@ -153,7 +153,7 @@ def _hsa_logits_kernel(
 def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
     logit_ptr, tmax_ptr, tsum_ptr, key_ptr, idx_ptr, cnt_ptr,
-    NPV, NT, W,
+    NPV, NT,
     G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
     STAT_CHUNK: tl.constexpr,
 ):
@@ -172,7 +172,7 @@ def _hsa_topk_kernel(
     c = tl.arange(0, CHUNK)
     sc = tl.arange(0, STAT_CHUNK)
     keys = key_ptr + bh * NPV
-    idx = idx_ptr + bh * W
+    idx = idx_ptr + bh * NPV  # page lists are as wide as the virtual pages can be
     # keys are int64 here so that digit shifts never reach the sign bit
     threshold = tl.zeros([], tl.int64)
     take_equal = tl.zeros([], tl.int32) + NPV  # pages scoring exactly `threshold` taken, lowest first
@@ -314,7 +314,7 @@ def _launch(
         )
         _hsa_topk_kernel[(n, hkv)](
             seq[part], kp[part], ge[part], k[part], logits, tile_max, tile_sum, keys, index[part], count[part],
-            num_pages, num_tiles, num_pages,
+            num_pages, num_tiles,
             G=group, PS=ps, G_P=g_p, TILE=tile, CHUNK=min(PAGE_CHUNK, np2(num_pages)),
             STAT_CHUNK=min(STAT_CHUNK, np2(num_tiles)), num_warps=16,  # 4096-page chunks fit without spills
         )

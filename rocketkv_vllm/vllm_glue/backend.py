@@ -219,7 +219,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         values[2], values[3] = self.head_dim, ALL_PAGES
         values[:, : len(rows)] = torch.tensor(columns, dtype=torch.int32).T
         cols = self._columns[:, :num_rows]
-        cols.copy_(self._to_device(values))
+        cols.copy_(self._staged(values), non_blocking=True)
         if contiguous:
             token_index, block_table, seq_lens = None, cm.block_table_tensor[:num_rows], cm.seq_lens[:num_rows]
         else:
@@ -240,10 +240,12 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             dev(torch.tensor([r.seq_len for r in dense], dtype=torch.int32)), max(query_lens), max(r.seq_len for r in dense),
         )
 
+    def _staged(self, host: torch.Tensor) -> torch.Tensor:
+        """host in pinned memory on CUDA, so that copies from it need not block the host: a
+        copy from pageable memory waits for the GPU to drain the stream, serialising every
+        step's preparation with the previous step. torch's pinned allocator keeps the block
+        until the copy ran."""
+        return host.pin_memory() if self.device.type == "cuda" else host
+
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """Host to device without blocking the host: a copy from pageable memory would wait
-        for the GPU to drain the stream, serialising every step's preparation with the
-        previous step. torch's pinned allocator keeps the staging block until the copy ran."""
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        return self._staged(host).to(self.device, non_blocking=True)
