@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--host", action="store_true", help="wall time per step and a cProfile of the host side")
     args = parser.parse_args()
     import torch
     from vllm import LLM, SamplingParams
@@ -32,10 +33,26 @@ def main() -> None:
               additional_config={"rocketkv": {"budget": args.budget}})
     engine = llm.llm_engine
     prompt = TokensPrompt(prompt_token_ids=list(range(1000, 1000 + args.ctx)))
-    engine.add_request("p", prompt, SamplingParams(max_tokens=args.steps + 8, ignore_eos=True, detokenize=False))
+    engine.add_request("p", prompt, SamplingParams(max_tokens=3 * args.steps + 8, ignore_eos=True, detokenize=False))
     for _ in range(6):  # prefill (and compaction) plus warm-up decode steps
         engine.step()
     torch.cuda.synchronize()
+    if args.host:
+        import cProfile
+        import pstats
+        import time
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        print(f"wall per decode step: {1000 * (time.perf_counter() - started) / args.steps:.2f} ms")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.steps):
+            engine.step()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
+        return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             engine.step()

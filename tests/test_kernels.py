@@ -9,6 +9,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 CUDA = torch.cuda.is_available()
 
@@ -21,6 +23,7 @@ from rocketkv_vllm.algorithms.hsa import (  # noqa: E402
 )
 from rocketkv_vllm.algorithms.snapkv import window_scores  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
+from rocketkv_vllm.kernels.triton_hsa import _radix_select  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 from rocketkv_vllm.ops import reference as R  # noqa: E402
 
@@ -292,6 +295,52 @@ def test_hsa_select_ties_take_lowest_pages():
     assert (out.index[0, :, :5] == torch.arange(5, device=DEV)).all()
 
 
+@triton.jit
+def _radix_probe(keys_ptr, n, k, out_ptr, CHUNK: tl.constexpr):
+    threshold, shift, take_equal = _radix_select(keys_ptr, n, k, CHUNK)
+    tl.store(out_ptr, threshold)
+    tl.store(out_ptr + 1, shift)
+    tl.store(out_ptr + 2, take_equal)
+
+
+def _radix_cases():
+    """(keys, k, passes): how many radix passes each case needs before the k-th key's
+    bucket is taken whole (3 = exact ties at full precision, broken by position)."""
+    g = torch.Generator().manual_seed(3)
+    spread = torch.rand(300, generator=g) * 2.0 ** torch.randint(-20, 0, (300,), generator=g).float()
+    one = torch.tensor(0.0123, dtype=torch.float32).view(torch.int32)
+    close = one + 1 + torch.randperm(1 << 12, generator=g)[:200].int()  # above `one`, mostly same top 20 bits
+    tied = torch.full((50,), int(one), dtype=torch.int32)
+    absent = torch.full((7,), -1, dtype=torch.int32)
+    return [
+        (spread.view(torch.int32), 37, None),
+        (torch.cat([close, absent]), 91, None),
+        (torch.cat([tied, absent, close]), 230, 3),  # all of close, 30 of the 50 tied
+        (torch.cat([close[:1], tied]), 20, 3),  # the k-th key has 49 equals below it
+        (spread.view(torch.int32), 300, None),  # every present key
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("chunk", [16, 512])
+def test_radix_select_is_exact(case, chunk):
+    """The threshold the top-k kernel's radix select returns picks exactly the k largest keys
+    (prefix above, then the first take_equal equal prefixes), whatever pass it stops at."""
+    keys, k, passes = _radix_cases()[case]
+    keys = keys[torch.randperm(keys.numel())].to(DEV)
+    out = torch.zeros(3, dtype=torch.int32, device=DEV)
+    _radix_probe[(1,)](keys, keys.numel(), k, out, CHUNK=chunk)
+    threshold, shift, take_equal = out.tolist()
+    prefix = keys.long() >> shift
+    above = (keys >= 0) & (prefix > (threshold >> shift))
+    equal = (keys >= 0) & (prefix == (threshold >> shift))
+    assert 0 <= take_equal <= int(equal.sum()) and int(above.sum()) + take_equal == k
+    chosen = keys[above | (equal & (equal.cumsum(0) <= take_equal))]
+    assert torch.equal(chosen.sort().values, keys[keys >= 0].sort().values[-k:])
+    if passes == 3:
+        assert shift == 0 and take_equal < int(equal.sum())
+
+
 # ---------------------------------------------------------------------------------------
 # Paged sparse attention
 # ---------------------------------------------------------------------------------------
@@ -334,6 +383,20 @@ def test_paged_sparse_attention(group, block_size, page_size, dtype, num_splits,
     into = torch.full_like(query, float("nan"))
     assert T.paged_sparse_attention(query, kv, layout, table, index, count, seq, keep, gap, scale, num_splits=num_splits, out=into) is into
     assert torch.equal(into, out)
+
+
+def test_paged_sparse_attention_reduce_in_steps(monkeypatch):
+    """More splits than the reduce combines at once: the running max / sum carry across steps."""
+    from rocketkv_vllm.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "REDUCE_SPLIT_CHUNK", 2)
+    layout, kv, table, seq, keep, gap, query, tc, _ = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], 21)
+    index, count = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, 1 << 30)  # every live page
+    scale = HEAD_DIMS[0] ** -0.5
+    ref = R.paged_sparse_attention(query, kv, layout, table, index, count, seq, keep, gap, scale)
+    out = T.paged_sparse_attention(query, kv, layout, table, index, count, seq, keep, gap, scale, num_splits=5,
+                                   tokens_per_iter=16)
+    assert rel_err(out, ref) < tol(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ KERNELS = {
     "sparse_attn_split": (triton_attention._sparse_attn_split_kernel, {"q_ptr": "*bf16", "kv_ptr": "*bf16", "acc_ptr": "*fp32",
                           "m_ptr": "*fp32", "l_ptr": "*fp32", "scale": "fp32"}, dict(BS=16, PS=4, G_P=16, BLOCK_D=128, TOK=64, LOWP=True), 4),
     "sparse_attn_reduce": (triton_attention._sparse_attn_reduce_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
-                           "out_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128), 4),
+                           "out_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, SPLIT_CHUNK=32), 4),
     "snapkv_window_stats": (triton_snapkv._window_stats_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "m_ptr": "*fp32",
                             "l_ptr": "*fp32", "scale": "fp32"}, dict(BW=32, BL=64, BLOCK_D=128, LOWP=True), 4),
     "snapkv_window_accum": (triton_snapkv._window_accum_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "m_ptr": "*fp32",

@@ -8,9 +8,10 @@
                         strides over that request's own tiles, so the grid depends on the
                         batch size only and short requests cost no empty programs;
 3. top-k   (B, Hkv):    group-softmax-mean page scores, then an exact radix select of the
-                        k-th largest score (4 histogram passes over 8-bit digits of the
-                        float bits) and one compaction pass writing the chosen logical
-                        pages in ascending order (ties broken by lower page).
+                        k-th largest score (histogram passes over 11/10/10-bit digits of
+                        the float bits, stopping once the boundary bucket is taken whole)
+                        and one compaction pass writing the chosen logical pages in
+                        ascending order (ties broken by lower page).
 
 Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
 evicted gap), so an evicting request never scores its gap. A request whose budget covers
@@ -44,6 +45,8 @@ PAGE_CHUNK, STAT_CHUNK = 4096, 256
 # 4-byte scratch elements (logits, keys, tile statistics, masked queries) held at once
 # (256 MiB); bigger batches are scored in row groups. The output page lists are extra.
 SCRATCH_ELEMENTS = 1 << 26
+# logits programs per SM: one resident wave (4 warps, ~137 registers), each pipelining several tiles
+LOGIT_PROGRAMS_PER_SM = 3
 
 
 @triton.jit
@@ -97,6 +100,15 @@ def _summary_rows(bt, t, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr,
 
 
 @triton.jit
+def _summary_load(kv_ptr, row, valid, d, dm, min_offset):
+    """The max and min summary rows [TILE, BLOCK_D] of a tile's pages (zeros where not valid)."""
+    lm = valid[:, None] & dm[None, :]
+    kmax = tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0)
+    kmin = tl.load(kv_ptr + row[:, None] + min_offset + d[None, :], mask=lm, other=0.0)
+    return kmax, kmin
+
+
+@triton.jit
 def _hsa_logits_kernel(
     kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, qm_ptr, temp_ptr,
     logit_ptr, tmax_ptr, tsum_ptr,
@@ -127,14 +139,20 @@ def _hsa_logits_kernel(
         # the masked queries.
         dm = d < D
         bt = bt_ptr + b * s_bt
+        # software pipeline: a tile's summaries load one iteration ahead of its compute and
+        # its block numbers two iterations ahead (each waits on the other's result)
         nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
+        nmax, nmin = _summary_load(kv_ptr, nrow, nvalid, d, dm, PPB * s_cr)
+        nv2, nplen2, nvalid2, nrow2 = _summary_rows(bt, s + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
         for t in range(s, tl.cdiv(n, TILE), ns):
-            v, plen, valid, row = nv, nplen, nvalid, nrow
-            lm = valid[:, None] & dm[None, :]
-            kmax = nan_to_zero(tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0).to(tl.float32))
-            kmin = nan_to_zero(tl.load(kv_ptr + row[:, None] + PPB * s_cr + d[None, :], mask=lm, other=0.0).to(tl.float32))
-            # the next tile's block numbers load while this tile computes
-            nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
+            v, plen, valid = nv, nplen, nvalid
+            kmax = nan_to_zero(nmax.to(tl.float32))
+            kmin = nan_to_zero(nmin.to(tl.float32))
+            nv, nplen, nvalid = nv2, nplen2, nvalid2
+            nmax, nmin = _summary_load(kv_ptr, nrow2, nvalid2, d, dm, PPB * s_cr)
+            nv2, nplen2, nvalid2, nrow2 = _summary_rows(
+                bt, t + 2 * ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE
+            )
             log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
             for gi in tl.static_range(G):
                 qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + d)
@@ -147,6 +165,45 @@ def _hsa_logits_kernel(
                 stat = ((b * nh + h) * NT + t) * G_P + gi
                 tl.store(tmax_ptr + stat, m)
                 tl.store(tsum_ptr + stat, tl.sum(tl.exp(logit - m_safe), axis=0))
+
+
+@triton.jit
+def _radix_digit(keys, n, threshold, remaining, SHIFT: tl.constexpr, TOP: tl.constexpr, CHUNK: tl.constexpr):
+    """One radix-select pass over key bits [SHIFT, TOP) of the keys whose bits >= TOP equal
+    threshold's: the digit of the `remaining`-th largest of them is set in threshold.
+    Returns (threshold, keys still to take from that digit's bucket, keys in the bucket)."""
+    NB: tl.constexpr = 1 << (TOP - SHIFT)
+    c = tl.arange(0, CHUNK)
+    hist = tl.zeros([NB], tl.int32)
+    for v0 in range(0, n, CHUNK):
+        v = v0 + c
+        key = tl.load(keys + v, mask=v < n, other=-1)
+        same_prefix = (key >= 0) & ((key >> TOP) == (threshold >> TOP))
+        hist += tl.histogram((key >> SHIFT) & (NB - 1), NB, mask=same_prefix)
+    bins = tl.arange(0, NB)
+    at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # keys with digit >= bin
+    digit = tl.max(tl.where(at_least >= remaining, bins, 0))
+    above = tl.sum(tl.where(bins > digit, hist, 0))
+    in_bucket = tl.sum(tl.where(bins == digit, hist, 0))
+    return threshold | (digit << SHIFT), remaining - above, in_bucket
+
+
+@triton.jit
+def _radix_select(keys, n, k, CHUNK: tl.constexpr):
+    """The k-th largest of n non-negative int32 keys (-1 = absent; 0 < k <= present keys):
+    (threshold, shift, take_equal) such that the top k are the keys with
+    key >> shift > threshold >> shift plus the first take_equal with key >> shift equal.
+    Digits of 11/10/10 bits (exponent and top mantissa bits first); it stops as soon as
+    the k-th key's bucket is taken whole, usually after two passes."""
+    threshold, remaining, in_bucket = _radix_digit(keys, n, tl.zeros([], tl.int32), k, 20, 31, CHUNK)
+    shift = tl.zeros([], tl.int32) + 20
+    if in_bucket != remaining:
+        threshold, remaining, in_bucket = _radix_digit(keys, n, threshold, remaining, 10, 20, CHUNK)
+        shift = tl.zeros([], tl.int32) + 10
+        if in_bucket != remaining:
+            threshold, remaining, in_bucket = _radix_digit(keys, n, threshold, remaining, 0, 10, CHUNK)
+            shift = tl.zeros([], tl.int32)
+    return threshold, shift, remaining
 
 
 @triton.jit
@@ -173,9 +230,9 @@ def _hsa_topk_kernel(
     sc = tl.arange(0, STAT_CHUNK)
     keys = key_ptr + bh * NPV
     idx = idx_ptr + bh * NPV  # page lists are as wide as the virtual pages can be
-    # keys are int64 here so that digit shifts never reach the sign bit
-    threshold = tl.zeros([], tl.int64)
-    take_equal = tl.zeros([], tl.int32) + NPV  # pages scoring exactly `threshold` taken, lowest first
+    threshold = tl.zeros([], tl.int32)
+    shift = tl.zeros([], tl.int32)
+    take_equal = tl.zeros([], tl.int32) + NPV  # pages whose key prefix equals threshold's taken, lowest first
     if k < n:
         # softmax statistics of each query head over all tiles
         g = tl.arange(0, G_P)
@@ -214,25 +271,8 @@ def _hsa_topk_kernel(
             n_valid += tl.sum(valid.to(tl.int32))
         tl.debug_barrier()  # the keys are read back below in other threads' layout
         if k < n_valid:
-            # radix select: after the four digits, `threshold` is the k-th largest key and
-            # `take_equal` the number of keys equal to it that belong to the top k
-            remaining = k
-            bins = tl.arange(0, 256)
-            for i in tl.static_range(4):
-                shift = 24 - 8 * i
-                hist = tl.zeros([256], tl.int32)
-                for v0 in range(0, n, CHUNK):
-                    v = v0 + c
-                    key = tl.load(keys + v, mask=v < n, other=-1).to(tl.int64)
-                    same_prefix = (key >= 0) & ((key >> (shift + 8)) == (threshold >> (shift + 8)))
-                    hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=same_prefix)
-                at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # keys with digit >= bin
-                digit = tl.max(tl.where(at_least >= remaining, bins, 0))
-                above = tl.sum(tl.where(bins > digit, hist, 0))
-                remaining -= above
-                threshold = threshold | (digit.to(tl.int64) << shift)
-            take_equal = remaining
-    # write the chosen pages: keys above the threshold, then the first take_equal equal ones
+            threshold, shift, take_equal = _radix_select(keys, n, k, CHUNK)
+    # write the chosen pages: key prefixes above the threshold's, then the first take_equal equal ones
     scored = (k < n) & (take_equal < NPV)
     written = tl.zeros([], tl.int32)
     equal_seen = tl.zeros([], tl.int32)
@@ -241,10 +281,10 @@ def _hsa_topk_kernel(
         vm = v < n
         p = logical_page(v, nk, tail)
         if scored:
-            key = tl.load(keys + v, mask=vm, other=-1).to(tl.int64)
-            eq = vm & (key == threshold)
+            prefix = tl.load(keys + v, mask=vm, other=-1) >> shift
+            eq = vm & (prefix == (threshold >> shift))
             eq_rank = equal_seen + tl.cumsum(eq.to(tl.int32), 0) - eq.to(tl.int32)
-            chosen = vm & ((key > threshold) | (eq & (eq_rank < take_equal)))
+            chosen = vm & ((prefix > (threshold >> shift)) | (eq & (eq_rank < take_equal)))
             equal_seen += tl.sum(eq.to(tl.int32))
         else:
             chosen = vm & (page_len(p, seq, keep, gap, PS) > 0)
@@ -283,7 +323,7 @@ def _launch(
     per_row = hkv * (num_pages * (group + 1) + 2 * num_tiles * g_p + g_p * (block_d + 1))
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
-        splits = triton.cdiv(8 * num_sms(device), max(1, rows * hkv))
+        splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
     splits = max(1, min(int(splits), num_tiles))
     query = contiguous_last(query)
     bt = contiguous_last(block_table)
