@@ -2,7 +2,7 @@
 
 Llama-3.1-8B shape (llama31_8b_config.json beside this file), random weights
 (load_format="dummy"), random token prompts, greedy, prefix caching off. For each backend
-and (context, batch): prefill time, decode time, TPOT, decode tokens/s, and the KV cache
+and (context, batch): prefill (+ warm-up) time, decode time, TPOT, decode tokens/s, and the KV cache
 capacity the engine reports. Each backend runs in its own subprocess (one engine per
 process), results go to one JSON file.
 
@@ -23,6 +23,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WARM_STEPS = 8  # decode steps in both timed runs
 
 
+def cases(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(context, batch) pairs: --cases, else every --ctx with every --batch."""
+    if args.cases:
+        return [tuple(int(v) for v in case.lower().split("x")) for case in args.cases]
+    return [(ctx, batch) for ctx in args.ctx for batch in args.batch]
+
+
 def run_backend(args: argparse.Namespace) -> list[dict]:
     import torch
     from vllm import LLM, SamplingParams
@@ -36,7 +43,8 @@ def run_backend(args: argparse.Namespace) -> list[dict]:
     started = time.time()
     llm = LLM(
         model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-        max_model_len=max(args.ctx) + args.out + 16, max_num_seqs=max(args.batch), enforce_eager=args.eager,
+        max_model_len=max(ctx for ctx, _ in cases(args)) + WARM_STEPS + args.out + 16,
+        max_num_seqs=max(batch for _, batch in cases(args)), enforce_eager=args.eager,
         gpu_memory_utilization=0.9, enable_prefix_caching=False, attention_backend=args.backend,
         block_size=16, **extra,
     )
@@ -44,29 +52,28 @@ def run_backend(args: argparse.Namespace) -> list[dict]:
     kv_tokens = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks * 16
     generator = torch.Generator().manual_seed(0)
     rows = []
-    for ctx in args.ctx:
-        for batch in args.batch:
-            prompts = [TokensPrompt(prompt_token_ids=torch.randint(1000, 120000, (ctx,), generator=generator).tolist()) for _ in range(batch)]
-            # TPOT is the difference of two runs that differ only in their number of decode steps,
-            # so prefill, compaction and each request's first decode steps cancel out; a first
-            # run of the short one warms up every kernel (Triton compiles on first use)
-            few = SamplingParams(max_tokens=WARM_STEPS + 1, temperature=0, ignore_eos=True, detokenize=False)
-            many = SamplingParams(max_tokens=WARM_STEPS + args.out + 1, temperature=0, ignore_eos=True, detokenize=False)
-            llm.generate(prompts, few, use_tqdm=False)
-            torch.cuda.synchronize()
-            t0 = time.time()
-            llm.generate(prompts, few, use_tqdm=False)
-            t1 = time.time()
-            llm.generate(prompts, many, use_tqdm=False)
-            t2 = time.time()
-            prefill, decode = t1 - t0, (t2 - t1) - (t1 - t0)
-            rows.append({
-                "backend": args.backend, "budget": args.budget if args.backend.lower() == "rocketkv" else None,
-                "ctx": ctx, "batch": batch, "prefill_and_warm_s": round(prefill, 3), "decode_s": round(decode, 3),
-                "tpot_ms": round(1000 * decode / args.out, 3), "decode_tok_s": round(batch * args.out / decode, 1),
-                "kv_cache_tokens": kv_tokens, "engine_up_s": round(up, 1),
-            })
-            print(json.dumps(rows[-1]), flush=True)
+    for ctx, batch in cases(args):
+        prompts = [TokensPrompt(prompt_token_ids=torch.randint(1000, 120000, (ctx,), generator=generator).tolist()) for _ in range(batch)]
+        # TPOT is the difference of two runs that differ only in their number of decode steps,
+        # so prefill, compaction and each request's first decode steps cancel out; a first
+        # run of the short one warms up every kernel (Triton compiles on first use)
+        few = SamplingParams(max_tokens=WARM_STEPS + 1, temperature=0, ignore_eos=True, detokenize=False)
+        many = SamplingParams(max_tokens=WARM_STEPS + args.out + 1, temperature=0, ignore_eos=True, detokenize=False)
+        llm.generate(prompts, few, use_tqdm=False)
+        torch.cuda.synchronize()
+        t0 = time.time()
+        llm.generate(prompts, few, use_tqdm=False)
+        t1 = time.time()
+        llm.generate(prompts, many, use_tqdm=False)
+        t2 = time.time()
+        prefill, decode = t1 - t0, (t2 - t1) - (t1 - t0)
+        rows.append({
+            "backend": args.backend, "budget": args.budget if args.backend.lower() == "rocketkv" else None,
+            "ctx": ctx, "batch": batch, "prefill_and_warm_s": round(prefill, 3), "decode_s": round(decode, 3),
+            "tpot_ms": round(1000 * decode / args.out, 3), "decode_tok_s": round(batch * args.out / decode, 1),
+            "kv_cache_tokens": kv_tokens, "engine_up_s": round(up, 1),
+        })
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -76,6 +83,7 @@ def main() -> None:
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--ctx", type=int, nargs="+", default=[32768])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--cases", nargs="+", default=None, help="CONTEXTxBATCH pairs instead of --ctx x --batch, e.g. 32768x8 131072x1")
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--out", type=int, default=128, help="decode tokens per request")
     parser.add_argument("--eager", action="store_true")
@@ -87,7 +95,7 @@ def main() -> None:
     rows = []
     for backend in args.backends:
         cmd = [sys.executable, __file__, "--backend", backend, "--budget", str(args.budget), "--out", str(args.out),
-               "--ctx", *map(str, args.ctx), "--batch", *map(str, args.batch)] + (["--eager"] if args.eager else [])
+               "--ctx", *map(str, args.ctx), "--batch", *map(str, args.batch)] + (["--cases", *args.cases] if args.cases else []) + (["--eager"] if args.eager else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         # which CUDA-graph modes the engine captured, as vLLM logs them
