@@ -97,14 +97,14 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--backend", backend, "--budget", str(args.budget), "--out", str(args.out),
                "--ctx", *map(str, args.ctx), "--batch", *map(str, args.batch)] + (["--cases", *args.cases] if args.cases else []) + (["--eager"] if args.eager else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        done = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        print("\n".join(json.dumps(row) for row in done), flush=True)
+        rows += done
         # which CUDA-graph modes the engine captured, as vLLM logs them
         graph_lines = [line for line in proc.stderr.splitlines() if "graph" in line.lower() and "captur" in line.lower()]
         print(f"[{backend}] " + "\n[{backend}] ".join(graph_lines[-6:]), file=sys.stderr)
         if proc.returncode:
             print(proc.stderr[-4000:], file=sys.stderr)
-    for row in rows:
-        print(json.dumps(row))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
