@@ -102,7 +102,7 @@ def main() -> None:
         rows += done
         # which CUDA-graph modes the engine captured, as vLLM logs them
         graph_lines = [line for line in proc.stderr.splitlines() if "graph" in line.lower() and "captur" in line.lower()]
-        print(f"[{backend}] " + "\n[{backend}] ".join(graph_lines[-6:]), file=sys.stderr)
+        print(f"[{backend}] " + f"\n[{backend}] ".join(graph_lines[-6:]), file=sys.stderr)
         if proc.returncode:
             print(proc.stderr[-4000:], file=sys.stderr)
     if args.json:
