@@ -31,7 +31,7 @@ def kernel_times(fn, steps: int = 20) -> dict[str, float]:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    return {e.key: round(e.self_device_time_total / steps, 2) for e in prof.key_averages() if e.device_time_total > 0}
+    return {e.key: round(e.self_device_time_total / steps, 2) for e in prof.key_averages() if e.self_device_time_total > 0}
 
 
 def sweep(args, batch: int, context: int, device) -> dict:
