@@ -304,8 +304,8 @@ def _radix_probe(keys_ptr, n, k, out_ptr, CHUNK: tl.constexpr):
 
 
 def _radix_cases():
-    """(keys, k, passes): how many radix passes each case needs before the k-th key's
-    bucket is taken whole (3 = exact ties at full precision, broken by position)."""
+    """(keys, k, full): whether the k-th key has equals at full precision (ties broken by
+    position, so every radix pass runs)."""
     g = torch.Generator().manual_seed(3)
     spread = torch.rand(300, generator=g) * 2.0 ** torch.randint(-20, 0, (300,), generator=g).float()
     one = torch.tensor(0.0123, dtype=torch.float32).view(torch.int32)
@@ -313,11 +313,11 @@ def _radix_cases():
     tied = torch.full((50,), int(one), dtype=torch.int32)
     absent = torch.full((7,), -1, dtype=torch.int32)
     return [
-        (spread.view(torch.int32), 37, None),
-        (torch.cat([close, absent]), 91, None),
-        (torch.cat([tied, absent, close]), 230, 3),  # all of close, 30 of the 50 tied
-        (torch.cat([close[:1], tied]), 20, 3),  # the k-th key has 49 equals below it
-        (spread.view(torch.int32), 300, None),  # every present key
+        (spread.view(torch.int32), 37, False),
+        (torch.cat([close, absent]), 91, False),
+        (torch.cat([tied, absent, close]), 230, True),  # all of close, 30 of the 50 tied
+        (torch.cat([close[:1], tied]), 20, True),  # the k-th key has 49 equals below it
+        (spread.view(torch.int32), 300, False),  # every present key
     ]
 
 
@@ -326,7 +326,7 @@ def _radix_cases():
 def test_radix_select_is_exact(case, chunk):
     """The threshold the top-k kernel's radix select returns picks exactly the k largest keys
     (prefix above, then the first take_equal equal prefixes), whatever pass it stops at."""
-    keys, k, passes = _radix_cases()[case]
+    keys, k, full = _radix_cases()[case]
     keys = keys[torch.randperm(keys.numel())].to(DEV)
     out = torch.zeros(3, dtype=torch.int32, device=DEV)
     _radix_probe[(1,)](keys, keys.numel(), k, out, CHUNK=chunk)
@@ -337,7 +337,7 @@ def test_radix_select_is_exact(case, chunk):
     assert 0 <= take_equal <= int(equal.sum()) and int(above.sum()) + take_equal == k
     chosen = keys[above | (equal & (equal.cumsum(0) <= take_equal))]
     assert torch.equal(chosen.sort().values, keys[keys >= 0].sort().values[-k:])
-    if passes == 3:
+    if full:
         assert shift == 0 and take_equal < int(equal.sum())
 
 

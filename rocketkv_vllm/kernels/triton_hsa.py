@@ -8,8 +8,8 @@
                         strides over that request's own tiles, so the grid depends on the
                         batch size only and short requests cost no empty programs;
 3. top-k   (B, Hkv):    group-softmax-mean page scores, then an exact radix select of the
-                        k-th largest score (histogram passes over 11/10/10-bit digits of
-                        the float bits, stopping once the boundary bucket is taken whole)
+                        k-th largest score (histogram passes over 8-bit digits of the
+                        float bits, stopping once the boundary bucket is taken whole)
                         and one compaction pass writing the chosen logical pages in
                         ascending order (ties broken by lower page).
 
@@ -45,8 +45,8 @@ PAGE_CHUNK, STAT_CHUNK = 4096, 256
 # 4-byte scratch elements (logits, keys, tile statistics, masked queries) held at once
 # (256 MiB); bigger batches are scored in row groups. The output page lists are extra.
 SCRATCH_ELEMENTS = 1 << 26
-# logits programs per SM: one resident wave (4 warps, ~137 registers), each pipelining several tiles
-LOGIT_PROGRAMS_PER_SM = 3
+# logits programs per SM (several resident waves of 4-warp programs: measured best on the H100)
+LOGIT_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -100,15 +100,6 @@ def _summary_rows(bt, t, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr,
 
 
 @triton.jit
-def _summary_load(kv_ptr, row, valid, d, dm, min_offset):
-    """The max and min summary rows [TILE, BLOCK_D] of a tile's pages (zeros where not valid)."""
-    lm = valid[:, None] & dm[None, :]
-    kmax = tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0)
-    kmin = tl.load(kv_ptr + row[:, None] + min_offset + d[None, :], mask=lm, other=0.0)
-    return kmax, kmin
-
-
-@triton.jit
 def _hsa_logits_kernel(
     kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, qm_ptr, temp_ptr,
     logit_ptr, tmax_ptr, tsum_ptr,
@@ -139,20 +130,14 @@ def _hsa_logits_kernel(
         # the masked queries.
         dm = d < D
         bt = bt_ptr + b * s_bt
-        # software pipeline: a tile's summaries load one iteration ahead of its compute and
-        # its block numbers two iterations ahead (each waits on the other's result)
         nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
-        nmax, nmin = _summary_load(kv_ptr, nrow, nvalid, d, dm, PPB * s_cr)
-        nv2, nplen2, nvalid2, nrow2 = _summary_rows(bt, s + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
         for t in range(s, tl.cdiv(n, TILE), ns):
-            v, plen, valid = nv, nplen, nvalid
-            kmax = nan_to_zero(nmax.to(tl.float32))
-            kmin = nan_to_zero(nmin.to(tl.float32))
-            nv, nplen, nvalid = nv2, nplen2, nvalid2
-            nmax, nmin = _summary_load(kv_ptr, nrow2, nvalid2, d, dm, PPB * s_cr)
-            nv2, nplen2, nvalid2, nrow2 = _summary_rows(
-                bt, t + 2 * ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE
-            )
+            v, plen, valid, row = nv, nplen, nvalid, nrow
+            lm = valid[:, None] & dm[None, :]
+            kmax = nan_to_zero(tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0).to(tl.float32))
+            kmin = nan_to_zero(tl.load(kv_ptr + row[:, None] + PPB * s_cr + d[None, :], mask=lm, other=0.0).to(tl.float32))
+            # the next tile's block numbers load while this tile computes
+            nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
             log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
             for gi in tl.static_range(G):
                 qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + d)
@@ -193,16 +178,14 @@ def _radix_select(keys, n, k, CHUNK: tl.constexpr):
     """The k-th largest of n non-negative int32 keys (-1 = absent; 0 < k <= present keys):
     (threshold, shift, take_equal) such that the top k are the keys with
     key >> shift > threshold >> shift plus the first take_equal with key >> shift equal.
-    Digits of 11/10/10 bits (exponent and top mantissa bits first); it stops as soon as
-    the k-th key's bucket is taken whole, usually after two passes."""
-    threshold, remaining, in_bucket = _radix_digit(keys, n, tl.zeros([], tl.int32), k, 20, 31, CHUNK)
-    shift = tl.zeros([], tl.int32) + 20
-    if in_bucket != remaining:
-        threshold, remaining, in_bucket = _radix_digit(keys, n, threshold, remaining, 10, 20, CHUNK)
-        shift = tl.zeros([], tl.int32) + 10
+    Digits of 7/8/8/8 bits (256-bin histograms: wider ones cost more than the pass they
+    save); it stops as soon as the k-th key's bucket is taken whole."""
+    threshold, remaining, in_bucket = _radix_digit(keys, n, tl.zeros([], tl.int32), k, 24, 31, CHUNK)
+    shift = tl.zeros([], tl.int32) + 24
+    for i in tl.static_range(3):
         if in_bucket != remaining:
-            threshold, remaining, in_bucket = _radix_digit(keys, n, threshold, remaining, 0, 10, CHUNK)
-            shift = tl.zeros([], tl.int32)
+            threshold, remaining, in_bucket = _radix_digit(keys, n, threshold, remaining, 16 - 8 * i, 24 - 8 * i, CHUNK)
+            shift = tl.zeros([], tl.int32) + (16 - 8 * i)
     return threshold, shift, remaining
 
 
