@@ -4,6 +4,7 @@ import functools
 import gc
 
 import pytest
+import torch
 
 from engine_utils import free_blocks, greedy, run_steps, scheduler, tiny_llama, token_ids, token_prompt, total_usable_blocks
 
@@ -176,6 +177,8 @@ print("RESULT", json.dumps([layer.impl._ops.backend, tokens]))
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU every engine test runs the Triton kernels natively; this brings them to CPU CI")
 def test_triton_kernel_path_matches_reference_path(llm, tmp_path):
     """The GPU path's kernels (here under the Triton interpreter, which must be on before
     triton is imported: a fresh process) inside the engine give the reference path's tokens,
