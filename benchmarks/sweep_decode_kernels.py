@@ -1,6 +1,6 @@
 """Decode kernels on a GPU, one by one: device time of each kernel of select + attend (torch
 profiler), and the select / attend time as the number of programs per (request, KV head)
-changes (CUDA-graph replay). Llama-3.1-8B shapes, rocketkv mode (as bench_kernels.py).
+and the logits kernel's tile change (CUDA-graph replay). Llama-3.1-8B shapes, rocketkv mode (as bench_kernels.py).
 
     python benchmarks/sweep_decode_kernels.py --batches 1,8 --contexts 32768,131072
 """
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import Setup, bench  # noqa: E402
 
 from rocketkv_vllm.algorithms.budget import split_budget  # noqa: E402
+from rocketkv_vllm.kernels import triton_hsa  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
 from rocketkv_vllm.kernels.triton_common import num_sms  # noqa: E402
 
@@ -58,6 +59,12 @@ def sweep(args, batch: int, context: int, device) -> dict:
     result["select_ms_by_programs_per_sm"] = {
         f: bench(lambda f=f: select(-(-f * sms // units)), device, graph=True) for f in (1, 2, 3, 4, 8)
     }
+    default_tile = triton_hsa.LOGIT_TILE
+    result["select_ms_by_logit_tile"] = {}
+    for tile in (16, 32):
+        triton_hsa.LOGIT_TILE = tile
+        result["select_ms_by_logit_tile"][tile] = bench(select, device, graph=True)
+    triton_hsa.LOGIT_TILE = default_tile
     result["attend_ms_by_programs_per_sm"] = {
         f: bench(lambda f=f: attend(-(-f * sms // units)), device, graph=True) for f in (1, 2, 4, 8)
     }

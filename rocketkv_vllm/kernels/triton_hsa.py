@@ -3,11 +3,13 @@
 1. prep    (B, Hkv):    top-r channel mask of the group's mean |q|, masked queries,
                         SparQ temperature per query head;
 2. logits  (B, Hkv, S): approximate page logits on the chosen channels from the page
-                        max/min summaries, per tile of live pages, plus per-tile softmax
-                        statistics; each of the S programs of a (request, KV head)
+                        max/min summaries, per tile of live pages (nothing else: every
+                        cross-thread reduction here costs a barrier per tile and head);
+                        each of the S programs of a (request, KV head)
                         strides over that request's own tiles, so the grid depends on the
                         batch size only and short requests cost no empty programs;
-3. top-k   (B, Hkv):    group-softmax-mean page scores, then an exact radix select of the
+3. top-k   (B, Hkv):    each query head's softmax statistics over its logits, the
+                        group-softmax-mean page scores, then an exact radix select of the
                         k-th largest score (histogram passes over 8-bit digits of the
                         float bits, stopping once the boundary bucket is taken whole)
                         and one compaction pass writing the chosen logical pages in
@@ -40,13 +42,13 @@ from rocketkv_vllm.kernels.triton_common import (
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.reference import PageSelection
 
-# pages per step of the top-k kernel's page passes, tiles per step of its statistics pass
-PAGE_CHUNK, STAT_CHUNK = 4096, 256
-# 4-byte scratch elements (logits, keys, tile statistics, masked queries) held at once
+PAGE_CHUNK = 4096  # pages per step of the top-k kernel's passes
+# 4-byte scratch elements (logits, keys, masked queries) held at once
 # (256 MiB); bigger batches are scored in row groups. The output page lists are extra.
 SCRATCH_ELEMENTS = 1 << 26
 # logits programs per SM (several resident waves of 4-warp programs: measured best on the H100)
 LOGIT_PROGRAMS_PER_SM = 8
+LOGIT_TILE = 16  # pages per step of a logits program
 
 
 @triton.jit
@@ -102,9 +104,9 @@ def _summary_rows(bt, t, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr,
 @triton.jit
 def _hsa_logits_kernel(
     kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, qm_ptr, temp_ptr,
-    logit_ptr, tmax_ptr, tsum_ptr,
+    logit_ptr,
     s_cb, s_ch, s_cr, s_bt,
-    D, NPV, NT,
+    D, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
     G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
@@ -145,11 +147,6 @@ def _hsa_logits_kernel(
                 logit = bound / tl.load(temp_ptr + qbase + gi) + log_len
                 logit = tl.where(valid, logit, float("-inf"))
                 tl.store(logit_ptr + ((b * nh + h) * G + gi) * NPV + v, logit, mask=v < n)
-                m = tl.max(logit, axis=0)
-                m_safe = tl.where(m == float("-inf"), 0.0, m)
-                stat = ((b * nh + h) * NT + t) * G_P + gi
-                tl.store(tmax_ptr + stat, m)
-                tl.store(tsum_ptr + stat, tl.sum(tl.exp(logit - m_safe), axis=0))
 
 
 @triton.jit
@@ -192,10 +189,9 @@ def _radix_select(keys, n, k, CHUNK: tl.constexpr):
 @triton.jit
 def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
-    logit_ptr, tmax_ptr, tsum_ptr, key_ptr, idx_ptr, cnt_ptr,
-    NPV, NT,
-    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
-    STAT_CHUNK: tl.constexpr,
+    logit_ptr, key_ptr, idx_ptr, cnt_ptr,
+    NPV,
+    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -207,31 +203,28 @@ def _hsa_topk_kernel(
     k = tl.load(k_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
     n = tl.minimum(n, NPV)  # never past the block table
-    # the page passes see CHUNK pages at once (one iteration for most requests); the pass
-    # over [tiles, group] statistics takes STAT_CHUNK tiles at a time
-    c = tl.arange(0, CHUNK)
-    sc = tl.arange(0, STAT_CHUNK)
+    c = tl.arange(0, CHUNK)  # pages per step (one step for most requests)
     keys = key_ptr + bh * NPV
     idx = idx_ptr + bh * NPV  # page lists are as wide as the virtual pages can be
     threshold = tl.zeros([], tl.int32)
     shift = tl.zeros([], tl.int32)
     take_equal = tl.zeros([], tl.int32) + NPV  # pages whose key prefix equals threshold's taken, lowest first
     if k < n:
-        # softmax statistics of each query head over all tiles
+        # softmax statistics of each query head over its page logits (online over chunks)
         g = tl.arange(0, G_P)
         gm = g < G
-        ntiles = tl.cdiv(n, TILE)
         m = tl.full([G_P], float("-inf"), tl.float32)
         ssum = tl.zeros([G_P], tl.float32)
-        for t0 in range(0, ntiles, STAT_CHUNK):
-            tm = (t0 + sc) < ntiles
-            st = (bh * NT + t0 + sc)[:, None] * G_P + g[None, :]
-            pm = tl.load(tmax_ptr + st, mask=tm[:, None] & gm[None, :], other=float("-inf"))
-            ps = tl.load(tsum_ptr + st, mask=tm[:, None] & gm[None, :], other=0.0)
-            m_new = tl.maximum(m, tl.max(pm, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            ssum = ssum * tl.exp(m - m_safe) + tl.sum(ps * tl.exp(pm - m_safe[None, :]), axis=0)
-            m = m_new
+        for v0 in range(0, n, CHUNK):
+            v = v0 + c
+            for gi in tl.static_range(G):
+                lg = tl.load(logit_ptr + (bh * G + gi) * NPV + v, mask=v < n, other=float("-inf"))
+                m_g = tl.sum(tl.where(g == gi, m, 0.0))
+                m_new = tl.maximum(m_g, tl.max(lg, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s_g = tl.sum(tl.where(g == gi, ssum, 0.0)) * tl.exp(m_g - m_safe) + tl.sum(tl.exp(lg - m_safe), axis=0)
+                m = tl.where(g == gi, m_new, m)
+                ssum = tl.where(g == gi, s_g, ssum)
         ok = gm & (ssum > 0)
         m = tl.where(ok, m, 0.0)
         inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
@@ -300,10 +293,10 @@ def _launch(
     ps, ppb = layout.page_size, layout.pages_per_block
     # live pages never exceed the logical pages the block table can address
     num_pages = block_table.shape[1] * ppb
-    tile = 16
+    tile = LOGIT_TILE
     num_tiles = triton.cdiv(num_pages, tile)
     # requests are scored in groups whose logits and keys fit the scratch budget
-    per_row = hkv * (num_pages * (group + 1) + 2 * num_tiles * g_p + g_p * (block_d + 1))
+    per_row = hkv * (num_pages * (group + 1) + g_p * (block_d + 1))
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
         splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
@@ -319,8 +312,6 @@ def _launch(
     qm = torch.empty(rows, hkv, g_p, block_d, dtype=torch.float32, device=device)
     temp = torch.empty(rows, hkv, g_p, dtype=torch.float32, device=device)
     logits = torch.empty(rows, hkv, group, num_pages, dtype=torch.float32, device=device)
-    tile_max = torch.empty(rows, hkv, num_tiles, g_p, dtype=torch.float32, device=device)
-    tile_sum = torch.empty_like(tile_max)
     keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
     for r0 in range(0, batch, rows):
         part = slice(r0, min(batch, r0 + rows))
@@ -330,16 +321,15 @@ def _launch(
             G_P=g_p, BLOCK_D=block_d, num_warps=4,
         )
         _hsa_logits_kernel[(n, hkv, splits)](
-            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], qm, temp, logits, tile_max, tile_sum,
+            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], qm, temp, logits,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
-            head_dim, num_pages, num_tiles,
+            head_dim, num_pages,
             G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, num_warps=4,
         )
         _hsa_topk_kernel[(n, hkv)](
-            seq[part], kp[part], ge[part], k[part], logits, tile_max, tile_sum, keys, index[part], count[part],
-            num_pages, num_tiles,
-            G=group, PS=ps, G_P=g_p, TILE=tile, CHUNK=min(PAGE_CHUNK, np2(num_pages)),
-            STAT_CHUNK=min(STAT_CHUNK, np2(num_tiles)), num_warps=16,  # 4096-page chunks fit without spills
+            seq[part], kp[part], ge[part], k[part], logits, keys, index[part], count[part], num_pages,
+            G=group, PS=ps, G_P=g_p, CHUNK=min(PAGE_CHUNK, np2(num_pages)),
+            num_warps=16,  # 4096-page chunks fit without spills
         )
     return PageSelection(index, count), keys if keep_keys else None
 
