@@ -60,7 +60,6 @@ def run_backend(args: argparse.Namespace) -> list[dict]:
         few = SamplingParams(max_tokens=WARM_STEPS + 1, temperature=0, ignore_eos=True, detokenize=False)
         many = SamplingParams(max_tokens=WARM_STEPS + args.out + 1, temperature=0, ignore_eos=True, detokenize=False)
         llm.generate(prompts, few, use_tqdm=False)
-        torch.cuda.synchronize()
         t0 = time.time()
         llm.generate(prompts, few, use_tqdm=False)
         t1 = time.time()

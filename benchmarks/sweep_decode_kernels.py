@@ -61,10 +61,12 @@ def sweep(args, batch: int, context: int, device) -> dict:
     }
     default_tile = triton_hsa.LOGIT_TILE
     result["select_ms_by_logit_tile"] = {}
-    for tile in (16, 32):
-        triton_hsa.LOGIT_TILE = tile
-        result["select_ms_by_logit_tile"][tile] = bench(select, device, graph=True)
-    triton_hsa.LOGIT_TILE = default_tile
+    try:
+        for tile in (16, 32):
+            triton_hsa.LOGIT_TILE = tile
+            result["select_ms_by_logit_tile"][tile] = bench(select, device, graph=True)
+    finally:
+        triton_hsa.LOGIT_TILE = default_tile
     result["attend_ms_by_programs_per_sm"] = {
         f: bench(lambda f=f: attend(-(-f * sms // units)), device, graph=True) for f in (1, 2, 4, 8)
     }

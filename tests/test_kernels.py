@@ -274,6 +274,22 @@ def test_hsa_select_in_many_chunks(monkeypatch):
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
 
 
+def test_hsa_select_survives_overflowing_logits():
+    """Queries so large that page bounds overflow (inf - inf = NaN): every head still gets
+    exactly min(k, live pages) distinct live pages."""
+    layout, kv, table, seq, keep, gap, query, _, _ = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], 5)
+    query[0, 0] = 3e38
+    query[1, 4:] = -3e38
+    k = 10
+    out = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, HEAD_DIMS[0], k)
+    live = R.page_lengths(seq, keep, gap, table.shape[1] * layout.pages_per_block, layout.page_size) > 0
+    for b in range(len(seq)):
+        for h in range(kv.shape[1]):
+            pages = chosen_pages(out, b, h)
+            assert len(pages) == min(k, int(live[b].sum())), (b, h, pages)
+            assert live[b, pages].all() and torch.equal(pages, pages.unique())
+
+
 @pytest.mark.parametrize("top_pages", [1, 3, 1 << 30])
 def test_hsa_select_int_budgets(top_pages):
     layout, kv, table, seq, keep, gap, query, _, _ = _select_inputs(4, 16, 4, torch.float32, HEAD_DIMS[0], 5)

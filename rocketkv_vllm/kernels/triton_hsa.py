@@ -172,7 +172,8 @@ def _radix_digit(keys, n, threshold, remaining, SHIFT: tl.constexpr, TOP: tl.con
 
 @triton.jit
 def _radix_select(keys, n, k, CHUNK: tl.constexpr):
-    """The k-th largest of n non-negative int32 keys (-1 = absent; 0 < k <= present keys):
+    """The k-th largest of n non-negative int32 keys (-1 = absent; k <= present keys, and
+    k <= 0 selects none):
     (threshold, shift, take_equal) such that the top k are the keys with
     key >> shift > threshold >> shift plus the first take_equal with key >> shift equal.
     Digits of 7/8/8/8 bits (256-bin histograms: wider ones cost more than the pass they
@@ -228,20 +229,21 @@ def _hsa_topk_kernel(
         ok = gm & (ssum > 0)
         m = tl.where(ok, m, 0.0)
         inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
-        # page scores as order-preserving int32 keys (scores are >= 0; -1 = not selectable)
+        # page scores as order-preserving int32 keys (scores are >= 0; -1 = not selectable).
+        # The selectable pages are exactly the live ones (as in the all-pages case below),
+        # and a NaN score (logits overflowed) ranks lowest instead of turning negative.
         n_valid = tl.zeros([], tl.int32)
         for v0 in range(0, n, CHUNK):
             v = v0 + c
             vm = v < n
             score = tl.zeros([CHUNK], tl.float32)
-            best = tl.full([CHUNK], float("-inf"), tl.float32)
             for gi in tl.static_range(G):  # one query head at a time: no padding to G_P rows
                 lg = tl.load(logit_ptr + (bh * G + gi) * NPV + v, mask=vm, other=float("-inf"))
                 m_g = tl.sum(tl.where(g == gi, m, 0.0))
                 inv_g = tl.sum(tl.where(g == gi, inv, 0.0))
                 score += tl.exp(lg - m_g) * inv_g
-                best = tl.maximum(best, lg)
-            valid = vm & (best > float("-inf"))
+            score = tl.where(score == score, score, 0.0)
+            valid = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
             key = tl.where(valid, score.to(tl.int32, bitcast=True), -1)
             tl.store(keys + v, key, mask=vm)
             n_valid += tl.sum(valid.to(tl.int32))
