@@ -1,6 +1,7 @@
 """Decode kernels on a GPU, one by one: device time of each kernel of select + attend (torch
 profiler), and the select / attend time as the number of programs per (request, KV head)
-and the logits kernel's tile change (CUDA-graph replay). Llama-3.1-8B shapes, rocketkv mode (as bench_kernels.py).
+and the logits kernel's tile change (CUDA-graph replay). Llama-3.1-8B shapes, rocketkv and/or mt
+mode (as bench_kernels.py).
 
     python benchmarks/sweep_decode_kernels.py --batches 1,8 --contexts 32768,131072
 """
@@ -35,11 +36,13 @@ def kernel_times(fn, steps: int = 20) -> dict[str, float]:
     return {e.key: round(e.self_device_time_total / steps, 2) for e in prof.key_averages() if e.self_device_time_total > 0}
 
 
-def sweep(args, batch: int, context: int, device) -> dict:
+def sweep(args, batch: int, context: int, mode: str, device) -> dict:
     s = Setup(args, batch, context, device)
-    split = split_budget(context, 0, args.budget, s.d, args.block_size, window=32, evict=True, page_size=args.page_size)
-    s.keep.fill_(split.prompt_keep)
-    s.gap.fill_(context - 64)
+    evict = mode == "rocketkv"
+    split = split_budget(context, 0, args.budget, s.d, args.block_size, window=32, evict=evict, page_size=args.page_size)
+    if evict:  # the kept prompt pages of stage 1, then 64 decoded tokens
+        s.keep.fill_(split.prompt_keep)
+        s.gap.fill_(context - 64)
     channels = torch.full((batch,), split.top_channels, dtype=torch.int32, device=device)
     pages_k = torch.full((batch,), split.top_k // args.page_size, dtype=torch.int32, device=device)
     lay = s.layout
@@ -55,7 +58,7 @@ def sweep(args, batch: int, context: int, device) -> dict:
 
     units = batch * s.hkv
     sms = num_sms(device)
-    result = {"batch": batch, "context": context, "kernels_us": kernel_times(lambda: (select(), attend()))}
+    result = {"mode": mode, "top_channels": split.top_channels, "batch": batch, "context": context, "kernels_us": kernel_times(lambda: (select(), attend()))}
     result["select_ms_by_programs_per_sm"] = {
         f: bench(lambda f=f: select(-(-f * sms // units)), device, graph=True) for f in (1, 2, 3, 4, 8)
     }
@@ -79,13 +82,14 @@ def main() -> None:
     p.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=[1, 8])
     p.add_argument("--contexts", type=lambda x: [int(v) for v in x.split(",")], default=[32768, 131072])
     p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--modes", type=lambda x: x.split(","), default=["rocketkv"], help="rocketkv and/or mt")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.q_heads, args.kv_heads, args.head_dim, args.dtype = 32, 8, 128, "bfloat16"
     args.block_size, args.page_size = 16, 4
     device = torch.device("cuda")
     torch.manual_seed(0)
-    rows = [sweep(args, b, c, device) for c in args.contexts for b in args.batches]
+    rows = [sweep(args, b, c, m, device) for m in args.modes for c in args.contexts for b in args.batches]
     if args.out:
         Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
 

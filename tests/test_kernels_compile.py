@@ -19,9 +19,9 @@ from rocketkv_vllm.kernels import triton_attention, triton_hsa, triton_snapkv, t
 
 LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4)
 KERNELS = {
-    "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128), 4),
+    "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, R_GATHER=16), 4),
     "hsa_logits": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32",
-                   "logit_ptr": "*fp32"}, dict(LLAMA, G=4, TILE=16), 4),
+                   "logit_ptr": "*fp32"}, dict(LLAMA, G=4, TILE=16, R_GATHER=16), 4),
     "hsa_topk": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32"},
                  dict(G=4, PS=4, G_P=16, CHUNK=triton_hsa.PAGE_CHUNK), 16),
     "sparse_attn_split": (triton_attention._sparse_attn_split_kernel, {"q_ptr": "*bf16", "kv_ptr": "*bf16", "acc_ptr": "*fp32",

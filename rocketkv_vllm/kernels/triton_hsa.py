@@ -1,9 +1,10 @@
 """HSA page selection in three fixed-grid Triton kernels (CUDA-graph capturable).
 
-1. prep    (B, Hkv):    top-r channel mask of the group's mean |q|, masked queries,
-                        SparQ temperature per query head;
+1. prep    (B, Hkv):    top-r channel mask of the group's mean |q| (and list), masked
+                        queries, SparQ temperature per query head;
 2. logits  (B, Hkv, S): approximate page logits on the chosen channels from the page
-                        max/min summaries, per tile of live pages (nothing else: every
+                        max/min summaries (whole rows, or only the chosen channels when
+                        they are few), per tile of live pages (nothing else: every
                         cross-thread reduction here costs a barrier per tile and head);
                         each of the S programs of a (request, KV head)
                         strides over that request's own tiles, so the grid depends on the
@@ -53,10 +54,10 @@ LOGIT_TILE = 16  # pages per step of a logits program
 
 @triton.jit
 def _hsa_prep_kernel(
-    q_ptr, r_ptr, qm_ptr, temp_ptr,
+    q_ptr, r_ptr, qm_ptr, temp_ptr, chan_ptr,
     s_qb, s_qh,
     G, D,
-    G_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr, R_GATHER: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -86,6 +87,8 @@ def _hsa_prep_kernel(
     out = (b * nh + h) * G_P
     tl.store(qm_ptr + (out + g)[:, None] * BLOCK_D + d[None, :], qm)
     tl.store(temp_ptr + out + g, temp)
+    # the chosen channels as a list (by rank), for the logits kernel's gather path
+    tl.store(chan_ptr + (b * nh + h) * R_GATHER + rank, d, mask=chan & (rank < R_GATHER))
 
 
 @triton.jit
@@ -102,13 +105,40 @@ def _summary_rows(bt, t, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr,
 
 
 @triton.jit
+def _tile_logits(
+    kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, cmask,
+    s, ns, n, nk, tail, seq, keep, gap, h, bh, s_cb, s_ch, s_cr, NPV,
+    G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+):
+    """Logits of this program's tiles of pages from the summary channels at offsets `cols`
+    (masked by cmask): all of a row (contiguous, vector loads) or a list of chosen ones."""
+    qbase = bh * G_P
+    nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
+    for t in range(s, tl.cdiv(n, TILE), ns):
+        v, plen, valid, row = nv, nplen, nvalid, nrow
+        lm = valid[:, None] & cmask[None, :]
+        kmax = nan_to_zero(tl.load(kv_ptr + row[:, None] + cols[None, :], mask=lm, other=0.0).to(tl.float32))
+        kmin = nan_to_zero(tl.load(kv_ptr + row[:, None] + PPB * s_cr + cols[None, :], mask=lm, other=0.0).to(tl.float32))
+        # the next tile's block numbers load while this tile computes
+        nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
+        log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
+        for gi in tl.static_range(G):
+            qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + cols, mask=cmask, other=0.0)
+            bound = tl.sum(kmax * tl.maximum(qg, 0.0)[None, :] + kmin * tl.minimum(qg, 0.0)[None, :], axis=1)
+            logit = bound / tl.load(temp_ptr + qbase + gi) + log_len
+            logit = tl.where(valid, logit, float("-inf"))
+            tl.store(logit_ptr + (bh * G + gi) * NPV + v, logit, mask=v < n)
+
+
+@triton.jit
 def _hsa_logits_kernel(
-    kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, qm_ptr, temp_ptr,
+    kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, r_ptr, chan_ptr, qm_ptr, temp_ptr,
     logit_ptr,
     s_cb, s_ch, s_cr, s_bt,
     D, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
-    G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, R_GATHER: tl.constexpr,
 ):
     # Page bounds are dot products of one query row with TILE summary rows: computed as
     # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
@@ -124,29 +154,25 @@ def _hsa_logits_kernel(
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
     n = tl.minimum(n, NPV)  # never past the block table
     if tl.load(k_ptr + b) < n:  # else every live page is chosen: nothing to score
-        d = tl.arange(0, BLOCK_D)
-        qbase = (b * nh + h) * G_P
-        # Whole summary rows are read: DRAM moves 32-byte sectors (16 channels), so masking
-        # to the chosen channels saves little even at small r, and a per-channel mask turns
-        # each 16-byte vector load into eight 2-byte loads. Unchosen channels meet zeros in
-        # the masked queries.
-        dm = d < D
+        bh = b * nh + h
         bt = bt_ptr + b * s_bt
-        nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
-        for t in range(s, tl.cdiv(n, TILE), ns):
-            v, plen, valid, row = nv, nplen, nvalid, nrow
-            lm = valid[:, None] & dm[None, :]
-            kmax = nan_to_zero(tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0).to(tl.float32))
-            kmin = nan_to_zero(tl.load(kv_ptr + row[:, None] + PPB * s_cr + d[None, :], mask=lm, other=0.0).to(tl.float32))
-            # the next tile's block numbers load while this tile computes
-            nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
-            log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
-            for gi in tl.static_range(G):
-                qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + d)
-                bound = tl.sum(kmax * tl.maximum(qg, 0.0)[None, :] + kmin * tl.minimum(qg, 0.0)[None, :], axis=1)
-                logit = bound / tl.load(temp_ptr + qbase + gi) + log_len
-                logit = tl.where(valid, logit, float("-inf"))
-                tl.store(logit_ptr + ((b * nh + h) * G + gi) * NPV + v, logit, mask=v < n)
+        r = tl.load(r_ptr + b)
+        if r <= R_GATHER:
+            # few channels (r <= D / 8): read just those. Most 32-byte sectors of a row are
+            # then skipped and the products shrink D / r times.
+            j = tl.arange(0, R_GATHER)
+            jm = j < r
+            cols = tl.load(chan_ptr + bh * R_GATHER + j, mask=jm, other=0)
+            _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap, h, bh,
+                         s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, BLOCK_D, TILE)
+        else:
+            # Whole summary rows: DRAM moves 32-byte sectors (16 channels), so masking to
+            # the chosen channels saves little at larger r, and a per-channel mask would turn
+            # each 16-byte vector load into eight 2-byte loads. Unchosen channels meet
+            # zeros in the masked queries.
+            d = tl.arange(0, BLOCK_D)
+            _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, d, d < D, s, ns, n, nk, tail, seq, keep, gap, h, bh,
+                         s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, BLOCK_D, TILE)
 
 
 @triton.jit
@@ -273,6 +299,12 @@ def _hsa_topk_kernel(
     tl.store(cnt_ptr + bh, written)
 
 
+def gather_channels(head_dim: int) -> int:
+    """Requests choosing at most this many channels (a power of two near head_dim / 8)
+    have the logits kernel read just those channels of each summary row."""
+    return np2(max(1, head_dim // 8) + 1) // 2
+
+
 def _launch(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -298,7 +330,8 @@ def _launch(
     tile = LOGIT_TILE
     num_tiles = triton.cdiv(num_pages, tile)
     # requests are scored in groups whose logits and keys fit the scratch budget
-    per_row = hkv * (num_pages * (group + 1) + g_p * (block_d + 1))
+    r_gather = gather_channels(head_dim)
+    per_row = hkv * (num_pages * (group + 1) + g_p * (block_d + 1) + r_gather)
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
         splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
@@ -313,20 +346,22 @@ def _launch(
     count = torch.empty(batch, hkv, dtype=torch.int32, device=device)
     qm = torch.empty(rows, hkv, g_p, block_d, dtype=torch.float32, device=device)
     temp = torch.empty(rows, hkv, g_p, dtype=torch.float32, device=device)
+    chan = torch.empty(rows, hkv, r_gather, dtype=torch.int32, device=device)
     logits = torch.empty(rows, hkv, group, num_pages, dtype=torch.float32, device=device)
     keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
     for r0 in range(0, batch, rows):
         part = slice(r0, min(batch, r0 + rows))
         n = part.stop - r0
         _hsa_prep_kernel[(n, hkv)](
-            query[part], r[part], qm, temp, query.stride(0), query.stride(1), group, head_dim,
-            G_P=g_p, BLOCK_D=block_d, num_warps=4,
+            query[part], r[part], qm, temp, chan, query.stride(0), query.stride(1), group, head_dim,
+            G_P=g_p, BLOCK_D=block_d, R_GATHER=r_gather, num_warps=4,
         )
         _hsa_logits_kernel[(n, hkv, splits)](
-            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], qm, temp, logits,
+            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
-            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, num_warps=4,
+            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, R_GATHER=r_gather,
+            num_warps=4,
         )
         _hsa_topk_kernel[(n, hkv)](
             seq[part], kp[part], ge[part], k[part], logits, keys, index[part], count[part], num_pages,
