@@ -290,6 +290,30 @@ def test_hsa_select_survives_overflowing_logits():
             assert live[b, pages].all() and torch.equal(pages, pages.unique())
 
 
+@pytest.mark.parametrize("head_dim", [32, 24])
+def test_hsa_gathered_channels_score_like_whole_rows(head_dim):
+    """Few chosen channels (r <= gather_channels: the logits kernel reads only those) give the
+    oracle's page scores, at r = 1 and r = the gather limit, also when head_dim is not a
+    power of two; NaN query channels rank first and read nothing out of bounds."""
+    from rocketkv_vllm.kernels.triton_hsa import gather_channels
+
+    layout, kv, table, seq, keep, gap, _, _, _ = _select_inputs(4, 16, 4, torch.float32, head_dim, 17)
+    query = torch.randn(len(seq), kv.shape[1] * 4, head_dim, device=DEV)
+    limit = gather_channels(head_dim)
+    top_channels = torch.tensor([1, limit, limit, 1, limit], device=DEV)
+    scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels)
+    got = T.hsa_page_scores(query, kv, layout, table, seq, keep, gap, top_channels)[..., : scores.shape[-1]]
+    torch.testing.assert_close(got.masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
+    query[0, :4] = float("nan")  # a whole query group
+    query[2, :4, 1] = float("nan")  # one channel of a group
+    out = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, top_channels, 3)
+    live = R.page_lengths(seq, keep, gap, table.shape[1] * layout.pages_per_block, layout.page_size) > 0
+    for b in range(len(seq)):
+        for h in range(kv.shape[1]):
+            pages = chosen_pages(out, b, h)
+            assert len(pages) == min(3, int(live[b].sum())) and live[b, pages].all()
+
+
 @pytest.mark.parametrize("top_pages", [1, 3, 1 << 30])
 def test_hsa_select_int_budgets(top_pages):
     layout, kv, table, seq, keep, gap, query, _, _ = _select_inputs(4, 16, 4, torch.float32, HEAD_DIMS[0], 5)

@@ -71,6 +71,9 @@ def _hsa_prep_kernel(
     q = q.to(tl.float32)
     qa = tl.abs(q)
     score = tl.sum(qa, axis=0) / G
+    # NaN ranks first (as in torch.topk) so that the ranks stay a permutation and the
+    # channel list below has no unwritten slots
+    score = tl.where(score != score, float("inf"), score)
     score = tl.where(dm, score, -1.0)
     # rank of channel c = #channels strictly larger + #equal channels with a lower index
     sc = score[None, :]
@@ -163,6 +166,7 @@ def _hsa_logits_kernel(
             j = tl.arange(0, R_GATHER)
             jm = j < r
             cols = tl.load(chan_ptr + bh * R_GATHER + j, mask=jm, other=0)
+            cols = tl.minimum(tl.maximum(cols, 0), D - 1)  # never outside the row, whatever the query
             _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap, h, bh,
                          s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, BLOCK_D, TILE)
         else:
