@@ -4,7 +4,8 @@ Grid (B, Hkv, S): the S programs of a (request, KV head) split that head's chose
 evenly at run time, so the grid depends on the batch size only (CUDA graphs) and work is
 balanced whatever each request's budget. All query heads of the GQA group share each
 K/V read. The next chunk's page and block numbers are loaded one iteration ahead, so
-the K/V loads never wait on the two dependent index loads.
+the K/V loads never wait on the two dependent index loads. A reduce kernel (one program
+per query head) then combines the splits.
 """
 from __future__ import annotations
 
