@@ -23,7 +23,7 @@ from rocketkv_vllm.algorithms.hsa import (  # noqa: E402
 )
 from rocketkv_vllm.algorithms.snapkv import window_scores  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
-from rocketkv_vllm.kernels.triton_hsa import _radix_select  # noqa: E402
+from rocketkv_vllm.kernels.triton_hsa import _radix_refine, _radix_select  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 from rocketkv_vllm.ops import reference as R  # noqa: E402
 
@@ -338,8 +338,14 @@ def test_hsa_select_ties_take_lowest_pages():
 
 
 @triton.jit
-def _radix_probe(keys_ptr, n, k, out_ptr, CHUNK: tl.constexpr):
-    threshold, shift, take_equal = _radix_select(keys_ptr, n, k, CHUNK)
+def _radix_probe(keys_ptr, n, k, out_ptr, CHUNK: tl.constexpr, IN_REGS: tl.constexpr, W: tl.constexpr):
+    if IN_REGS:  # the top-k kernel's one-chunk path: keys in registers
+        c = tl.arange(0, CHUNK)
+        key = tl.load(keys_ptr + c, mask=c < n, other=-1)
+        top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
+        threshold, shift, take_equal = _radix_refine(key, n, top_hist, k, CHUNK, True, W)
+    else:
+        threshold, shift, take_equal = _radix_select(keys_ptr, n, k, CHUNK, W)
     tl.store(out_ptr, threshold)
     tl.store(out_ptr + 1, shift)
     tl.store(out_ptr + 2, take_equal)
@@ -364,14 +370,15 @@ def _radix_cases():
 
 
 @pytest.mark.parametrize("case", range(5))
-@pytest.mark.parametrize("chunk", [16, 512])
-def test_radix_select_is_exact(case, chunk):
+@pytest.mark.parametrize("chunk,in_regs", [(16, False), (512, False), (512, True)])
+@pytest.mark.parametrize("digit_bits", [4, 8])
+def test_radix_select_is_exact(case, chunk, in_regs, digit_bits):
     """The threshold the top-k kernel's radix select returns picks exactly the k largest keys
     (prefix above, then the first take_equal equal prefixes), whatever pass it stops at."""
     keys, k, full = _radix_cases()[case]
     keys = keys[torch.randperm(keys.numel())].to(DEV)
     out = torch.zeros(3, dtype=torch.int32, device=DEV)
-    _radix_probe[(1,)](keys, keys.numel(), k, out, CHUNK=chunk)
+    _radix_probe[(1,)](keys, keys.numel(), k, out, CHUNK=chunk, IN_REGS=in_regs, W=digit_bits)
     threshold, shift, take_equal = out.tolist()
     prefix = keys.long() >> shift
     above = (keys >= 0) & (prefix > (threshold >> shift))

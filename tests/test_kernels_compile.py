@@ -23,7 +23,9 @@ KERNELS = {
     "hsa_logits": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32",
                    "logit_ptr": "*fp32"}, dict(LLAMA, G=4, TILE=16, R_GATHER=16), 4),
     "hsa_topk": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32"},
-                 dict(G=4, PS=4, G_P=16, CHUNK=triton_hsa.PAGE_CHUNK), 16),
+                 dict(G=4, PS=4, G_P=4, CHUNK=triton_hsa.topk_chunk(4), W_REGS=4, W_MEMORY=8), 16),
+    "hsa_topk_group8": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32"},
+                        dict(G=8, PS=4, G_P=8, CHUNK=triton_hsa.topk_chunk(8), W_REGS=4, W_MEMORY=8), 16),
     "sparse_attn_split": (triton_attention._sparse_attn_split_kernel, {"q_ptr": "*bf16", "kv_ptr": "*bf16", "acc_ptr": "*fp32",
                           "m_ptr": "*fp32", "l_ptr": "*fp32", "scale": "fp32"}, dict(BS=16, PS=4, G_P=16, BLOCK_D=128, TOK=64, LOWP=True), 4),
     "sparse_attn_reduce": (triton_attention._sparse_attn_reduce_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
@@ -78,7 +80,7 @@ def ptxas_reports():
 
 
 @pytest.mark.parametrize("kernel", [
-    "hsa_prep", "hsa_logits", "hsa_topk", "sparse_attn_split", "sparse_attn_reduce", "write_kv",
+    "hsa_prep", "hsa_logits", "hsa_topk", "hsa_topk_group8", "sparse_attn_split", "sparse_attn_reduce", "write_kv",
     "snapkv_window_stats", "snapkv_window_accum", "compact_gather", "compact_scatter",
 ])
 def test_kernel_compiles_for_sm90_without_spills(ptxas_reports, kernel):

@@ -87,9 +87,14 @@ def logical_page(v, nk, tail):
 
 @triton.jit
 def page_len(p, seq, keep, gap, PS: tl.constexpr):
-    """Live tokens of logical pages p [TILE]."""
-    pos = p[:, None] * PS + tl.arange(0, PS)[None, :]
-    return tl.sum(live_tokens(pos, seq, keep, gap).to(tl.int32), axis=1)
+    """Live tokens of logical pages p: the live positions are [0, min(keep, seq)) and
+    [max(gap, keep), seq), two disjoint ranges, each intersected with the page in closed form
+    (element-wise, so it costs no [pages, PS] tensor)."""
+    start = p * PS
+    end = start + PS
+    before_keep = tl.maximum(tl.minimum(end, tl.minimum(keep, seq)) - start, 0)
+    after_gap = tl.maximum(tl.minimum(end, seq) - tl.maximum(start, tl.maximum(gap, keep)), 0)
+    return before_keep + after_gap
 
 
 @triton.jit

@@ -43,13 +43,18 @@ from rocketkv_vllm.kernels.triton_common import (
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.reference import PageSelection
 
-PAGE_CHUNK = 4096  # pages per step of the top-k kernel's passes
+PAGE_CHUNK = 4096  # pages per step of the top-k kernel's passes (groups of up to 4 query heads)
 # 4-byte scratch elements (logits, keys, masked queries) held at once
 # (256 MiB); bigger batches are scored in row groups. The output page lists are extra.
 SCRATCH_ELEMENTS = 1 << 26
 # logits programs per SM (several resident waves of 4-warp programs: measured best on the H100)
 LOGIT_PROGRAMS_PER_SM = 8
 LOGIT_TILE = 16  # pages per step of a logits program
+# radix digits after the 7-bit top one. A histogram pass over keys in registers costs about
+# its bins (16 bins ~0.5 us, 256 ~2.5 us on the H100), so 4-bit digits win there; over keys in
+# memory each pass also reads them back, so 8-bit digits (fewer passes) win.
+RADIX_BITS_REGISTERS = 4
+RADIX_BITS_MEMORY = 8
 
 
 @triton.jit
@@ -180,41 +185,109 @@ def _hsa_logits_kernel(
 
 
 @triton.jit
-def _radix_digit(keys, n, threshold, remaining, SHIFT: tl.constexpr, TOP: tl.constexpr, CHUNK: tl.constexpr):
-    """One radix-select pass over key bits [SHIFT, TOP) of the keys whose bits >= TOP equal
-    threshold's: the digit of the `remaining`-th largest of them is set in threshold.
-    Returns (threshold, keys still to take from that digit's bucket, keys in the bucket)."""
-    NB: tl.constexpr = 1 << (TOP - SHIFT)
-    c = tl.arange(0, CHUNK)
-    hist = tl.zeros([NB], tl.int32)
-    for v0 in range(0, n, CHUNK):
-        v = v0 + c
-        key = tl.load(keys + v, mask=v < n, other=-1)
-        same_prefix = (key >= 0) & ((key >> TOP) == (threshold >> TOP))
-        hist += tl.histogram((key >> SHIFT) & (NB - 1), NB, mask=same_prefix)
-    bins = tl.arange(0, NB)
-    at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # keys with digit >= bin
-    digit = tl.max(tl.where(at_least >= remaining, bins, 0))
-    above = tl.sum(tl.where(bins > digit, hist, 0))
-    in_bucket = tl.sum(tl.where(bins == digit, hist, 0))
-    return threshold | (digit << SHIFT), remaining - above, in_bucket
+def _add_add_min(a_count, a_sum, a_min, b_count, b_sum, b_min):
+    return a_count + b_count, a_sum + b_sum, tl.minimum(a_min, b_min)
 
 
 @triton.jit
-def _radix_select(keys, n, k, CHUNK: tl.constexpr):
+def _pick_digit(hist, threshold, remaining, SHIFT: tl.constexpr):
+    """Given the histogram of one digit of the keys still in the running, the digit
+    of the `remaining`-th largest of them, set into threshold. Returns (threshold, keys still
+    to take from that digit's bucket, keys in the bucket), from one scan and one reduction."""
+    at_least = tl.cumsum(hist, 0, reverse=True)  # keys with digit >= bin: non-increasing
+    reach = at_least >= remaining  # exactly the bins <= the digit
+    count, above, at_digit = tl.reduce(
+        (reach.to(tl.int32), tl.where(reach, 0, hist), tl.where(reach, at_least, 1 << 30)), 0, _add_add_min)
+    return threshold | ((count - 1) << SHIFT), remaining - above, at_digit - above
+
+
+@triton.jit
+def _digit_hist(src, n, threshold, SHIFT: tl.constexpr, TOP: tl.constexpr, CHUNK: tl.constexpr, IN_REGS: tl.constexpr):
+    """Histogram of key bits [SHIFT, TOP) over the present keys whose bits >= TOP equal
+    threshold's; src is the key tensor itself (IN_REGS) or a pointer to n keys."""
+    NB: tl.constexpr = 1 << (TOP - SHIFT)
+    if IN_REGS:
+        same_prefix = (src >= 0) & ((src >> TOP) == (threshold >> TOP))
+        hist = tl.histogram((src >> SHIFT) & (NB - 1), NB, mask=same_prefix)
+    else:
+        c = tl.arange(0, CHUNK)
+        hist = tl.zeros([NB], tl.int32)
+        for v0 in range(0, n, CHUNK):
+            key = tl.load(src + v0 + c, mask=v0 + c < n, other=-1)
+            same_prefix = (key >= 0) & ((key >> TOP) == (threshold >> TOP))
+            hist += tl.histogram((key >> SHIFT) & (NB - 1), NB, mask=same_prefix)
+    return hist
+
+
+@triton.jit
+def _radix_refine(src, n, top_hist, k, CHUNK: tl.constexpr, IN_REGS: tl.constexpr, W: tl.constexpr):
     """The k-th largest of n non-negative int32 keys (-1 = absent; k <= present keys, and
-    k <= 0 selects none):
+    k <= 0 selects none), given the histogram of their top digit (bits [24, 31)):
     (threshold, shift, take_equal) such that the top k are the keys with
     key >> shift > threshold >> shift plus the first take_equal with key >> shift equal.
-    Digits of 7/8/8/8 bits (256-bin histograms: wider ones cost more than the pass they
-    save); it stops as soon as the k-th key's bucket is taken whole."""
-    threshold, remaining, in_bucket = _radix_digit(keys, n, tl.zeros([], tl.int32), k, 24, 31, CHUNK)
+    Further digits of W bits (W divides 24), stopping as soon as the k-th key's bucket is
+    taken whole."""
+    threshold, remaining, in_bucket = _pick_digit(top_hist, tl.zeros([], tl.int32), k, 24)
     shift = tl.zeros([], tl.int32) + 24
-    for i in tl.static_range(3):
+    for i in tl.static_range(24 // W):
         if in_bucket != remaining:
-            threshold, remaining, in_bucket = _radix_digit(keys, n, threshold, remaining, 16 - 8 * i, 24 - 8 * i, CHUNK)
-            shift = tl.zeros([], tl.int32) + (16 - 8 * i)
+            hist = _digit_hist(src, n, threshold, 24 - W * (i + 1), 24 - W * i, CHUNK, IN_REGS)
+            threshold, remaining, in_bucket = _pick_digit(hist, threshold, remaining, 24 - W * (i + 1))
+            shift = tl.zeros([], tl.int32) + (24 - W * (i + 1))
     return threshold, shift, remaining
+
+
+@triton.jit
+def _radix_select(keys, n, k, CHUNK: tl.constexpr, W: tl.constexpr):
+    """_radix_refine over n keys in memory."""
+    top_hist = _digit_hist(keys, n, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
+    return _radix_refine(keys, n, top_hist, k, CHUNK, False, W)
+
+
+@triton.jit
+def _load_logits(logit_ptr, bh, v, vm, NPV, G: tl.constexpr, G_P: tl.constexpr):
+    """[G_P, CHUNK] logits of the group's query heads at virtual pages v (-inf elsewhere)."""
+    g = tl.arange(0, G_P)
+    ptr = logit_ptr + (bh * G + g[:, None]) * NPV + v[None, :]
+    return tl.load(ptr, mask=(g < G)[:, None] & vm[None, :], other=float("-inf"))
+
+
+@triton.jit
+def _online_stats(lg, m, ssum):
+    """Fold a [G_P, CHUNK] logits chunk into each head's running max and sum of exp."""
+    m_new = tl.maximum(m, tl.max(lg, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    ssum = ssum * tl.exp(m - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), axis=1)
+    return m_new, ssum
+
+
+@triton.jit
+def _page_keys(lg, m, inv, live):
+    """Group-softmax-mean page scores as order-preserving int32 keys (scores are >= 0;
+    -1 = not selectable). The selectable pages are exactly the live ones, and a NaN score
+    (logits overflowed) ranks lowest instead of turning negative."""
+    score = tl.sum(tl.exp(lg - m[:, None]) * inv[:, None], axis=0)  # the group axis is per thread
+    score = tl.where(score == score, score, 0.0)
+    return tl.where(live, score.to(tl.int32, bitcast=True), -1)
+
+
+@triton.jit
+def _write_chosen(idx, p, chosen, written):
+    """Append the chosen logical pages of one chunk (in page order) to the page list."""
+    ci = chosen.to(tl.int32)
+    slot = written + tl.cumsum(ci, 0) - ci
+    tl.store(idx + slot, p, mask=chosen)
+    return written + tl.sum(ci)
+
+
+@triton.jit
+def _chosen_by_key(key, vm, threshold, shift, take_equal, equal_seen):
+    """Pages whose key prefix is above the threshold's, and the first take_equal equal ones."""
+    prefix = key >> shift
+    eq = vm & (prefix == (threshold >> shift))
+    eq_rank = equal_seen + tl.cumsum(eq.to(tl.int32), 0) - eq.to(tl.int32)
+    chosen = vm & ((prefix > (threshold >> shift)) | (eq & (eq_rank < take_equal)))
+    return chosen, equal_seen + tl.sum(eq.to(tl.int32))
 
 
 @triton.jit
@@ -223,6 +296,7 @@ def _hsa_topk_kernel(
     logit_ptr, key_ptr, idx_ptr, cnt_ptr,
     NPV,
     G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
+    W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -234,73 +308,70 @@ def _hsa_topk_kernel(
     k = tl.load(k_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
     n = tl.minimum(n, NPV)  # never past the block table
-    c = tl.arange(0, CHUNK)  # pages per step (one step for most requests)
+    c = tl.arange(0, CHUNK)
     keys = key_ptr + bh * NPV
     idx = idx_ptr + bh * NPV  # page lists are as wide as the virtual pages can be
-    threshold = tl.zeros([], tl.int32)
-    shift = tl.zeros([], tl.int32)
-    take_equal = tl.zeros([], tl.int32) + NPV  # pages whose key prefix equals threshold's taken, lowest first
-    if k < n:
-        # softmax statistics of each query head over its page logits (online over chunks)
-        g = tl.arange(0, G_P)
-        gm = g < G
+    written = tl.zeros([], tl.int32)
+    if k >= n:  # every live page is chosen: nothing to score
+        for v0 in range(0, n, CHUNK):
+            p = logical_page(v0 + c, nk, tail)
+            written = _write_chosen(idx, p, (v0 + c < n) & (page_len(p, seq, keep, gap, PS) > 0), written)
+    elif n <= CHUNK:
+        # one chunk (most requests): logits are read once and the keys never leave registers
+        vm = c < n
+        p = logical_page(c, nk, tail)
+        lg = _load_logits(logit_ptr, bh, c, vm, NPV, G, G_P)
+        m, ssum = _online_stats(lg, tl.full([G_P], float("-inf"), tl.float32), tl.zeros([G_P], tl.float32))
+        ok = ssum > 0
+        inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
+        key = _page_keys(lg, tl.where(ok, m, 0.0), inv, vm & (page_len(p, seq, keep, gap, PS) > 0))
+        tl.store(keys + c, key, mask=vm)  # only hsa_page_scores reads them back
+        top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
+        if k < tl.sum(top_hist):
+            threshold, shift, take_equal = _radix_refine(key, n, top_hist, k, CHUNK, True, W_REGS)
+            chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, tl.zeros([], tl.int32))
+        else:  # k covers the live pages (some virtual pages may hold no live token)
+            chosen = key >= 0
+        written = _write_chosen(idx, p, chosen, written)
+    else:
+        # chunked: each head's softmax statistics, then keys to memory with their top-digit
+        # histogram, the rest of the radix select over them, and the chosen pages
         m = tl.full([G_P], float("-inf"), tl.float32)
         ssum = tl.zeros([G_P], tl.float32)
         for v0 in range(0, n, CHUNK):
-            v = v0 + c
-            for gi in tl.static_range(G):
-                lg = tl.load(logit_ptr + (bh * G + gi) * NPV + v, mask=v < n, other=float("-inf"))
-                m_g = tl.sum(tl.where(g == gi, m, 0.0))
-                m_new = tl.maximum(m_g, tl.max(lg, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s_g = tl.sum(tl.where(g == gi, ssum, 0.0)) * tl.exp(m_g - m_safe) + tl.sum(tl.exp(lg - m_safe), axis=0)
-                m = tl.where(g == gi, m_new, m)
-                ssum = tl.where(g == gi, s_g, ssum)
-        ok = gm & (ssum > 0)
+            m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + c, v0 + c < n, NPV, G, G_P), m, ssum)
+        ok = ssum > 0
         m = tl.where(ok, m, 0.0)
         inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
-        # page scores as order-preserving int32 keys (scores are >= 0; -1 = not selectable).
-        # The selectable pages are exactly the live ones (as in the all-pages case below),
-        # and a NaN score (logits overflowed) ranks lowest instead of turning negative.
-        n_valid = tl.zeros([], tl.int32)
+        top_hist = tl.zeros([128], tl.int32)
         for v0 in range(0, n, CHUNK):
             v = v0 + c
             vm = v < n
-            score = tl.zeros([CHUNK], tl.float32)
-            for gi in tl.static_range(G):  # one query head at a time: no padding to G_P rows
-                lg = tl.load(logit_ptr + (bh * G + gi) * NPV + v, mask=vm, other=float("-inf"))
-                m_g = tl.sum(tl.where(g == gi, m, 0.0))
-                inv_g = tl.sum(tl.where(g == gi, inv, 0.0))
-                score += tl.exp(lg - m_g) * inv_g
-            score = tl.where(score == score, score, 0.0)
-            valid = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
-            key = tl.where(valid, score.to(tl.int32, bitcast=True), -1)
+            live = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
+            key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), m, inv, live)
             tl.store(keys + v, key, mask=vm)
-            n_valid += tl.sum(valid.to(tl.int32))
+            top_hist += tl.histogram(key >> 24, 128, mask=key >= 0)
         tl.debug_barrier()  # the keys are read back below in other threads' layout
-        if k < n_valid:
-            threshold, shift, take_equal = _radix_select(keys, n, k, CHUNK)
-    # write the chosen pages: key prefixes above the threshold's, then the first take_equal equal ones
-    scored = (k < n) & (take_equal < NPV)
-    written = tl.zeros([], tl.int32)
-    equal_seen = tl.zeros([], tl.int32)
-    for v0 in range(0, n, CHUNK):
-        v = v0 + c
-        vm = v < n
-        p = logical_page(v, nk, tail)
-        if scored:
-            prefix = tl.load(keys + v, mask=vm, other=-1) >> shift
-            eq = vm & (prefix == (threshold >> shift))
-            eq_rank = equal_seen + tl.cumsum(eq.to(tl.int32), 0) - eq.to(tl.int32)
-            chosen = vm & ((prefix > (threshold >> shift)) | (eq & (eq_rank < take_equal)))
-            equal_seen += tl.sum(eq.to(tl.int32))
-        else:
-            chosen = vm & (page_len(p, seq, keep, gap, PS) > 0)
-        ci = chosen.to(tl.int32)
-        slot = written + tl.cumsum(ci, 0) - ci
-        tl.store(idx + slot, p, mask=chosen)
-        written += tl.sum(ci)
+        threshold = tl.zeros([], tl.int32)  # with k >= live pages: every present key
+        shift = tl.zeros([], tl.int32)
+        take_equal = tl.zeros([], tl.int32) + NPV
+        if k < tl.sum(top_hist):
+            threshold, shift, take_equal = _radix_refine(keys, n, top_hist, k, CHUNK, False, W_MEMORY)
+        equal_seen = tl.zeros([], tl.int32)
+        for v0 in range(0, n, CHUNK):
+            v = v0 + c
+            vm = v < n
+            key = tl.load(keys + v, mask=vm, other=-1)
+            chosen, equal_seen = _chosen_by_key(key, vm & (key >= 0), threshold, shift, take_equal, equal_seen)
+            written = _write_chosen(idx, logical_page(v, nk, tail), chosen, written)
     tl.store(cnt_ptr + bh, written)
+
+
+def topk_chunk(group: int) -> int:
+    """Pages per chunk of the top-k kernel: a chunk of the group's logits lives in registers
+    (16 warps), so larger groups take smaller chunks (sm_90 compiles without spills)."""
+    g = np2(group)
+    return PAGE_CHUNK if g <= 4 else PAGE_CHUNK * 2 // g
 
 
 def gather_channels(head_dim: int) -> int:
@@ -369,8 +440,9 @@ def _launch(
         )
         _hsa_topk_kernel[(n, hkv)](
             seq[part], kp[part], ge[part], k[part], logits, keys, index[part], count[part], num_pages,
-            G=group, PS=ps, G_P=g_p, CHUNK=min(PAGE_CHUNK, np2(num_pages)),
-            num_warps=16,  # 4096-page chunks fit without spills
+            G=group, PS=ps, G_P=np2(group), CHUNK=min(topk_chunk(group), np2(num_pages)),
+            W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY,
+            num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
         )
     return PageSelection(index, count), keys if keep_keys else None
 
