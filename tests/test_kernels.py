@@ -274,6 +274,23 @@ def test_hsa_select_in_many_chunks(monkeypatch):
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_hsa_select_long_requests_without_a_bound(monkeypatch, tied):
+    """Requests longer than a chunk whose group maxima give no usable bound: k above their
+    number of groups of pages (request 0: k = 20 > 8 groups), or scores all tied (zero
+    queries: every page is a candidate, more than a chunk). Exact passes over all keys."""
+    from rocketkv_vllm.kernels import triton_hsa
+
+    monkeypatch.setattr(triton_hsa, "PAGE_CHUNK", 16)
+    layout, kv, table, seq, keep, gap, query, tc, _ = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], 9)
+    if tied:
+        query.zero_()
+    tp = torch.tensor([20, 900, 6, 30, 5], device=DEV)
+    ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
+    scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
+    assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
+
+
 def test_hsa_select_survives_overflowing_logits():
     """Queries so large that page bounds overflow (inf - inf = NaN): every head still gets
     exactly min(k, live pages) distinct live pages."""
