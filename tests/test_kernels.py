@@ -275,10 +275,9 @@ def test_hsa_select_in_many_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_hsa_select_long_requests_without_a_bound(monkeypatch, tied):
-    """Requests longer than a chunk whose group maxima give no usable bound: k above their
-    number of groups of pages (request 0: k = 20 > 8 groups), or scores all tied (zero
-    queries: every page is a candidate, more than a chunk). Exact passes over all keys."""
+def test_hsa_select_long_requests_large_k_and_ties(monkeypatch, tied):
+    """Requests longer than a chunk with k above a chunk (request 0: k = 20 > 16), or with
+    every score tied (zero queries: the lowest pages win the ties)."""
     from rocketkv_vllm.kernels import triton_hsa
 
     monkeypatch.setattr(triton_hsa, "PAGE_CHUNK", 16)

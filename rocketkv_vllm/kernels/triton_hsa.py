@@ -1,4 +1,4 @@
-"""HSA page selection in fixed-grid Triton kernels (CUDA-graph capturable).
+"""HSA page selection in three fixed-grid Triton kernels (CUDA-graph capturable).
 
 1. prep    (B, Hkv):    top-r channel mask of the group's mean |q| (and list), masked
                         queries, SparQ temperature per query head;
@@ -9,16 +9,12 @@
                         each of the S programs of a (request, KV head)
                         strides over that request's own tiles, so the grid depends on the
                         batch size only and short requests cost no empty programs;
-3. top-k   (B, Hkv):    the group-softmax-mean page scores as int32 keys, an exact radix
-                        select of the k-th largest (histograms of digits of the float bits,
-                        stopping once the boundary bucket is taken whole) and the chosen
-                        logical pages in ascending order (ties broken by lower page).
-                        A request of one chunk of pages (most) keeps logits and keys in
-                        registers. Longer ones (block tables wider than a chunk: two more
-                        launches, one program per chunk) get their softmax statistics
-                        and keys chunk-parallel, plus each group of pages' largest key;
-                        the k-th largest group maximum bounds the k-th key from below, so
-                        only the few keys above it are selected among.
+3. top-k   (B, Hkv):    each query head's softmax statistics over its logits, the
+                        group-softmax-mean page scores, then an exact radix select of the
+                        k-th largest score (histogram passes over 8-bit digits of the
+                        float bits, stopping once the boundary bucket is taken whole)
+                        and one compaction pass writing the chosen logical pages in
+                        ascending order (ties broken by lower page).
 
 Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
 evicted gap), so an evicting request never scores its gap. A request whose budget covers
@@ -295,91 +291,12 @@ def _chosen_by_key(key, vm, threshold, shift, take_equal, equal_seen):
 
 
 @triton.jit
-def _write_candidates(cand_key, cand_page, key, p, take, count):
-    """Append the taken keys of one chunk and their logical pages (in page order)."""
-    ti = take.to(tl.int32)
-    slot = count + tl.cumsum(ti, 0) - ti
-    tl.store(cand_key + slot, key, mask=take)
-    tl.store(cand_page + slot, p, mask=take)
-    return count + tl.sum(ti)
-
-
-@triton.jit
-def _long_request(n, k, CHUNK: tl.constexpr):
-    """Requests scored chunk by chunk (more live pages than a chunk, and fewer chosen)."""
-    return (k < n) & (n > CHUNK)
-
-
-@triton.jit
-def _topk_stats_kernel(
-    seq_ptr, keep_ptr, gap_ptr, k_ptr, logit_ptr, stat_ptr,
-    NPV,
-    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """Long requests, one program per chunk of pages: each query head's max and sum of exp
-    of its logits over the chunk."""
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    s = tl.program_id(2)
-    bh = b * tl.num_programs(1).to(tl.int64) + h
-    _, _, n = virtual_pages(tl.load(seq_ptr + b), tl.load(keep_ptr + b), tl.load(gap_ptr + b), PS)
-    n = tl.minimum(n, NPV)
-    if _long_request(n, tl.load(k_ptr + b), CHUNK) & (s * CHUNK < n):
-        v = s * CHUNK + tl.arange(0, CHUNK)
-        lg = _load_logits(logit_ptr, bh, v, v < n, NPV, G, G_P)
-        m, ssum = _online_stats(lg, tl.full([G_P], float("-inf"), tl.float32), tl.zeros([G_P], tl.float32))
-        out = stat_ptr + (bh * tl.num_programs(2) + s) * 2 * G_P + tl.arange(0, G_P)
-        tl.store(out, m)
-        tl.store(out + G_P, ssum)
-
-
-@triton.jit
-def _topk_keys_kernel(
-    seq_ptr, keep_ptr, gap_ptr, k_ptr, logit_ptr, stat_ptr, key_ptr, max_ptr,
-    NPV,
-    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, S_P: tl.constexpr,
-    NG: tl.constexpr, MAXC: tl.constexpr,
-):
-    """Long requests, one program per chunk of pages: the page keys (the statistics of all
-    chunks combined) and the largest key of each of the chunk's NG groups of pages."""
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    s = tl.program_id(2)
-    ns = tl.num_programs(2)
-    bh = b * tl.num_programs(1).to(tl.int64) + h
-    seq = tl.load(seq_ptr + b)
-    keep = tl.load(keep_ptr + b)
-    gap = tl.load(gap_ptr + b)
-    nk, tail, n = virtual_pages(seq, keep, gap, PS)
-    n = tl.minimum(n, NPV)
-    if _long_request(n, tl.load(k_ptr + b), CHUNK) & (s * CHUNK < n):
-        i = tl.arange(0, S_P)
-        g = tl.arange(0, G_P)
-        part = stat_ptr + (bh * ns + i[:, None]) * 2 * G_P + g[None, :]
-        written = (i < tl.cdiv(n, CHUNK))[:, None]
-        m_part = tl.load(part, mask=written, other=float("-inf"))
-        s_part = tl.load(part + G_P, mask=written, other=0.0)
-        m = tl.max(m_part, axis=0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        ssum = tl.sum(s_part * tl.exp(m_part - m_safe[None, :]), axis=0)
-        ok = ssum > 0
-        inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
-        v = s * CHUNK + tl.arange(0, CHUNK)
-        vm = v < n
-        live = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
-        key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), tl.where(ok, m, 0.0), inv, live)
-        tl.store(key_ptr + bh * NPV + v, key, mask=vm)
-        group_max = tl.max(tl.reshape(key, [NG, CHUNK // NG]), axis=1)
-        tl.store(max_ptr + bh * MAXC + s * NG + tl.arange(0, NG), group_max)
-
-
-@triton.jit
 def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
-    logit_ptr, key_ptr, max_ptr, cand_key_ptr, cand_page_ptr, idx_ptr, cnt_ptr,
+    logit_ptr, key_ptr, idx_ptr, cnt_ptr,
     NPV,
-    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, NG: tl.constexpr,
-    MAXC: tl.constexpr, W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
+    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
+    W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -402,12 +319,12 @@ def _hsa_topk_kernel(
     elif n <= CHUNK:
         # one chunk (most requests): logits are read once and the keys never leave registers
         vm = c < n
+        p = logical_page(c, nk, tail)
         lg = _load_logits(logit_ptr, bh, c, vm, NPV, G, G_P)
         m, ssum = _online_stats(lg, tl.full([G_P], float("-inf"), tl.float32), tl.zeros([G_P], tl.float32))
         ok = ssum > 0
         inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
-        live = vm & (page_len(logical_page(c, nk, tail), seq, keep, gap, PS) > 0)
-        key = _page_keys(lg, tl.where(ok, m, 0.0), inv, live)
+        key = _page_keys(lg, tl.where(ok, m, 0.0), inv, vm & (page_len(p, seq, keep, gap, PS) > 0))
         tl.store(keys + c, key, mask=vm)  # only hsa_page_scores reads them back
         top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
         if k < tl.sum(top_hist):
@@ -415,50 +332,38 @@ def _hsa_topk_kernel(
             chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, tl.zeros([], tl.int32))
         else:  # k covers the live pages (some virtual pages may hold no live token)
             chosen = key >= 0
-        written = _write_chosen(idx, logical_page(c, nk, tail), chosen, written)
+        written = _write_chosen(idx, p, chosen, written)
     else:
-        # long requests: _topk_keys_kernel (one program per chunk) wrote the keys and each
-        # group of pages' largest key. The k-th largest group maximum is a lower bound of the
-        # k-th largest key (k distinct keys reach it), so the keys at or above it hold the
-        # top k; usually few more than k, they are selected exactly in registers.
-        j = tl.arange(0, MAXC)
-        gmax = tl.load(max_ptr + bh * MAXC + j, mask=j < tl.cdiv(n, CHUNK) * NG, other=-1)
-        max_hist = tl.histogram(gmax >> 24, 128, mask=gmax >= 0)
-        num_cand = n + CHUNK  # more than fit: no bound, the exact select below
-        if k <= tl.sum(max_hist):
-            threshold, shift, _ = _radix_refine(gmax, MAXC, max_hist, k, MAXC, True, W_REGS)
-            bound = (threshold >> shift) << shift
-            num_cand = tl.zeros([], tl.int32)
-            for v0 in range(0, n, CHUNK):
-                v = v0 + c
-                key = tl.load(keys + v, mask=v < n, other=-1)
-                num_cand = _write_candidates(cand_key_ptr + bh * NPV, cand_page_ptr + bh * NPV, key,
-                                             logical_page(v, nk, tail), key >= tl.maximum(bound, 0), num_cand)
-            tl.debug_barrier()  # the candidates are read back in other threads' layout
-        if num_cand <= CHUNK:
-            cm = c < num_cand
-            key = tl.load(cand_key_ptr + bh * NPV + c, mask=cm, other=-1)
-            chosen = cm
-            if k < num_cand:
-                threshold, shift, take_equal = _radix_refine(
-                    key, num_cand, tl.histogram(key >> 24, 128, mask=cm), k, CHUNK, True, W_REGS)
-                chosen, _ = _chosen_by_key(key, cm, threshold, shift, take_equal, tl.zeros([], tl.int32))
-            written = _write_chosen(idx, tl.load(cand_page_ptr + bh * NPV + c, mask=cm, other=0), chosen, written)
-        else:
-            # too many candidates (ties) or k above the group count: radix passes over all keys
-            top_hist = _digit_hist(keys, n, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
-            threshold = tl.zeros([], tl.int32)  # with k >= live pages: every present key
-            shift = tl.zeros([], tl.int32)
-            take_equal = tl.zeros([], tl.int32) + NPV
-            if k < tl.sum(top_hist):
-                threshold, shift, take_equal = _radix_refine(keys, n, top_hist, k, CHUNK, False, W_MEMORY)
-            equal_seen = tl.zeros([], tl.int32)
-            for v0 in range(0, n, CHUNK):
-                v = v0 + c
-                vm = v < n
-                key = tl.load(keys + v, mask=vm, other=-1)
-                chosen, equal_seen = _chosen_by_key(key, vm & (key >= 0), threshold, shift, take_equal, equal_seen)
-                written = _write_chosen(idx, logical_page(v, nk, tail), chosen, written)
+        # chunked: each head's softmax statistics, then keys to memory with their top-digit
+        # histogram, the rest of the radix select over them, and the chosen pages
+        m = tl.full([G_P], float("-inf"), tl.float32)
+        ssum = tl.zeros([G_P], tl.float32)
+        for v0 in range(0, n, CHUNK):
+            m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + c, v0 + c < n, NPV, G, G_P), m, ssum)
+        ok = ssum > 0
+        m = tl.where(ok, m, 0.0)
+        inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
+        top_hist = tl.zeros([128], tl.int32)
+        for v0 in range(0, n, CHUNK):
+            v = v0 + c
+            vm = v < n
+            live = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
+            key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), m, inv, live)
+            tl.store(keys + v, key, mask=vm)
+            top_hist += tl.histogram(key >> 24, 128, mask=key >= 0)
+        tl.debug_barrier()  # the keys are read back below in other threads' layout
+        threshold = tl.zeros([], tl.int32)  # with k >= live pages: every present key
+        shift = tl.zeros([], tl.int32)
+        take_equal = tl.zeros([], tl.int32) + NPV
+        if k < tl.sum(top_hist):
+            threshold, shift, take_equal = _radix_refine(keys, n, top_hist, k, CHUNK, False, W_MEMORY)
+        equal_seen = tl.zeros([], tl.int32)
+        for v0 in range(0, n, CHUNK):
+            v = v0 + c
+            vm = v < n
+            key = tl.load(keys + v, mask=vm, other=-1)
+            chosen, equal_seen = _chosen_by_key(key, vm & (key >= 0), threshold, shift, take_equal, equal_seen)
+            written = _write_chosen(idx, logical_page(v, nk, tail), chosen, written)
     tl.store(cnt_ptr + bh, written)
 
 
@@ -499,18 +404,9 @@ def _launch(
     num_pages = block_table.shape[1] * ppb
     tile = LOGIT_TILE
     num_tiles = triton.cdiv(num_pages, tile)
-    # the top-k's chunks of pages, and for long requests the groups of pages whose maximum
-    # keys bound the k-th largest (all of a request's group maxima fit one chunk)
-    g2 = np2(group)
-    chunk = min(topk_chunk(group), np2(num_pages))
-    chunks = triton.cdiv(num_pages, chunk)
-    if np2(chunks) > chunk:
-        raise ValueError(f"block tables of {num_pages} pages exceed the top-k kernel's {chunk * chunk}")
-    groups = chunk // np2(chunks)
-    max_width = groups * np2(chunks)
     # requests are scored in groups whose logits and keys fit the scratch budget
     r_gather = gather_channels(head_dim)
-    per_row = hkv * (num_pages * (group + 3) + g_p * (block_d + 1) + r_gather + chunks * 2 * g2 + max_width)
+    per_row = hkv * (num_pages * (group + 1) + g_p * (block_d + 1) + r_gather)
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
         splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
@@ -528,10 +424,6 @@ def _launch(
     chan = torch.empty(rows, hkv, r_gather, dtype=torch.int32, device=device)
     logits = torch.empty(rows, hkv, group, num_pages, dtype=torch.float32, device=device)
     keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
-    stats = torch.empty(rows, hkv, chunks, 2, g2, dtype=torch.float32, device=device)
-    group_max = torch.empty(rows, hkv, max_width, dtype=torch.int32, device=device)
-    cand_key = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
-    cand_page = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
     for r0 in range(0, batch, rows):
         part = slice(r0, min(batch, r0 + rows))
         n = part.stop - r0
@@ -546,21 +438,11 @@ def _launch(
             G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, R_GATHER=r_gather,
             num_warps=4,
         )
-        if chunks > 1:  # requests may outgrow one chunk: their keys come from one program per chunk
-            _topk_stats_kernel[(n, hkv, chunks)](
-                seq[part], kp[part], ge[part], k[part], logits, stats, num_pages,
-                G=group, PS=ps, G_P=g2, CHUNK=chunk, num_warps=16,
-            )
-            _topk_keys_kernel[(n, hkv, chunks)](
-                seq[part], kp[part], ge[part], k[part], logits, stats, keys, group_max, num_pages,
-                G=group, PS=ps, G_P=g2, CHUNK=chunk, S_P=np2(chunks), NG=groups, MAXC=max_width, num_warps=16,
-            )
         _hsa_topk_kernel[(n, hkv)](
-            seq[part], kp[part], ge[part], k[part], logits, keys, group_max, cand_key, cand_page,
-            index[part], count[part], num_pages,
-            G=group, PS=ps, G_P=g2, CHUNK=chunk, NG=groups, MAXC=max_width,
+            seq[part], kp[part], ge[part], k[part], logits, keys, index[part], count[part], num_pages,
+            G=group, PS=ps, G_P=np2(group), CHUNK=min(topk_chunk(group), np2(num_pages)),
             W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY,
-            num_warps=8,  # a 4096-page chunk of a group's logits stays in registers (as fast as 16 warps)
+            num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
         )
     return PageSelection(index, count), keys if keep_keys else None
 
