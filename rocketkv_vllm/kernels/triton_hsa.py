@@ -438,13 +438,32 @@ def _launch(
             G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, R_GATHER=r_gather,
             num_warps=4,
         )
-        _hsa_topk_kernel[(n, hkv)](
-            seq[part], kp[part], ge[part], k[part], logits, keys, index[part], count[part], num_pages,
-            G=group, PS=ps, G_P=np2(group), CHUNK=min(topk_chunk(group), np2(num_pages)),
-            W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY,
-            num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
-        )
+        top_pages_from_logits(logits, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys)
     return PageSelection(index, count), keys if keep_keys else None
+
+
+def top_pages_from_logits(
+    logits: torch.Tensor,
+    seq: torch.Tensor,
+    keep: torch.Tensor,
+    gap_end: torch.Tensor,
+    top_pages: torch.Tensor,
+    page_size: int,
+    index: torch.Tensor,
+    count: torch.Tensor,
+    keys: torch.Tensor,
+) -> None:
+    """The top-k kernel alone (also what benchmarks/bench_topk.py times): from the page
+    logits [>= B, Hkv, G, P] of B requests, their chosen pages into index [B, Hkv, P] and
+    count [B, Hkv]; keys [>= B, Hkv, P] is scratch (the page scores, as int32 keys)."""
+    batch, hkv = index.shape[:2]
+    group, num_pages = logits.shape[2:]
+    _hsa_topk_kernel[(batch, hkv)](
+        seq, keep, gap_end, top_pages, logits, keys, index, count, num_pages,
+        G=group, PS=page_size, G_P=np2(group), CHUNK=min(topk_chunk(group), np2(num_pages)),
+        W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY,
+        num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
+    )
 
 
 def hsa_select_pages(
