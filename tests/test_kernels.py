@@ -290,6 +290,21 @@ def test_hsa_select_long_requests_large_k_and_ties(monkeypatch, tied):
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
 
 
+@pytest.mark.parametrize("k", [2, 100])
+def test_hsa_select_stays_inside_the_block_table(k):
+    """A request longer than its block table (not one vLLM builds) is cut at the table:
+    2 blocks of 4 pages, 50 tokens kept up to 10 and from 30 on. Only pages 0-2 and 7 are
+    both live and addressed; none past the table is read or chosen."""
+    layout = KVLayout(16, 4)
+    kv, table, _, _ = build_cache(layout, 2, HEAD_DIMS[0], [32], torch.float32)
+    seq, keep, gap = (torch.tensor([x], device=DEV) for x in (50, 10, 30))
+    query = torch.randn(1, 4, HEAD_DIMS[0], device=DEV)
+    out = T.hsa_select_pages(query, kv, layout, table[:, :2], seq, keep, gap, HEAD_DIMS[0], k)
+    for h in range(2):
+        pages = chosen_pages(out, 0, h).tolist()
+        assert len(pages) == min(k, 4) and set(pages) <= {0, 1, 2, 7}, pages
+
+
 def test_hsa_select_survives_overflowing_logits():
     """Queries so large that page bounds overflow (inf - inf = NaN): every head still gets
     exactly min(k, live pages) distinct live pages."""

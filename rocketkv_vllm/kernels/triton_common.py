@@ -81,6 +81,13 @@ def virtual_pages(seq, keep, gap, PS: tl.constexpr):
 
 
 @triton.jit
+def pages_in_table(n, nk, tail, NPV):
+    """The virtual pages whose logical pages the block table addresses (NPV pages): a request
+    longer than its table (not one vLLM builds) is cut there rather than read past it."""
+    return tl.minimum(tl.minimum(n, NPV), nk + tl.maximum(NPV - tail, 0))
+
+
+@triton.jit
 def logical_page(v, nk, tail):
     return tl.where(v < nk, v, tail + v - nk)
 

@@ -37,6 +37,7 @@ from rocketkv_vllm.kernels.triton_common import (
     np2,
     num_sms,
     page_len,
+    pages_in_table,
     per_request,
     virtual_pages,
 )
@@ -160,7 +161,7 @@ def _hsa_logits_kernel(
     keep = tl.load(keep_ptr + b)
     gap = tl.load(gap_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
-    n = tl.minimum(n, NPV)  # never past the block table
+    n = pages_in_table(n, nk, tail, NPV)
     if tl.load(k_ptr + b) < n:  # else every live page is chosen: nothing to score
         bh = b * nh + h
         bt = bt_ptr + b * s_bt
@@ -307,7 +308,7 @@ def _hsa_topk_kernel(
     gap = tl.load(gap_ptr + b)
     k = tl.load(k_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
-    n = tl.minimum(n, NPV)  # never past the block table
+    n = pages_in_table(n, nk, tail, NPV)
     c = tl.arange(0, CHUNK)
     keys = key_ptr + bh * NPV
     idx = idx_ptr + bh * NPV  # page lists are as wide as the virtual pages can be
