@@ -152,6 +152,9 @@ def test_write_kv(block_size, page_size, dtype):
     _, table, keys, values = build_cache(layout, hkv, d, lengths, dtype)
     num_blocks = int(table.max()) + 3
     kv_ref = torch.full(layout.cache_shape(num_blocks, hkv, d), float("nan"), dtype=dtype, device=DEV)
+    # stale summaries of a reused block: a page's first write must restart them, not widen them
+    layout.page_max(kv_ref).fill_(100.0)
+    layout.page_min(kv_ref).fill_(-100.0)
     kv_tri = kv_ref.clone()
     bs = block_size
     # prefill in chunks of different sizes (many tokens per page), then batched decode steps
@@ -620,6 +623,9 @@ def test_cuda_cpp_write_kv(block_size, page_size, dtype):
     _, table, keys, values = build_cache(layout, hkv, d, lengths, dtype)
     num_blocks = int(table.max()) + 3
     kv_ref = torch.full(layout.cache_shape(num_blocks, hkv, d), float("nan"), dtype=dtype, device=DEV)
+    # stale summaries of a reused block: a page's first write must restart them, not widen them
+    layout.page_max(kv_ref).fill_(100.0)
+    layout.page_min(kv_ref).fill_(-100.0)
     kv_cpp = kv_ref.clone()
     bs = block_size
     prompt = [n - 4 for n in lengths]
