@@ -1,8 +1,9 @@
-"""The HSA top-k kernel alone on a GPU: device time per call (CUDA-graph replay) from random
-page logits, for one or more implementations of rocketkv_vllm/kernels/triton_hsa.py (A/B
-between versions: save the other version's file anywhere in the tree and name it with
---impl), and whether they choose the same pages. Llama-3.1-8B group (4 query heads per KV
-head, 8 KV heads), 4-token pages, a 128K-token block table (32,768 pages) as in the engine.
+"""The HSA top-k kernel alone on a GPU: device time per call from random page logits
+(median of CUDA-graph replays), for one or more implementations of
+rocketkv_vllm/kernels/triton_hsa.py (A/B between versions: save the other version's file
+anywhere in the tree and name it with --impl), and whether they choose the same pages.
+Llama-3.1-8B group (4 query heads per KV head, 8 KV heads), 4-token pages, a 128K-token
+block table (32,768 pages) as in the engine.
 
     python benchmarks/bench_topk.py --impl rocketkv_vllm/kernels/triton_hsa.py --impl other_hsa.py
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_kernels import bench  # noqa: E402
 
 KV_HEADS, GROUP, PAGE, TOP_PAGES, TABLE_PAGES = 8, 4, 4, 256, 32768
 CASES = ["1x3208", "8x3208", "1x8192", "8x8192", "1x32768", "8x32768"]  # batch x live pages
@@ -27,27 +29,6 @@ def load_impl(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def graph_us(fn, reps: int = 50) -> float:
-    """Best mean device time of one call over 5 replays of a graph of `reps` calls."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / reps)
-    return best
 
 
 def chosen_sets(index: torch.Tensor, count: torch.Tensor) -> list:
@@ -81,7 +62,7 @@ def main() -> None:
             def call(module=module) -> None:
                 module.top_pages_from_logits(logits, seq, seq, gap, k, PAGE, index, count, keys)
             index.fill_(-1)
-            row[f"{path} us"] = round(graph_us(call), 2)
+            row[f"{path} us"] = round(bench(call, dev, graph=True) * 1000, 2)
             sets = chosen_sets(index, count)
             first = first or sets
             row[f"{path} same pages"] = sets == first
