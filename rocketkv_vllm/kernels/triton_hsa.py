@@ -11,10 +11,12 @@
                         batch size only and short requests cost no empty programs;
 3. top-k   (B, Hkv):    each query head's softmax statistics over its logits, the
                         group-softmax-mean page scores, then an exact radix select of the
-                        k-th largest score (histogram passes over 8-bit digits of the
-                        float bits, stopping once the boundary bucket is taken whole)
-                        and one compaction pass writing the chosen logical pages in
-                        ascending order (ties broken by lower page).
+                        k-th largest score (histogram passes over digits of the float bits,
+                        4-bit ones for a request of one chunk of pages, whose logits and
+                        keys stay in registers, 8-bit ones over keys in memory; stopping
+                        once the boundary bucket is taken whole) and one compaction pass
+                        writing the chosen logical pages in ascending order (ties broken by
+                        lower page).
 
 Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
 evicted gap), so an evicting request never scores its gap. A request whose budget covers
@@ -263,6 +265,14 @@ def _online_stats(lg, m, ssum):
 
 
 @triton.jit
+def _group_weights(m, ssum, G: tl.constexpr):
+    """Each head's softmax max and 1 / (G * sum of exp), both 0 for a head with no finite
+    logit (so that it adds nothing to the group mean)."""
+    ok = ssum > 0
+    return tl.where(ok, m, 0.0), tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
+
+
+@triton.jit
 def _page_keys(lg, m, inv, live):
     """Group-softmax-mean page scores as order-preserving int32 keys (scores are >= 0;
     -1 = not selectable). The selectable pages are exactly the live ones, and a NaN score
@@ -323,9 +333,8 @@ def _hsa_topk_kernel(
         p = logical_page(c, nk, tail)
         lg = _load_logits(logit_ptr, bh, c, vm, NPV, G, G_P)
         m, ssum = _online_stats(lg, tl.full([G_P], float("-inf"), tl.float32), tl.zeros([G_P], tl.float32))
-        ok = ssum > 0
-        inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
-        key = _page_keys(lg, tl.where(ok, m, 0.0), inv, vm & (page_len(p, seq, keep, gap, PS) > 0))
+        m, inv = _group_weights(m, ssum, G)
+        key = _page_keys(lg, m, inv, vm & (page_len(p, seq, keep, gap, PS) > 0))
         tl.store(keys + c, key, mask=vm)  # only hsa_page_scores reads them back
         top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
         if k < tl.sum(top_hist):
@@ -341,9 +350,7 @@ def _hsa_topk_kernel(
         ssum = tl.zeros([G_P], tl.float32)
         for v0 in range(0, n, CHUNK):
             m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + c, v0 + c < n, NPV, G, G_P), m, ssum)
-        ok = ssum > 0
-        m = tl.where(ok, m, 0.0)
-        inv = tl.where(ok, 1.0 / tl.where(ok, ssum, 1.0), 0.0) / G
+        m, inv = _group_weights(m, ssum, G)
         top_hist = tl.zeros([128], tl.int32)
         for v0 in range(0, n, CHUNK):
             v = v0 + c
