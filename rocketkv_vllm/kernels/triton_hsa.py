@@ -369,9 +369,14 @@ def _hsa_topk_kernel(
             live = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
             key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), m, inv, live)
             tl.store(keys + v, key, mask=vm)
-            group_max = tl.max(tl.reshape(key, [NG, CHUNK // NG]), axis=1)
-            tl.store(max_ptr + bh * MAXC + v0 // (CHUNK // NG) + tl.arange(0, NG), group_max)
-        tl.debug_barrier()  # keys and maxima are read back in other threads' layout
+        tl.debug_barrier()  # the keys are read back in other threads' layout
+        gi = tl.arange(0, NG)
+        for v0 in range(0, n, CHUNK):
+            # groups of CHUNK // NG pages read as rows: the max is within each thread's registers
+            grouped = v0 + gi[:, None] * (CHUNK // NG) + tl.arange(0, CHUNK // NG)[None, :]
+            group_max = tl.max(tl.load(keys + grouped, mask=grouped < n, other=-1), axis=1)
+            tl.store(max_ptr + bh * MAXC + v0 // (CHUNK // NG) + gi, group_max)
+        tl.debug_barrier()  # the maxima are read back in other threads' layout
         j = tl.arange(0, MAXC)
         gmax = tl.load(max_ptr + bh * MAXC + j, mask=j < tl.cdiv(n, CHUNK) * NG, other=-1)
         max_hist = tl.histogram(gmax >> 24, 128, mask=gmax >= 0)
