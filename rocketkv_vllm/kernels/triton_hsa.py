@@ -358,13 +358,15 @@ def _hsa_topk_kernel(
         # memory) and each group of pages' largest key. The k-th largest group maximum is a
         # lower bound of the k-th largest key (k distinct keys reach it), so the keys at or
         # above it hold the top k; usually few more than k, they are selected in registers.
+        # (half chunks here keep this path's registers under the one-chunk path's)
+        half = tl.arange(0, CHUNK // 2)
         m = tl.full([G_P], float("-inf"), tl.float32)
         ssum = tl.zeros([G_P], tl.float32)
-        for v0 in range(0, n, CHUNK):
-            m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + c, v0 + c < n, NPV, G, G_P), m, ssum)
+        for v0 in range(0, n, CHUNK // 2):
+            m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + half, v0 + half < n, NPV, G, G_P), m, ssum)
         m, inv = _group_weights(m, ssum, G)
-        for v0 in range(0, n, CHUNK):
-            v = v0 + c
+        for v0 in range(0, n, CHUNK // 2):
+            v = v0 + half
             vm = v < n
             live = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
             key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), m, inv, live)
@@ -385,8 +387,8 @@ def _hsa_topk_kernel(
             threshold, shift, _ = _radix_refine(gmax, MAXC, max_hist, k, MAXC, True, W_REGS)
             bound = (threshold >> shift) << shift
             num_cand = tl.zeros([], tl.int32)
-            for v0 in range(0, n, CHUNK):
-                v = v0 + c
+            for v0 in range(0, n, CHUNK // 2):
+                v = v0 + half
                 key = tl.load(keys + v, mask=v < n, other=-1)
                 num_cand = _write_candidates(cand_key_ptr + bh * NPV, cand_page_ptr + bh * NPV, key,
                                              logical_page(v, nk, tail), key >= tl.maximum(bound, 0), num_cand)
