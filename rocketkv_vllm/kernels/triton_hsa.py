@@ -358,14 +358,16 @@ def _hsa_topk_kernel(
         # memory) and each group of pages' largest key. The k-th largest group maximum is a
         # lower bound of the k-th largest key (k distinct keys reach it), so the keys at or
         # above it hold the top k; usually few more than k, they are selected in registers.
-        # (half chunks here keep this path's registers under the one-chunk path's)
-        half = tl.arange(0, CHUNK // 2)
+        # (half chunks here keep this path's registers under the one-chunk path's; a chunk of
+        # one page never comes here, but the branch still compiles)
+        HALF: tl.constexpr = max(1, CHUNK // 2)
+        half = tl.arange(0, HALF)
         m = tl.full([G_P], float("-inf"), tl.float32)
         ssum = tl.zeros([G_P], tl.float32)
-        for v0 in range(0, n, CHUNK // 2):
+        for v0 in range(0, n, HALF):
             m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + half, v0 + half < n, NPV, G, G_P), m, ssum)
         m, inv = _group_weights(m, ssum, G)
-        for v0 in range(0, n, CHUNK // 2):
+        for v0 in range(0, n, HALF):
             v = v0 + half
             vm = v < n
             live = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
@@ -387,7 +389,7 @@ def _hsa_topk_kernel(
             threshold, shift, _ = _radix_refine(gmax, MAXC, max_hist, k, MAXC, True, W_REGS)
             bound = (threshold >> shift) << shift
             num_cand = tl.zeros([], tl.int32)
-            for v0 in range(0, n, CHUNK // 2):
+            for v0 in range(0, n, HALF):
                 v = v0 + half
                 key = tl.load(keys + v, mask=v < n, other=-1)
                 num_cand = _write_candidates(cand_key_ptr + bh * NPV, cand_page_ptr + bh * NPV, key,
@@ -512,7 +514,7 @@ def top_pages_from_logits(
     batch, hkv = index.shape[:2]
     group, num_pages = logits.shape[2:]
     # chunks of pages, and for long requests the groups of pages whose largest keys bound the
-    # k-th largest (all of a request's group maxima fit one chunk)
+    # k-th largest (a chunk's worth of maxima, or one per chunk where chunks outnumber its pages)
     chunk = min(topk_chunk(group), np2(num_pages))
     chunks = np2(triton.cdiv(num_pages, chunk))
     groups = max(1, chunk // chunks)
