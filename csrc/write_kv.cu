@@ -172,7 +172,7 @@ void write_kv_cuda(at::Tensor kv_cache, at::Tensor key, at::Tensor value, at::Te
               "write_kv: kv_cache rows do not match the layout");
   TORCH_CHECK(kv_cache.stride(3) == 1, "write_kv: kv_cache must be contiguous in head_dim");
   TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "write_kv: key/value must be [T, Hkv, D]");
-  TORCH_CHECK(kv_cache.size(3) <= 1024, "write_kv: head_dim above 1024");
+  TORCH_CHECK(kv_cache.size(3) > 0 && kv_cache.size(3) <= 1024, "write_kv: head_dim must be in [1, 1024]");
   TORCH_CHECK(key.size(1) == kv_cache.size(1) && key.size(2) == kv_cache.size(3), "write_kv: key shape mismatch");
   TORCH_CHECK(value.sizes() == key.sizes(), "write_kv: value shape mismatch");
   TORCH_CHECK(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(),

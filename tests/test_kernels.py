@@ -620,6 +620,7 @@ def _misaligned(x):
     (16, 1, 128, False), (16, 4, 128, False), (32, 8, 128, False), (32, 32, 128, False),
     (16, 4, 72, False),  # 16-byte accesses, head_dim not a power of two
     (16, 4, 128, True),  # one channel a thread
+    (16, 4, 40, True),  # one channel a thread, several (token, head) pairs per CUDA block
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_cpp_write_kv(block_size, page_size, d, misaligned, dtype):
