@@ -5,13 +5,14 @@
 //   rows [0, bs): keys, [bs, 2bs): values, then pages_per_block page-max rows and
 //   pages_per_block page-min rows.
 //
-// One CUDA block per (token, KV head), one thread per channel (strided loop). Each block
-// stores its token's key/value. The first token of each run of consecutive same-page tokens
-// in slot_mapping (the "leader") folds the whole run (at most page_size tokens) into the
-// page summary: a run containing the page's first slot restarts the page, otherwise the
-// old summary is widened. Every page touched is therefore written by exactly one block
-// (deterministic, no atomics). Tokens of one page must be adjacent in slot_mapping, which
-// holds for vLLM (a request's new tokens are consecutive and in position order).
+// Several (token, KV head) pairs per CUDA block, 16 bytes of channels a thread (one channel
+// where rows are not 16-byte aligned). Each pair stores its token's key/value. The first
+// token of each run of consecutive same-page tokens in slot_mapping (the "leader") folds the
+// whole run (at most page_size tokens) into the page summary: a run containing the page's
+// first slot restarts the page, otherwise the old summary is widened. Every page touched is
+// therefore written by exactly one pair (deterministic, no atomics). Tokens of one page must
+// be adjacent in slot_mapping, which holds for vLLM (a request's new tokens are consecutive
+// and in position order).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -19,6 +20,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -42,33 +44,44 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-template <typename scalar_t, typename idx_t>
+// VEC channels a thread: 16-byte accesses (VEC * sizeof(scalar_t) == 16) when every row is
+// 16-byte aligned, else one channel a thread (VEC == 1).
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack {
+  scalar_t v[VEC];
+};
+
+template <typename scalar_t, typename idx_t, int VEC>
 __global__ void write_kv_kernel(scalar_t* __restrict__ kv, const scalar_t* __restrict__ key,
                                 const scalar_t* __restrict__ value, const idx_t* __restrict__ slots,
-                                int64_t num_tokens, int64_t s_cb, int64_t s_ch, int64_t s_cr, int64_t s_kt,
-                                int64_t s_kh, int64_t s_vt, int64_t s_vh, int head_dim, int block_size,
-                                int page_size) {
-  const int64_t t = blockIdx.x;
-  const int64_t h = blockIdx.y;
+                                int64_t num_tokens, int64_t hkv, int64_t s_cb, int64_t s_ch, int64_t s_cr,
+                                int64_t s_kt, int64_t s_kh, int64_t s_vt, int64_t s_vh, int head_dim,
+                                int block_size, int page_size, int lanes) {
+  // `lanes` threads per (token, KV head) pair, several pairs per CUDA block; consecutive
+  // pairs are the heads of one token (adjacent rows of key/value).
+  using P = Pack<scalar_t, VEC>;
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * (blockDim.x / lanes) + threadIdx.x / lanes;
+  if (pair >= num_tokens * hkv) return;
+  const int64_t t = pair / hkv;
+  const int64_t h = pair % hkv;
+  const int d0 = (threadIdx.x % lanes) * VEC;
   const int64_t slot = static_cast<int64_t>(slots[t]);
-  if (slot < 0) return;
+  if (slot < 0 || d0 >= head_dim) return;
   const int64_t blk = slot / block_size;
   const int64_t off = slot % block_size;
   const int pages_per_block = block_size / page_size;
   scalar_t* base = kv + blk * s_cb + h * s_ch;
-  const scalar_t* krow = key + t * s_kt + h * s_kh;
-  const scalar_t* vrow = value + t * s_vt + h * s_vh;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    base[off * s_cr + d] = krow[d];
-    base[(block_size + off) * s_cr + d] = vrow[d];
-  }
+  const P k = *reinterpret_cast<const P*>(key + t * s_kt + h * s_kh + d0);
+  *reinterpret_cast<P*>(base + off * s_cr + d0) = k;
+  *reinterpret_cast<P*>(base + (block_size + off) * s_cr + d0) =
+      *reinterpret_cast<const P*>(value + t * s_vt + h * s_vh + d0);
 
   const int64_t page = slot / page_size;
   if (t > 0) {
     const int64_t prev = static_cast<int64_t>(slots[t - 1]);
     if (prev >= 0 && prev / page_size == page) return;  // not the leader of its run
   }
-  // Extent of the run: tokens t .. t + run - 1 are on this page (uniform across threads).
+  // Extent of the run: tokens t .. t + run - 1 are on this page (uniform across the pair's lanes).
   int run = 1;
   bool restart = (off % page_size) == 0;
   for (int j = 1; j < page_size && t + j < num_tokens; ++j) {
@@ -77,48 +90,74 @@ __global__ void write_kv_kernel(scalar_t* __restrict__ kv, const scalar_t* __res
     restart |= (s2 % page_size) == 0;
     ++run;
   }
-  const int64_t prow = 2 * block_size + (page % pages_per_block);
-  scalar_t* pmax = base + prow * s_cr;
-  scalar_t* pmin = base + (prow + pages_per_block) * s_cr;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float mx = to_float(krow[d]);
-    float mn = mx;
-    for (int j = 1; j < run; ++j) {
-      const float x = to_float(key[(t + j) * s_kt + h * s_kh + d]);
-      mx = fmaxf(mx, x);
-      mn = fminf(mn, x);
+  float mx[VEC], mn[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) mx[i] = mn[i] = to_float(k.v[i]);
+  for (int j = 1; j < run; ++j) {
+    const P kj = *reinterpret_cast<const P*>(key + (t + j) * s_kt + h * s_kh + d0);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      mx[i] = fmaxf(mx[i], to_float(kj.v[i]));
+      mn[i] = fminf(mn[i], to_float(kj.v[i]));
     }
-    if (!restart) {
-      mx = fmaxf(to_float(pmax[d]), mx);
-      mn = fminf(to_float(pmin[d]), mn);
-    }
-    pmax[d] = from_float<scalar_t>(mx);
-    pmin[d] = from_float<scalar_t>(mn);
   }
+  const int64_t prow = 2 * block_size + (page % pages_per_block);
+  P* pmax = reinterpret_cast<P*>(base + prow * s_cr + d0);
+  P* pmin = reinterpret_cast<P*>(base + (prow + pages_per_block) * s_cr + d0);
+  P old_max = *pmax, old_min = *pmin, new_max, new_min;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    new_max.v[i] = from_float<scalar_t>(restart ? mx[i] : fmaxf(to_float(old_max.v[i]), mx[i]));
+    new_min.v[i] = from_float<scalar_t>(restart ? mn[i] : fminf(to_float(old_min.v[i]), mn[i]));
+  }
+  *pmax = new_max;
+  *pmin = new_min;
 }
 
-template <typename scalar_t>
-void launch(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
-            int64_t block_size, int64_t page_size, cudaStream_t stream) {
+template <typename scalar_t, int VEC>
+void launch_vec(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
+                int64_t block_size, int64_t page_size, cudaStream_t stream) {
   const int64_t num_tokens = slots.size(0);
   const int64_t hkv = kv.size(1);
   const int head_dim = static_cast<int>(kv.size(3));
-  const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(hkv));
-  const int threads = head_dim >= 128 ? 128 : (head_dim >= 64 ? 64 : 32);
+  const int lanes = (head_dim + VEC - 1) / VEC;
+  const int pairs = std::max(1, 128 / lanes);  // ~128 threads a CUDA block
+  const int64_t blocks = (num_tokens * hkv + pairs - 1) / pairs;
   auto* kv_ptr = reinterpret_cast<scalar_t*>(kv.data_ptr());
   auto* k_ptr = reinterpret_cast<const scalar_t*>(key.data_ptr());
   auto* v_ptr = reinterpret_cast<const scalar_t*>(value.data_ptr());
-#define ROCKETKV_LAUNCH(IDX_T)                                                                              \
-  write_kv_kernel<scalar_t, IDX_T><<<grid, threads, 0, stream>>>(                                           \
-      kv_ptr, k_ptr, v_ptr, slots.data_ptr<IDX_T>(), num_tokens, kv.stride(0), kv.stride(1), kv.stride(2), \
-      key.stride(0), key.stride(1), value.stride(0), value.stride(1), head_dim, static_cast<int>(block_size), \
-      static_cast<int>(page_size))
+#define ROCKETKV_LAUNCH(IDX_T)                                                                                \
+  write_kv_kernel<scalar_t, IDX_T, VEC><<<static_cast<unsigned>(blocks), pairs * lanes, 0, stream>>>(         \
+      kv_ptr, k_ptr, v_ptr, slots.data_ptr<IDX_T>(), num_tokens, hkv, kv.stride(0), kv.stride(1), kv.stride(2), \
+      key.stride(0), key.stride(1), value.stride(0), value.stride(1), head_dim, static_cast<int>(block_size),   \
+      static_cast<int>(page_size), lanes)
   if (slots.scalar_type() == at::kLong) {
     ROCKETKV_LAUNCH(int64_t);
   } else {
     ROCKETKV_LAUNCH(int32_t);
   }
 #undef ROCKETKV_LAUNCH
+}
+
+// 16-byte accesses when head_dim, every stride and every base pointer allow them.
+bool aligned16(const at::Tensor& t, int64_t elt) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if ((t.stride(d) * elt) % 16) return false;
+  }
+  return true;
+}
+
+template <typename scalar_t>
+void launch(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
+            int64_t block_size, int64_t page_size, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int64_t elt = sizeof(scalar_t);
+  if (kv.size(3) % kVec == 0 && aligned16(kv, elt) && aligned16(key, elt) && aligned16(value, elt)) {
+    launch_vec<scalar_t, kVec>(kv, key, value, slots, block_size, page_size, stream);
+  } else {
+    launch_vec<scalar_t, 1>(kv, key, value, slots, block_size, page_size, stream);
+  }
 }
 
 }  // namespace rocketkv
@@ -133,6 +172,7 @@ void write_kv_cuda(at::Tensor kv_cache, at::Tensor key, at::Tensor value, at::Te
               "write_kv: kv_cache rows do not match the layout");
   TORCH_CHECK(kv_cache.stride(3) == 1, "write_kv: kv_cache must be contiguous in head_dim");
   TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "write_kv: key/value must be [T, Hkv, D]");
+  TORCH_CHECK(kv_cache.size(3) > 0 && kv_cache.size(3) <= 1024, "write_kv: head_dim must be in [1, 1024]");
   TORCH_CHECK(key.size(1) == kv_cache.size(1) && key.size(2) == kv_cache.size(3), "write_kv: key shape mismatch");
   TORCH_CHECK(value.sizes() == key.sizes(), "write_kv: value shape mismatch");
   TORCH_CHECK(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(),

@@ -608,17 +608,30 @@ def test_cuda_graph_select_and_attend(dtype):
         assert rel_err(static_out, ref) < tol(dtype)
 
 
+def _misaligned(x):
+    """The same values one element into a wider tensor: rows no longer 16-byte aligned."""
+    wide = torch.empty(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype, device=x.device)
+    wide[..., 1:] = x
+    return wide[..., 1:]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_size,page_size", [(16, 1), (16, 4), (32, 8), (32, 32)])
+@pytest.mark.parametrize("block_size,page_size,d,misaligned", [
+    (16, 1, 128, False), (16, 4, 128, False), (32, 8, 128, False), (32, 32, 128, False),
+    (16, 4, 72, False),  # 16-byte accesses, head_dim not a power of two
+    (16, 4, 128, True),  # one channel a thread
+    (16, 4, 40, True),  # one channel a thread, several (token, head) pairs per CUDA block
+])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_cpp_write_kv(block_size, page_size, dtype):
+def test_cuda_cpp_write_kv(block_size, page_size, d, misaligned, dtype):
     from rocketkv_vllm.kernels import cuda_ops
 
     if not cuda_ops.available():
         pytest.skip(f"rocketkv_vllm._C not built: {cuda_ops.import_error()}")
     torch.manual_seed(block_size + page_size)
     layout = KVLayout(block_size, page_size)
-    hkv, d = 8, 128
+    hkv = 8
+    rows = _misaligned if misaligned else (lambda x: x)
     lengths = [1000, 77, 513]
     _, table, keys, values = build_cache(layout, hkv, d, lengths, dtype)
     num_blocks = int(table.max()) + 3
@@ -634,7 +647,7 @@ def test_cuda_cpp_write_kv(block_size, page_size, dtype):
         slots = table[i, pos // bs].long() * bs + pos % bs
         for c in pos.split(256 if i else 37):
             for kv, fn in ((kv_ref, R.write_kv), (kv_cpp, cuda_ops.write_kv)):
-                fn(kv, layout, keys[i][c], values[i][c], slots[c] if i != 1 else slots[c].int())
+                fn(kv, layout, rows(keys[i][c]), rows(values[i][c]), slots[c] if i != 1 else slots[c].int())
     for step in range(4):
         pos = torch.tensor([p + step for p in prompt], device=DEV)
         slots = table[torch.arange(3, device=DEV), pos // bs].long() * bs + pos % bs
@@ -642,5 +655,5 @@ def test_cuda_cpp_write_kv(block_size, page_size, dtype):
         k = torch.stack([keys[i][prompt[i] + step] for i in range(3)] + [keys[0][0]])
         v = torch.stack([values[i][prompt[i] + step] for i in range(3)] + [values[0][0]])
         for kv, fn in ((kv_ref, R.write_kv), (kv_cpp, cuda_ops.write_kv)):
-            fn(kv, layout, k, v, slots)
+            fn(kv, layout, rows(k), rows(v), slots)
     assert same_cache(kv_cpp, kv_ref)

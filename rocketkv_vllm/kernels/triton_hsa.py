@@ -1,4 +1,4 @@
-"""HSA page selection in three fixed-grid Triton kernels (CUDA-graph capturable).
+"""HSA page selection in fixed-grid Triton kernels (CUDA-graph capturable).
 
 1. prep    (B, Hkv):    top-r channel mask of the group's mean |q| (and list), masked
                         queries, SparQ temperature per query head;
@@ -9,14 +9,14 @@
                         each of the S programs of a (request, KV head)
                         strides over that request's own tiles, so the grid depends on the
                         batch size only and short requests cost no empty programs;
-3. top-k   (B, Hkv):    each query head's softmax statistics over its logits, the
-                        group-softmax-mean page scores, then an exact radix select of the
-                        k-th largest score (histogram passes over digits of the float bits,
-                        4-bit ones for a request of one chunk of pages, whose logits and
-                        keys stay in registers, 8-bit ones over keys in memory; stopping
-                        once the boundary bucket is taken whole) and one compaction pass
-                        writing the chosen logical pages in ascending order (ties broken by
-                        lower page).
+3. top-k   (B, Hkv):    the group-softmax-mean page scores as int32 keys, an exact radix
+                        select of the k-th largest (histograms of digits of the float bits,
+                        stopping once the boundary bucket is taken whole) and the chosen
+                        logical pages in ascending order (ties broken by lower page).
+                        A request of one chunk of pages (most) keeps logits and keys in
+                        registers. Longer ones also write each group of pages' largest
+                        key: the k-th largest group maximum bounds the k-th key from
+                        below, so only the few keys above it are selected among.
 
 Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
 evicted gap), so an evicting request never scores its gap. A request whose budget covers
@@ -302,12 +302,22 @@ def _chosen_by_key(key, vm, threshold, shift, take_equal, equal_seen):
 
 
 @triton.jit
+def _write_candidates(cand_key, cand_page, key, p, take, count):
+    """Append the taken keys of one chunk and their logical pages (in page order)."""
+    ti = take.to(tl.int32)
+    slot = count + tl.cumsum(ti, 0) - ti
+    tl.store(cand_key + slot, key, mask=take)
+    tl.store(cand_page + slot, p, mask=take)
+    return count + tl.sum(ti)
+
+
+@triton.jit
 def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
-    logit_ptr, key_ptr, idx_ptr, cnt_ptr,
+    logit_ptr, key_ptr, max_ptr, cand_key_ptr, cand_page_ptr, idx_ptr, cnt_ptr,
     NPV,
-    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
-    W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
+    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, NG: tl.constexpr,
+    MAXC: tl.constexpr, W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -330,11 +340,11 @@ def _hsa_topk_kernel(
     elif n <= CHUNK:
         # one chunk (most requests): logits are read once and the keys never leave registers
         vm = c < n
-        p = logical_page(c, nk, tail)
         lg = _load_logits(logit_ptr, bh, c, vm, NPV, G, G_P)
         m, ssum = _online_stats(lg, tl.full([G_P], float("-inf"), tl.float32), tl.zeros([G_P], tl.float32))
         m, inv = _group_weights(m, ssum, G)
-        key = _page_keys(lg, m, inv, vm & (page_len(p, seq, keep, gap, PS) > 0))
+        live = vm & (page_len(logical_page(c, nk, tail), seq, keep, gap, PS) > 0)
+        key = _page_keys(lg, m, inv, live)
         tl.store(keys + c, key, mask=vm)  # only hsa_page_scores reads them back
         top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
         if k < tl.sum(top_hist):
@@ -342,36 +352,73 @@ def _hsa_topk_kernel(
             chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, tl.zeros([], tl.int32))
         else:  # k covers the live pages (some virtual pages may hold no live token)
             chosen = key >= 0
-        written = _write_chosen(idx, p, chosen, written)
+        written = _write_chosen(idx, logical_page(c, nk, tail), chosen, written)
     else:
-        # chunked: each head's softmax statistics, then keys to memory with their top-digit
-        # histogram, the rest of the radix select over them, and the chosen pages
+        # long requests, chunk by chunk: each head's softmax statistics, then the keys (to
+        # memory) and each group of pages' largest key. The k-th largest group maximum is a
+        # lower bound of the k-th largest key (k distinct keys reach it), so the keys at or
+        # above it hold the top k; usually few more than k, they are selected in registers.
+        # (half chunks here keep this path's registers under the one-chunk path's; a chunk of
+        # one page never comes here, but the branch still compiles)
+        HALF: tl.constexpr = max(1, CHUNK // 2)
+        half = tl.arange(0, HALF)
         m = tl.full([G_P], float("-inf"), tl.float32)
         ssum = tl.zeros([G_P], tl.float32)
-        for v0 in range(0, n, CHUNK):
-            m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + c, v0 + c < n, NPV, G, G_P), m, ssum)
+        for v0 in range(0, n, HALF):
+            m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + half, v0 + half < n, NPV, G, G_P), m, ssum)
         m, inv = _group_weights(m, ssum, G)
-        top_hist = tl.zeros([128], tl.int32)
-        for v0 in range(0, n, CHUNK):
-            v = v0 + c
+        for v0 in range(0, n, HALF):
+            v = v0 + half
             vm = v < n
             live = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
             key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), m, inv, live)
             tl.store(keys + v, key, mask=vm)
-            top_hist += tl.histogram(key >> 24, 128, mask=key >= 0)
-        tl.debug_barrier()  # the keys are read back below in other threads' layout
-        threshold = tl.zeros([], tl.int32)  # with k >= live pages: every present key
-        shift = tl.zeros([], tl.int32)
-        take_equal = tl.zeros([], tl.int32) + NPV
-        if k < tl.sum(top_hist):
-            threshold, shift, take_equal = _radix_refine(keys, n, top_hist, k, CHUNK, False, W_MEMORY)
-        equal_seen = tl.zeros([], tl.int32)
+        tl.debug_barrier()  # the keys are read back in other threads' layout
+        gi = tl.arange(0, NG)
         for v0 in range(0, n, CHUNK):
-            v = v0 + c
-            vm = v < n
-            key = tl.load(keys + v, mask=vm, other=-1)
-            chosen, equal_seen = _chosen_by_key(key, vm & (key >= 0), threshold, shift, take_equal, equal_seen)
-            written = _write_chosen(idx, logical_page(v, nk, tail), chosen, written)
+            # groups of CHUNK // NG pages read as rows: the max is within each thread's registers
+            grouped = v0 + gi[:, None] * (CHUNK // NG) + tl.arange(0, CHUNK // NG)[None, :]
+            group_max = tl.max(tl.load(keys + grouped, mask=grouped < n, other=-1), axis=1)
+            tl.store(max_ptr + bh * MAXC + v0 // (CHUNK // NG) + gi, group_max)
+        tl.debug_barrier()  # the maxima are read back in other threads' layout
+        j = tl.arange(0, MAXC)
+        gmax = tl.load(max_ptr + bh * MAXC + j, mask=j < tl.cdiv(n, CHUNK) * NG, other=-1)
+        max_hist = tl.histogram(gmax >> 24, 128, mask=gmax >= 0)
+        num_cand = n + CHUNK  # more than fit: no bound, the exact select below
+        if k <= tl.sum(max_hist):
+            threshold, shift, _ = _radix_refine(gmax, MAXC, max_hist, k, MAXC, True, W_REGS)
+            bound = (threshold >> shift) << shift
+            num_cand = tl.zeros([], tl.int32)
+            for v0 in range(0, n, HALF):
+                v = v0 + half
+                key = tl.load(keys + v, mask=v < n, other=-1)
+                num_cand = _write_candidates(cand_key_ptr + bh * NPV, cand_page_ptr + bh * NPV, key,
+                                             logical_page(v, nk, tail), key >= tl.maximum(bound, 0), num_cand)
+            tl.debug_barrier()  # the candidates are read back in other threads' layout
+        if num_cand <= CHUNK:
+            cm = c < num_cand
+            key = tl.load(cand_key_ptr + bh * NPV + c, mask=cm, other=-1)
+            chosen = cm
+            if k < num_cand:
+                threshold, shift, take_equal = _radix_refine(
+                    key, num_cand, tl.histogram(key >> 24, 128, mask=cm), k, CHUNK, True, W_REGS)
+                chosen, _ = _chosen_by_key(key, cm, threshold, shift, take_equal, tl.zeros([], tl.int32))
+            written = _write_chosen(idx, tl.load(cand_page_ptr + bh * NPV + c, mask=cm, other=0), chosen, written)
+        else:
+            # too many candidates (ties) or k above the group count: radix passes over all keys
+            top_hist = _digit_hist(keys, n, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
+            threshold = tl.zeros([], tl.int32)  # with k >= live pages: every present key
+            shift = tl.zeros([], tl.int32)
+            take_equal = tl.zeros([], tl.int32) + NPV
+            if k < tl.sum(top_hist):
+                threshold, shift, take_equal = _radix_refine(keys, n, top_hist, k, CHUNK, False, W_MEMORY)
+            equal_seen = tl.zeros([], tl.int32)
+            for v0 in range(0, n, CHUNK):
+                v = v0 + c
+                vm = v < n
+                key = tl.load(keys + v, mask=vm, other=-1)
+                chosen, equal_seen = _chosen_by_key(key, vm & (key >= 0), threshold, shift, take_equal, equal_seen)
+                written = _write_chosen(idx, logical_page(v, nk, tail), chosen, written)
     tl.store(cnt_ptr + bh, written)
 
 
@@ -466,9 +513,17 @@ def top_pages_from_logits(
     count [B, Hkv]; keys [>= B, Hkv, P] is scratch (the page scores, as int32 keys)."""
     batch, hkv = index.shape[:2]
     group, num_pages = logits.shape[2:]
+    # chunks of pages, and for long requests the groups of pages whose largest keys bound the
+    # k-th largest (a chunk's worth of maxima, or one per chunk where chunks outnumber its pages)
+    chunk = min(topk_chunk(group), np2(num_pages))
+    chunks = np2(triton.cdiv(num_pages, chunk))
+    groups = max(1, chunk // chunks)
+    group_max = torch.empty(batch, hkv, groups * chunks, dtype=torch.int32, device=logits.device)
+    cand_key = torch.empty(batch, hkv, num_pages, dtype=torch.int32, device=logits.device)
+    cand_page = torch.empty_like(cand_key)
     _hsa_topk_kernel[(batch, hkv)](
-        seq, keep, gap_end, top_pages, logits, keys, index, count, num_pages,
-        G=group, PS=page_size, G_P=np2(group), CHUNK=min(topk_chunk(group), np2(num_pages)),
+        seq, keep, gap_end, top_pages, logits, keys, group_max, cand_key, cand_page, index, count, num_pages,
+        G=group, PS=page_size, G_P=np2(group), CHUNK=chunk, NG=groups, MAXC=groups * chunks,
         W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY,
         num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
     )
