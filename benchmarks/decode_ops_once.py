@@ -1,5 +1,6 @@
-"""Runs each decode kernel once on a Llama-3.1-8B-shaped batch, synchronising after each:
-a target for compute-sanitizer (gpu_checks.sh) that names the kernel that fails.
+"""Runs each decode kernel once on a Llama-3.1-8B-shaped batch, synchronising after each,
+and the CUDA C++ write_kv once on each of its paths: a target for compute-sanitizer
+(gpu_checks.sh) that names the kernel that fails.
 
     python benchmarks/decode_ops_once.py BATCH CONTEXT
 """
@@ -25,6 +26,20 @@ def run(name: str, fn) -> None:
     print("ok", name, flush=True)
 
 
+def write_kv_paths() -> None:
+    """16-byte and one-channel-a-thread accesses (misaligned rows), head_dim 128/72/40, each
+    dtype; a 50-token run from mid-page (summaries widened, then restarted), then one token."""
+    layout = KVLayout(BLOCK, 4)
+    slots = torch.arange(3, 54, device="cuda")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d, misaligned in ((128, False), (72, False), (128, True), (40, True)):
+            kv = torch.randn(layout.cache_shape(8, KV_HEADS, d), dtype=dtype, device="cuda")
+            rows = torch.randn(2, len(slots), KV_HEADS, d + misaligned, dtype=dtype, device="cuda")[..., int(misaligned):]
+            for part in (slice(0, 50), slice(50, 51)):
+                run(f"write_kv[cuda] {dtype} d={d}{' misaligned' if misaligned else ''} tokens {part.start}..{part.stop}",
+                    lambda: cuda_ops.write_kv(kv, layout, rows[0, part], rows[1, part], slots[part]))
+
+
 def main(batch: int, context: int) -> None:
     layout = KVLayout(BLOCK, 4)
     blocks_per_request = context // BLOCK + 1
@@ -41,6 +56,7 @@ def main(batch: int, context: int) -> None:
     run("write_kv[triton]", lambda: T.write_kv(kv, layout, new, new, slots))
     if cuda_ops.available():
         run("write_kv[cuda]", lambda: cuda_ops.write_kv(kv, layout, new, new, slots))
+        write_kv_paths()
     for mode in ("rocketkv", "mt"):
         if mode == "mt":
             keep.fill_(context)

@@ -121,8 +121,14 @@ void launch_vec(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, 
   const int64_t hkv = kv.size(1);
   const int head_dim = static_cast<int>(kv.size(3));
   const int lanes = (head_dim + VEC - 1) / VEC;
-  const int pairs = std::max(1, 128 / lanes);  // ~128 threads a CUDA block
-  const int64_t blocks = (num_tokens * hkv + pairs - 1) / pairs;
+  // Up to ~128 threads a CUDA block, but no fewer blocks than SMs while there is work for
+  // them (a decode step has only batch x Hkv pairs), and at least a warp a block.
+  const int64_t num_pairs = num_tokens * hkv;
+  int sms = 1;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, kv.get_device()));
+  const int64_t most = std::max(1, 128 / lanes), least = std::max(1, 32 / lanes);
+  const int pairs = static_cast<int>(std::clamp<int64_t>((num_pairs + sms - 1) / sms, least, most));
+  const int64_t blocks = (num_pairs + pairs - 1) / pairs;
   auto* kv_ptr = reinterpret_cast<scalar_t*>(kv.data_ptr());
   auto* k_ptr = reinterpret_cast<const scalar_t*>(key.data_ptr());
   auto* v_ptr = reinterpret_cast<const scalar_t*>(value.data_ptr());
