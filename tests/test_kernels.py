@@ -348,6 +348,26 @@ def test_hsa_gathered_channels_score_like_whole_rows(head_dim):
             assert len(pages) == min(3, int(live[b].sum())) and live[b, pages].all()
 
 
+def test_hsa_gathered_channels_over_many_tiles():
+    """Few chosen channels over requests of several gather tiles (each BLOCK_D / R_GATHER
+    times a whole-row tile), one program striding over all of them and the default spread,
+    choose the oracle's pages; with an evicted gap and an empty request."""
+    from rocketkv_vllm.kernels.triton_hsa import gather_channels
+
+    torch.manual_seed(11)
+    layout, hkv, d = KVLayout(16, 4), 2, HEAD_DIMS[0]
+    lengths = [n * SCALE for n in (3000, 1300, 2100)]
+    kv, table, _, _ = build_cache(layout, hkv, d, lengths, torch.float32)
+    seq, keep, gap = ragged_batch(layout, lengths)
+    query = torch.randn(len(lengths), hkv * 4, d, device=DEV)
+    top_channels = torch.tensor([1, gather_channels(d), 2], device=DEV)
+    ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, top_channels, 40)
+    scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels)
+    for splits in (1, None):
+        out = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, top_channels, 40, splits=splits)
+        assert_same_selection(out, ref, scores)
+
+
 @pytest.mark.parametrize("top_pages", [1, 3, 1 << 30])
 def test_hsa_select_int_budgets(top_pages):
     layout, kv, table, seq, keep, gap, query, _, _ = _select_inputs(4, 16, 4, torch.float32, HEAD_DIMS[0], 5)
