@@ -287,11 +287,12 @@ def _page_keys(lg, m, inv, live):
 
 
 @triton.jit
-def _write_chosen(idx, p, chosen, written):
-    """Append the chosen logical pages of one chunk (in page order) to the page list."""
+def _write_chosen(dst, values, chosen, written):
+    """Append the chosen values of one chunk (in page order: logical pages, or candidate
+    keys) at dst[written:]; returns the new count."""
     ci = chosen.to(tl.int32)
     slot = written + tl.cumsum(ci, 0) - ci
-    tl.store(idx + slot, p, mask=chosen)
+    tl.store(dst + slot, values, mask=chosen)
     return written + tl.sum(ci)
 
 
@@ -303,16 +304,6 @@ def _chosen_by_key(key, vm, threshold, shift, take_equal, equal_seen):
     eq_rank = equal_seen + tl.cumsum(eq.to(tl.int32), 0) - eq.to(tl.int32)
     chosen = vm & ((prefix > (threshold >> shift)) | (eq & (eq_rank < take_equal)))
     return chosen, equal_seen + tl.sum(eq.to(tl.int32))
-
-
-@triton.jit
-def _write_candidates(cand_key, cand_page, key, p, take, count):
-    """Append the taken keys of one chunk and their logical pages (in page order)."""
-    ti = take.to(tl.int32)
-    slot = count + tl.cumsum(ti, 0) - ti
-    tl.store(cand_key + slot, key, mask=take)
-    tl.store(cand_page + slot, p, mask=take)
-    return count + tl.sum(ti)
 
 
 @triton.jit
@@ -396,8 +387,9 @@ def _hsa_topk_kernel(
             for v0 in range(0, n, HALF):
                 v = v0 + half
                 key = tl.load(keys + v, mask=v < n, other=-1)
-                num_cand = _write_candidates(cand_key_ptr + bh * NPV, cand_page_ptr + bh * NPV, key,
-                                             logical_page(v, nk, tail), key >= tl.maximum(bound, 0), num_cand)
+                take = key >= tl.maximum(bound, 0)
+                _write_chosen(cand_page_ptr + bh * NPV, logical_page(v, nk, tail), take, num_cand)
+                num_cand = _write_chosen(cand_key_ptr + bh * NPV, key, take, num_cand)
             tl.debug_barrier()  # the candidates are read back in other threads' layout
         if num_cand <= CHUNK:
             cm = c < num_cand
