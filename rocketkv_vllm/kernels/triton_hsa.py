@@ -120,11 +120,16 @@ def _tile_logits(
     kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, cmask,
     s, ns, n, nk, tail, seq, keep, gap, h, bh, s_cb, s_ch, s_cr, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
-    G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
     """Logits of this program's tiles of pages from the summary channels at offsets `cols`
-    (masked by cmask): all of a row (contiguous, vector loads) or a list of chosen ones."""
+    (masked by cmask): all of a row (contiguous, vector loads) or a list of chosen ones.
+    Returns each query head's max and sum of exp over this program's logits (the top-k's
+    softmax statistics), kept element-wise across tiles so that no tile pays a reduction."""
     qbase = bh * G_P
+    g = tl.arange(0, G_S)
+    m_run = tl.full([G_S, TILE], float("-inf"), tl.float32)
+    s_run = tl.zeros([G_S, TILE], tl.float32)
     nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
     for t in range(s, tl.cdiv(n, TILE), ns):
         v, plen, valid, row = nv, nplen, nvalid, nrow
@@ -134,22 +139,31 @@ def _tile_logits(
         # the next tile's block numbers load while this tile computes
         nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
         log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
+        lg = tl.full([G_S, TILE], float("-inf"), tl.float32)
         for gi in tl.static_range(G):
             qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + cols, mask=cmask, other=0.0)
             bound = tl.sum(kmax * tl.maximum(qg, 0.0)[None, :] + kmin * tl.minimum(qg, 0.0)[None, :], axis=1)
             logit = bound / tl.load(temp_ptr + qbase + gi) + log_len
             logit = tl.where(valid, logit, float("-inf"))
             tl.store(logit_ptr + (bh * G + gi) * NPV + v, logit, mask=v < n)
+            lg = tl.where(g[:, None] == gi, logit[None, :], lg)
+        m_new = tl.maximum(m_run, lg)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_run = s_run * tl.exp(m_run - m_safe) + tl.exp(lg - m_safe)
+        m_run = m_new
+    m = tl.max(m_run, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, tl.sum(s_run * tl.exp(m_run - m_safe[:, None]), axis=1)
 
 
 @triton.jit
 def _hsa_logits_kernel(
     kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, r_ptr, chan_ptr, qm_ptr, temp_ptr,
-    logit_ptr,
+    logit_ptr, stat_ptr,
     s_cb, s_ch, s_cr, s_bt,
     D, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
-    G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, R_GATHER: tl.constexpr,
+    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, R_GATHER: tl.constexpr,
 ):
     # Page bounds are dot products of one query row with TILE summary rows: computed as
     # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
@@ -179,16 +193,21 @@ def _hsa_logits_kernel(
             jm = j < r
             cols = tl.load(chan_ptr + bh * R_GATHER + j, mask=jm, other=0)
             cols = tl.minimum(tl.maximum(cols, 0), D - 1)  # never outside the row, whatever the query
-            _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap, h, bh,
-                         s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, BLOCK_D, GATHER_TILE)
+            m, ssum = _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap,
+                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GATHER_TILE)
         else:
             # Whole summary rows: DRAM moves 32-byte sectors (16 channels), so masking to
             # the chosen channels saves little at larger r, and a per-channel mask would turn
             # each 16-byte vector load into eight 2-byte loads. Unchosen channels meet
             # zeros in the masked queries.
             d = tl.arange(0, BLOCK_D)
-            _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, d, d < D, s, ns, n, nk, tail, seq, keep, gap, h, bh,
-                         s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, BLOCK_D, TILE)
+            m, ssum = _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, d, d < D, s, ns, n, nk, tail, seq, keep, gap,
+                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, TILE)
+        # [rows, Hkv, programs, 2, G_S]: this program's max and sum of exp per query head
+        g = tl.arange(0, G_S)
+        stat = stat_ptr + ((bh * ns + s) * 2) * G_S
+        tl.store(stat + g, m)
+        tl.store(stat + G_S + g, ssum)
 
 
 @triton.jit
@@ -260,12 +279,18 @@ def _load_logits(logit_ptr, bh, v, vm, NPV, G: tl.constexpr, G_P: tl.constexpr):
 
 
 @triton.jit
-def _online_stats(lg, m, ssum):
-    """Fold a [G_P, CHUNK] logits chunk into each head's running max and sum of exp."""
-    m_new = tl.maximum(m, tl.max(lg, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    ssum = ssum * tl.exp(m - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), axis=1)
-    return m_new, ssum
+def _combined_stats(stat_ptr, bh, NS, NS_P: tl.constexpr, G_P: tl.constexpr):
+    """Each query head's softmax max and sum of exp over all its page logits, from the NS
+    logits programs' partial ones ([.., NS, 2, G_P] per request and KV head)."""
+    i = tl.arange(0, NS_P)
+    g = tl.arange(0, G_P)
+    at = stat_ptr + (bh * NS + i[None, :]) * 2 * G_P + g[:, None]
+    present = (i < NS)[None, :]
+    m_i = tl.load(at, mask=present, other=float("-inf"))
+    s_i = tl.load(at + G_P, mask=present, other=0.0)
+    m = tl.max(m_i, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, tl.sum(s_i * tl.exp(m_i - m_safe[:, None]), axis=1)
 
 
 @triton.jit
@@ -318,10 +343,10 @@ def _write_candidates(cand_key, cand_page, key, p, take, count):
 @triton.jit
 def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
-    logit_ptr, key_ptr, max_ptr, cand_key_ptr, cand_page_ptr, idx_ptr, cnt_ptr,
-    NPV,
+    logit_ptr, stat_ptr, key_ptr, max_ptr, cand_key_ptr, cand_page_ptr, idx_ptr, cnt_ptr,
+    NPV, NS,
     G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, NG: tl.constexpr,
-    MAXC: tl.constexpr, W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
+    MAXC: tl.constexpr, W_REGS: tl.constexpr, W_MEMORY: tl.constexpr, NS_P: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -344,9 +369,9 @@ def _hsa_topk_kernel(
     elif n <= CHUNK:
         # one chunk (most requests): logits are read once and the keys never leave registers
         vm = c < n
-        lg = _load_logits(logit_ptr, bh, c, vm, NPV, G, G_P)
-        m, ssum = _online_stats(lg, tl.full([G_P], float("-inf"), tl.float32), tl.zeros([G_P], tl.float32))
+        m, ssum = _combined_stats(stat_ptr, bh, NS, NS_P, G_P)  # (before the logits take the registers)
         m, inv = _group_weights(m, ssum, G)
+        lg = _load_logits(logit_ptr, bh, c, vm, NPV, G, G_P)
         live = vm & (page_len(logical_page(c, nk, tail), seq, keep, gap, PS) > 0)
         key = _page_keys(lg, m, inv, live)
         tl.store(keys + c, key, mask=vm)  # only hsa_page_scores reads them back
@@ -358,18 +383,15 @@ def _hsa_topk_kernel(
             chosen = key >= 0
         written = _write_chosen(idx, logical_page(c, nk, tail), chosen, written)
     else:
-        # long requests, chunk by chunk: each head's softmax statistics, then the keys (to
-        # memory) and each group of pages' largest key. The k-th largest group maximum is a
+        # long requests, chunk by chunk: the keys (to memory) and each group of pages'
+        # largest key. The k-th largest group maximum is a
         # lower bound of the k-th largest key (k distinct keys reach it), so the keys at or
         # above it hold the top k; usually few more than k, they are selected in registers.
         # (half chunks here keep this path's registers under the one-chunk path's; a chunk of
         # one page never comes here, but the branch still compiles)
         HALF: tl.constexpr = max(1, CHUNK // 2)
         half = tl.arange(0, HALF)
-        m = tl.full([G_P], float("-inf"), tl.float32)
-        ssum = tl.zeros([G_P], tl.float32)
-        for v0 in range(0, n, HALF):
-            m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + half, v0 + half < n, NPV, G, G_P), m, ssum)
+        m, ssum = _combined_stats(stat_ptr, bh, NS, NS_P, G_P)
         m, inv = _group_weights(m, ssum, G)
         for v0 in range(0, n, HALF):
             v = v0 + half
@@ -482,6 +504,7 @@ def _launch(
     temp = torch.empty(rows, hkv, g_p, dtype=torch.float32, device=device)
     chan = torch.empty(rows, hkv, r_gather, dtype=torch.int32, device=device)
     logits = torch.empty(rows, hkv, group, num_pages, dtype=torch.float32, device=device)
+    stats = torch.empty(rows, hkv, splits, 2, np2(group), dtype=torch.float32, device=device)
     keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
     for r0 in range(0, batch, rows):
         part = slice(r0, min(batch, r0 + rows))
@@ -491,18 +514,20 @@ def _launch(
             G_P=g_p, BLOCK_D=block_d, R_GATHER=r_gather, num_warps=4,
         )
         _hsa_logits_kernel[(n, hkv, splits)](
-            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits,
+            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits, stats,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
-            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, R_GATHER=r_gather,
+            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d, TILE=tile,
+            R_GATHER=r_gather,
             num_warps=4,
         )
-        top_pages_from_logits(logits, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys)
+        top_pages_from_logits(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys)
     return PageSelection(index, count), keys if keep_keys else None
 
 
 def top_pages_from_logits(
     logits: torch.Tensor,
+    stats: torch.Tensor,
     seq: torch.Tensor,
     keep: torch.Tensor,
     gap_end: torch.Tensor,
@@ -513,7 +538,9 @@ def top_pages_from_logits(
     keys: torch.Tensor,
 ) -> None:
     """The top-k kernel alone (also what benchmarks/bench_topk.py times): from the page
-    logits [>= B, Hkv, G, P] of B requests, their chosen pages into index [B, Hkv, P] and
+    logits [>= B, Hkv, G, P] of B requests and their softmax statistics in parts
+    [>= B, Hkv, parts, 2, np2(G)] (each part's max and sum of exp per query head; the logits
+    kernel writes one part per program), their chosen pages into index [B, Hkv, P] and
     count [B, Hkv]; keys [>= B, Hkv, P] is scratch (the page scores, as int32 keys)."""
     batch, hkv = index.shape[:2]
     group, num_pages = logits.shape[2:]
@@ -526,9 +553,10 @@ def top_pages_from_logits(
     cand_key = torch.empty(batch, hkv, num_pages, dtype=torch.int32, device=logits.device)
     cand_page = torch.empty_like(cand_key)
     _hsa_topk_kernel[(batch, hkv)](
-        seq, keep, gap_end, top_pages, logits, keys, group_max, cand_key, cand_page, index, count, num_pages,
+        seq, keep, gap_end, top_pages, logits, stats, keys, group_max, cand_key, cand_page, index, count, num_pages,
+        stats.shape[2],
         G=group, PS=page_size, G_P=np2(group), CHUNK=chunk, NG=groups, MAXC=groups * chunks,
-        W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY,
+        W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY, NS_P=np2(stats.shape[2]),
         num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
     )
 
