@@ -4,19 +4,21 @@
                         queries, SparQ temperature per query head;
 2. logits  (B, Hkv, S): approximate page logits on the chosen channels from the page
                         max/min summaries (whole rows, or only the chosen channels when
-                        they are few), per tile of live pages (nothing else: every
-                        cross-thread reduction here costs a barrier per tile and head);
+                        they are few), per tile of live pages, and each program's softmax
+                        statistics (kept element-wise across its tiles: a cross-thread
+                        reduction costs a barrier, so only one a program);
                         each of the S programs of a (request, KV head)
                         strides over that request's own tiles, so the grid depends on the
                         batch size only and short requests cost no empty programs;
-3. top-k   (B, Hkv):    the group-softmax-mean page scores as int32 keys, an exact radix
-                        select of the k-th largest (histograms of digits of the float bits,
-                        stopping once the boundary bucket is taken whole) and the chosen
-                        logical pages in ascending order (ties broken by lower page).
-                        A request of one chunk of pages (most) keeps logits and keys in
-                        registers. Longer ones also write each group of pages' largest
-                        key: the k-th largest group maximum bounds the k-th key from
-                        below, so only the few keys above it are selected among.
+3. top-k   (B, Hkv, C): the group-softmax-mean page scores as int32 keys (the softmax
+                        statistics come from the logits programs' partial ones), an exact
+                        radix select of the k-th largest (histograms of digits of the float
+                        bits, stopping once the boundary bucket is taken whole) and the chosen
+                        logical pages in ascending order (ties broken by lower page). One
+                        program per chunk of pages, keys in registers: a request of one chunk
+                        (most) is done there; a longer one's chunks each pick their top k
+                        (the request's top k are among them), and the chunk that finishes
+                        last picks the top k of those candidates.
 
 Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
 evicted gap), so an evicting request never scores its gap. A request whose budget covers
@@ -46,7 +48,7 @@ from rocketkv_vllm.kernels.triton_common import (
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.reference import PageSelection
 
-PAGE_CHUNK = 4096  # pages per step of the top-k kernel's passes (groups of up to 4 query heads)
+PAGE_CHUNK = 4096  # pages per top-k program (groups of up to 4 query heads)
 # 4-byte scratch elements (logits, keys, masked queries) held at once
 # (256 MiB); bigger batches are scored in row groups. The output page lists are extra.
 SCRATCH_ELEMENTS = 1 << 26
@@ -239,7 +241,7 @@ def _digit_hist(src, n, threshold, SHIFT: tl.constexpr, TOP: tl.constexpr, CHUNK
         c = tl.arange(0, CHUNK)
         hist = tl.zeros([NB], tl.int32)
         for v0 in range(0, n, CHUNK):
-            key = tl.load(src + v0 + c, mask=v0 + c < n, other=-1)
+            key = tl.load(src + v0 + c, mask=v0 + c < n, other=-1, cache_modifier=".cg")  # other SMs wrote them
             same_prefix = (key >= 0) & ((key >> TOP) == (threshold >> TOP))
             hist += tl.histogram((key >> SHIFT) & (NB - 1), NB, mask=same_prefix)
     return hist
@@ -261,13 +263,6 @@ def _radix_refine(src, n, top_hist, k, CHUNK: tl.constexpr, IN_REGS: tl.constexp
             threshold, remaining, in_bucket = _pick_digit(hist, threshold, remaining, 24 - W * (i + 1))
             shift = tl.zeros([], tl.int32) + (24 - W * (i + 1))
     return threshold, shift, remaining
-
-
-@triton.jit
-def _radix_select(keys, n, k, CHUNK: tl.constexpr, W: tl.constexpr):
-    """_radix_refine over n keys in memory."""
-    top_hist = _digit_hist(keys, n, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
-    return _radix_refine(keys, n, top_hist, k, CHUNK, False, W)
 
 
 @triton.jit
@@ -331,25 +326,32 @@ def _chosen_by_key(key, vm, threshold, shift, take_equal, equal_seen):
 
 
 @triton.jit
-def _write_candidates(cand_key, cand_page, key, p, take, count):
-    """Append the taken keys of one chunk and their logical pages (in page order)."""
-    ti = take.to(tl.int32)
-    slot = count + tl.cumsum(ti, 0) - ti
-    tl.store(cand_key + slot, key, mask=take)
-    tl.store(cand_page + slot, p, mask=take)
-    return count + tl.sum(ti)
+def _top_in_registers(key, vm, k, CHUNK: tl.constexpr, W: tl.constexpr):
+    """Which of a chunk of keys in registers (-1 = absent) are its top k, ties to the lower
+    position: all present ones when k covers them."""
+    top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
+    chosen = key >= 0
+    if k < tl.sum(top_hist):
+        threshold, shift, take_equal = _radix_refine(key, CHUNK, top_hist, k, CHUNK, True, W)
+        chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, tl.zeros([], tl.int32))
+    return chosen
 
 
 @triton.jit
 def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
-    logit_ptr, stat_ptr, key_ptr, max_ptr, cand_key_ptr, cand_page_ptr, idx_ptr, cnt_ptr,
+    logit_ptr, stat_ptr, key_ptr, cand_key_ptr, cand_page_ptr, ticket_ptr, idx_ptr, cnt_ptr,
     NPV, NS,
-    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, NG: tl.constexpr,
-    MAXC: tl.constexpr, W_REGS: tl.constexpr, W_MEMORY: tl.constexpr, NS_P: tl.constexpr,
+    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, NS_P: tl.constexpr,
+    W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
 ):
+    # One program per chunk of a request's pages (program_id(2)). A request of one chunk
+    # (most) is selected by its one program with logits and keys in registers. A longer one:
+    # each chunk's program picks its chunk's top k, since the request's top k are among
+    # those, and the program that finishes last picks the top k of these candidates.
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
+    part = tl.program_id(2)
     nh = tl.num_programs(1).to(tl.int64)
     bh = b * nh + h
     seq = tl.load(seq_ptr + b)
@@ -358,94 +360,67 @@ def _hsa_topk_kernel(
     k = tl.load(k_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
     n = pages_in_table(n, nk, tail, NPV)
+    parts = tl.cdiv(n, CHUNK)
     c = tl.arange(0, CHUNK)
-    keys = key_ptr + bh * NPV
     idx = idx_ptr + bh * NPV  # page lists are as wide as the virtual pages can be
-    written = tl.zeros([], tl.int32)
     if k >= n:  # every live page is chosen: nothing to score
-        for v0 in range(0, n, CHUNK):
-            p = logical_page(v0 + c, nk, tail)
-            written = _write_chosen(idx, p, (v0 + c < n) & (page_len(p, seq, keep, gap, PS) > 0), written)
-    elif n <= CHUNK:
-        # one chunk (most requests): logits are read once and the keys never leave registers
-        vm = c < n
+        if part == 0:
+            written = tl.zeros([], tl.int32)
+            for v0 in range(0, n, CHUNK):
+                p = logical_page(v0 + c, nk, tail)
+                written = _write_chosen(idx, p, (v0 + c < n) & (page_len(p, seq, keep, gap, PS) > 0), written)
+            tl.store(cnt_ptr + bh, written)
+    elif part < parts:
         m, ssum = _combined_stats(stat_ptr, bh, NS, NS_P, G_P)  # (before the logits take the registers)
         m, inv = _group_weights(m, ssum, G)
-        lg = _load_logits(logit_ptr, bh, c, vm, NPV, G, G_P)
-        live = vm & (page_len(logical_page(c, nk, tail), seq, keep, gap, PS) > 0)
-        key = _page_keys(lg, m, inv, live)
-        tl.store(keys + c, key, mask=vm)  # only hsa_page_scores reads them back
-        top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
-        if k < tl.sum(top_hist):
-            threshold, shift, take_equal = _radix_refine(key, n, top_hist, k, CHUNK, True, W_REGS)
-            chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, tl.zeros([], tl.int32))
-        else:  # k covers the live pages (some virtual pages may hold no live token)
-            chosen = key >= 0
-        written = _write_chosen(idx, logical_page(c, nk, tail), chosen, written)
-    else:
-        # long requests, chunk by chunk: the keys (to memory) and each group of pages'
-        # largest key. The k-th largest group maximum is a
-        # lower bound of the k-th largest key (k distinct keys reach it), so the keys at or
-        # above it hold the top k; usually few more than k, they are selected in registers.
-        # (half chunks here keep this path's registers under the one-chunk path's; a chunk of
-        # one page never comes here, but the branch still compiles)
-        HALF: tl.constexpr = max(1, CHUNK // 2)
-        half = tl.arange(0, HALF)
-        m, ssum = _combined_stats(stat_ptr, bh, NS, NS_P, G_P)
-        m, inv = _group_weights(m, ssum, G)
-        for v0 in range(0, n, HALF):
-            v = v0 + half
-            vm = v < n
-            live = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
-            key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), m, inv, live)
-            tl.store(keys + v, key, mask=vm)
-        tl.debug_barrier()  # the keys are read back in other threads' layout
-        gi = tl.arange(0, NG)
-        for v0 in range(0, n, CHUNK):
-            # groups of CHUNK // NG pages read as rows: the max is within each thread's registers
-            grouped = v0 + gi[:, None] * (CHUNK // NG) + tl.arange(0, CHUNK // NG)[None, :]
-            group_max = tl.max(tl.load(keys + grouped, mask=grouped < n, other=-1), axis=1)
-            tl.store(max_ptr + bh * MAXC + v0 // (CHUNK // NG) + gi, group_max)
-        tl.debug_barrier()  # the maxima are read back in other threads' layout
-        j = tl.arange(0, MAXC)
-        gmax = tl.load(max_ptr + bh * MAXC + j, mask=j < tl.cdiv(n, CHUNK) * NG, other=-1)
-        max_hist = tl.histogram(gmax >> 24, 128, mask=gmax >= 0)
-        num_cand = n + CHUNK  # more than fit: no bound, the exact select below
-        if k <= tl.sum(max_hist):
-            threshold, shift, _ = _radix_refine(gmax, MAXC, max_hist, k, MAXC, True, W_REGS)
-            bound = (threshold >> shift) << shift
-            num_cand = tl.zeros([], tl.int32)
-            for v0 in range(0, n, HALF):
-                v = v0 + half
-                key = tl.load(keys + v, mask=v < n, other=-1)
-                num_cand = _write_candidates(cand_key_ptr + bh * NPV, cand_page_ptr + bh * NPV, key,
-                                             logical_page(v, nk, tail), key >= tl.maximum(bound, 0), num_cand)
-            tl.debug_barrier()  # the candidates are read back in other threads' layout
-        if num_cand <= CHUNK:
-            cm = c < num_cand
-            key = tl.load(cand_key_ptr + bh * NPV + c, mask=cm, other=-1)
-            chosen = cm
-            if k < num_cand:
-                threshold, shift, take_equal = _radix_refine(
-                    key, num_cand, tl.histogram(key >> 24, 128, mask=cm), k, CHUNK, True, W_REGS)
-                chosen, _ = _chosen_by_key(key, cm, threshold, shift, take_equal, tl.zeros([], tl.int32))
-            written = _write_chosen(idx, tl.load(cand_page_ptr + bh * NPV + c, mask=cm, other=0), chosen, written)
+        v = part * CHUNK + c
+        vm = v < n
+        pages = logical_page(v, nk, tail)
+        live = vm & (page_len(pages, seq, keep, gap, PS) > 0)
+        key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), m, inv, live)
+        tl.store(key_ptr + bh * NPV + v, key, mask=vm)  # only hsa_page_scores reads them back
+        chosen = _top_in_registers(key, vm, k, CHUNK, W_REGS)
+        if parts == 1:
+            tl.store(cnt_ptr + bh, _write_chosen(idx, pages, chosen, tl.zeros([], tl.int32)))
         else:
-            # too many candidates (ties) or k above the group count: radix passes over all keys
-            top_hist = _digit_hist(keys, n, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
-            threshold = tl.zeros([], tl.int32)  # with k >= live pages: every present key
-            shift = tl.zeros([], tl.int32)
-            take_equal = tl.zeros([], tl.int32) + NPV
-            if k < tl.sum(top_hist):
-                threshold, shift, take_equal = _radix_refine(keys, n, top_hist, k, CHUNK, False, W_MEMORY)
-            equal_seen = tl.zeros([], tl.int32)
-            for v0 in range(0, n, CHUNK):
-                v = v0 + c
-                vm = v < n
-                key = tl.load(keys + v, mask=vm, other=-1)
-                chosen, equal_seen = _chosen_by_key(key, vm & (key >= 0), threshold, shift, take_equal, equal_seen)
-                written = _write_chosen(idx, logical_page(v, nk, tail), chosen, written)
-    tl.store(cnt_ptr + bh, written)
+            # candidates: `per` slots a chunk (its chosen in page order, then absent keys)
+            per = tl.minimum(k, CHUNK)
+            cands = bh * tl.cdiv(NPV, CHUNK) * CHUNK
+            ci = chosen.to(tl.int32)
+            slot = part * per + tl.cumsum(ci, 0) - ci
+            tl.store(cand_key_ptr + cands + slot, key, mask=chosen)
+            tl.store(cand_page_ptr + cands + slot, pages, mask=chosen)
+            tl.store(cand_key_ptr + cands + part * per + c, tl.full([CHUNK], -1, tl.int32),
+                     mask=(c >= tl.sum(ci)) & (c < per))
+            tl.debug_barrier()  # every thread's candidates are stored before the ticket is taken
+            if tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel") == parts - 1:
+                # the last chunk to finish: the top k of all chunks' candidates, which are in
+                # page order (chunk by chunk), read past L1 (other SMs wrote them)
+                total = parts * per
+                ck = cand_key_ptr + cands
+                cp = cand_page_ptr + cands
+                if total <= CHUNK:
+                    cm = c < total
+                    key = tl.load(ck + c, mask=cm, other=-1, cache_modifier=".cg")
+                    chosen = _top_in_registers(key, cm, k, CHUNK, W_REGS)
+                    written = _write_chosen(idx, tl.load(cp + c, mask=cm, other=0, cache_modifier=".cg"), chosen,
+                                            tl.zeros([], tl.int32))
+                else:  # large k: radix passes over the candidates in memory
+                    top_hist = _digit_hist(ck, total, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
+                    threshold = tl.zeros([], tl.int32)  # with k >= the live candidates: every one
+                    shift = tl.zeros([], tl.int32)
+                    take_equal = tl.zeros([], tl.int32) + total
+                    if k < tl.sum(top_hist):
+                        threshold, shift, take_equal = _radix_refine(ck, total, top_hist, k, CHUNK, False, W_MEMORY)
+                    equal_seen = tl.zeros([], tl.int32)
+                    written = tl.zeros([], tl.int32)
+                    for v0 in range(0, total, CHUNK):
+                        cm = v0 + c < total
+                        key = tl.load(ck + v0 + c, mask=cm, other=-1, cache_modifier=".cg")
+                        chosen, equal_seen = _chosen_by_key(key, cm & (key >= 0), threshold, shift, take_equal, equal_seen)
+                        written = _write_chosen(idx, tl.load(cp + v0 + c, mask=cm, other=0, cache_modifier=".cg"),
+                                                chosen, written)
+                tl.store(cnt_ptr + bh, written)
 
 
 def topk_chunk(group: int) -> int:
@@ -485,9 +460,10 @@ def _launch(
     num_pages = block_table.shape[1] * ppb
     tile = LOGIT_TILE
     num_tiles = triton.cdiv(num_pages, tile)
-    # requests are scored in groups whose logits and keys fit the scratch budget
+    # requests are scored in groups whose logits, keys and top-k candidates (key, page) fit
+    # the scratch budget
     r_gather = gather_channels(head_dim)
-    per_row = hkv * (num_pages * (group + 1) + g_p * (block_d + 1) + r_gather)
+    per_row = hkv * (num_pages * (group + 3) + g_p * (block_d + 1) + r_gather)
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
         splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
@@ -544,19 +520,16 @@ def top_pages_from_logits(
     count [B, Hkv]; keys [>= B, Hkv, P] is scratch (the page scores, as int32 keys)."""
     batch, hkv = index.shape[:2]
     group, num_pages = logits.shape[2:]
-    # chunks of pages, and for long requests the groups of pages whose largest keys bound the
-    # k-th largest (a chunk's worth of maxima, or one per chunk where chunks outnumber its pages)
     chunk = min(topk_chunk(group), np2(num_pages))
-    chunks = np2(triton.cdiv(num_pages, chunk))
-    groups = max(1, chunk // chunks)
-    group_max = torch.empty(batch, hkv, groups * chunks, dtype=torch.int32, device=logits.device)
-    cand_key = torch.empty(batch, hkv, num_pages, dtype=torch.int32, device=logits.device)
+    parts = triton.cdiv(num_pages, chunk)
+    cand_key = torch.empty(batch, hkv, parts * chunk, dtype=torch.int32, device=logits.device)
     cand_page = torch.empty_like(cand_key)
-    _hsa_topk_kernel[(batch, hkv)](
-        seq, keep, gap_end, top_pages, logits, stats, keys, group_max, cand_key, cand_page, index, count, num_pages,
+    ticket = torch.zeros(batch, hkv, dtype=torch.int32, device=logits.device)
+    _hsa_topk_kernel[(batch, hkv, parts)](
+        seq, keep, gap_end, top_pages, logits, stats, keys, cand_key, cand_page, ticket, index, count, num_pages,
         stats.shape[2],
-        G=group, PS=page_size, G_P=np2(group), CHUNK=chunk, NG=groups, MAXC=groups * chunks,
-        W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY, NS_P=np2(stats.shape[2]),
+        G=group, PS=page_size, G_P=np2(group), CHUNK=chunk, NS_P=np2(stats.shape[2]),
+        W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY,
         num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
     )
 
