@@ -307,11 +307,12 @@ def _page_keys(lg, m, inv, live):
 
 
 @triton.jit
-def _write_chosen(idx, p, chosen, written):
-    """Append the chosen logical pages of one chunk (in page order) to the page list."""
+def _write_chosen(dst, values, chosen, written):
+    """Append the chosen values of one chunk (in page order: logical pages, or candidate
+    keys) at dst[written:]; returns the new count."""
     ci = chosen.to(tl.int32)
     slot = written + tl.cumsum(ci, 0) - ci
-    tl.store(idx + slot, p, mask=chosen)
+    tl.store(dst + slot, values, mask=chosen)
     return written + tl.sum(ci)
 
 
@@ -386,12 +387,10 @@ def _hsa_topk_kernel(
             # candidates: `per` slots a chunk (its chosen in page order, then absent keys)
             per = tl.minimum(k, CHUNK)
             cands = bh * tl.cdiv(NPV, CHUNK) * CHUNK
-            ci = chosen.to(tl.int32)
-            slot = part * per + tl.cumsum(ci, 0) - ci
-            tl.store(cand_key_ptr + cands + slot, key, mask=chosen)
-            tl.store(cand_page_ptr + cands + slot, pages, mask=chosen)
-            tl.store(cand_key_ptr + cands + part * per + c, tl.full([CHUNK], -1, tl.int32),
-                     mask=(c >= tl.sum(ci)) & (c < per))
+            mine = cands + part * per
+            _write_chosen(cand_page_ptr + mine, pages, chosen, tl.zeros([], tl.int32))
+            taken = _write_chosen(cand_key_ptr + mine, key, chosen, tl.zeros([], tl.int32))
+            tl.store(cand_key_ptr + mine + c, tl.full([CHUNK], -1, tl.int32), mask=(c >= taken) & (c < per))
             tl.debug_barrier()  # every thread's candidates are stored before the ticket is taken
             if tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel") == parts - 1:
                 # the last chunk to finish: the top k of all chunks' candidates, which are in
