@@ -3,7 +3,8 @@
 rocketkv_vllm/kernels/triton_hsa.py (A/B between versions: save the other version's file
 anywhere in the tree and name it with --impl), and whether they choose the same pages.
 Llama-3.1-8B group (4 query heads per KV head, 8 KV heads), 4-token pages, a 128K-token
-block table (32,768 pages) as in the engine.
+block table (32,768 pages) as in the engine. Versions whose top-k takes the softmax
+statistics from the logits kernel get them precomputed (one part), outside the timing.
 
     python benchmarks/bench_topk.py --impl rocketkv_vllm/kernels/triton_hsa.py --impl other_hsa.py
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -56,11 +58,16 @@ def main() -> None:
         index = torch.empty(batch, KV_HEADS, TABLE_PAGES, dtype=torch.int32, device=dev)
         count = torch.empty(batch, KV_HEADS, dtype=torch.int32, device=dev)
         keys = torch.empty_like(index)
+        live = logits[..., :pages]
+        m = live.amax(-1)
+        stats = torch.stack([m, (live - m[..., None]).exp().sum(-1)], dim=2)[:, :, None].contiguous()
         row: dict = {"batch": batch, "pages": pages, "tied": args.tied}
         first = None
         for path, module in modules.items():
-            def call(module=module) -> None:
-                module.top_pages_from_logits(logits, seq, seq, gap, k, PAGE, index, count, keys)
+            inputs = (logits, stats) if "stats" in inspect.signature(module.top_pages_from_logits).parameters else (logits,)
+
+            def call(module=module, inputs=inputs) -> None:
+                module.top_pages_from_logits(*inputs, seq, seq, gap, k, PAGE, index, count, keys)
             index.fill_(-1)
             row[f"{path} us"] = round(bench(call, dev, graph=True) * 1000, 2)
             sets = chosen_sets(index, count)

@@ -23,7 +23,7 @@ from rocketkv_vllm.algorithms.hsa import (  # noqa: E402
 )
 from rocketkv_vllm.algorithms.snapkv import window_scores  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
-from rocketkv_vllm.kernels.triton_hsa import _radix_refine, _radix_select  # noqa: E402
+from rocketkv_vllm.kernels.triton_hsa import _digit_hist, _radix_refine  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 from rocketkv_vllm.ops import reference as R  # noqa: E402
 
@@ -256,7 +256,7 @@ def test_hsa_select_in_row_groups(monkeypatch):
     from rocketkv_vllm.kernels import triton_hsa
 
     layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 4, torch.bfloat16, HEAD_DIMS[0], 13)
-    per_row = kv.shape[1] * table.shape[1] * layout.pages_per_block * (4 + 1)  # logits + keys, a lower bound
+    per_row = kv.shape[1] * table.shape[1] * layout.pages_per_block * (4 + 3)  # logits, keys, candidates: a lower bound
     monkeypatch.setattr(triton_hsa, "SCRATCH_ELEMENTS", 2 * per_row)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
     scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
@@ -277,17 +277,19 @@ def test_hsa_select_in_many_chunks(monkeypatch):
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
 
 
+@pytest.mark.parametrize("budgets", [[20, 900, 6, 30, 5], [2, 3, 1, 3, 2]])
 @pytest.mark.parametrize("tied", [False, True])
-def test_hsa_select_long_requests_large_k_and_ties(monkeypatch, tied):
-    """Requests longer than a chunk with k above a chunk (request 0: k = 20 > 16), or with
-    every score tied (zero queries: the lowest pages win the ties)."""
+def test_hsa_select_long_requests_large_k_and_ties(monkeypatch, tied, budgets):
+    """Requests longer than a chunk: their chunks' candidates merged in memory (k above a
+    chunk, request 0: k = 20 > 16, or more candidates than a chunk) or in registers (small
+    k), also with every score tied (zero queries: the lowest pages win the ties)."""
     from rocketkv_vllm.kernels import triton_hsa
 
     monkeypatch.setattr(triton_hsa, "PAGE_CHUNK", 16)
     layout, kv, table, seq, keep, gap, query, tc, _ = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], 9)
     if tied:
         query.zero_()
-    tp = torch.tensor([20, 900, 6, 30, 5], device=DEV)
+    tp = torch.tensor(budgets, device=DEV)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
     scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
@@ -393,13 +395,14 @@ def test_hsa_select_ties_take_lowest_pages():
 
 @triton.jit
 def _radix_probe(keys_ptr, n, k, out_ptr, CHUNK: tl.constexpr, IN_REGS: tl.constexpr, W: tl.constexpr):
-    if IN_REGS:  # the top-k kernel's one-chunk path: keys in registers
+    if IN_REGS:  # a chunk's keys in registers
         c = tl.arange(0, CHUNK)
         key = tl.load(keys_ptr + c, mask=c < n, other=-1)
         top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
         threshold, shift, take_equal = _radix_refine(key, n, top_hist, k, CHUNK, True, W)
-    else:
-        threshold, shift, take_equal = _radix_select(keys_ptr, n, k, CHUNK, W)
+    else:  # candidates in memory (the merge of a long request's chunks at large k)
+        top_hist = _digit_hist(keys_ptr, n, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
+        threshold, shift, take_equal = _radix_refine(keys_ptr, n, top_hist, k, CHUNK, False, W)
     tl.store(out_ptr, threshold)
     tl.store(out_ptr + 1, shift)
     tl.store(out_ptr + 2, take_equal)

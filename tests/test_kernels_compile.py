@@ -18,18 +18,19 @@ from triton.compiler import ASTSource
 from rocketkv_vllm.kernels import triton_attention, triton_hsa, triton_snapkv, triton_write
 
 LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4)
-# the top-k at a 128K-token block table (32768 pages of 4 tokens: 8 chunks of 4096 with
-# 512 groups each; a group of 8 query heads takes 1024-page chunks, the maxima still 4096)
-TOPK_128K = dict(PS=4, NG=512, MAXC=4096, W_REGS=triton_hsa.RADIX_BITS_REGISTERS, W_MEMORY=triton_hsa.RADIX_BITS_MEMORY)
+# the top-k at a 128K-token block table: one program per chunk of 4096 pages (a group of 8
+# query heads takes 1024-page chunks)
+TOPK_128K = dict(PS=4, W_REGS=triton_hsa.RADIX_BITS_REGISTERS, W_MEMORY=triton_hsa.RADIX_BITS_MEMORY,
+                 NS_P=256)  # softmax statistics from 132 logits programs (B=1 on an H100)
 KERNELS = {
     "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, R_GATHER=16), 4),
     "hsa_logits": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32",
-                   "logit_ptr": "*fp32"}, dict(LLAMA, G=4, TILE=16, R_GATHER=16), 4),
-    "hsa_topk": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32"}, dict(TOPK_128K, G=4, G_P=4, CHUNK=4096), 16),
-    "hsa_topk_group8": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32"}, dict(TOPK_128K, G=8, G_P=8, CHUNK=1024), 16),
-    # a one-page block table (page = block): chunks of one page, the long path compiled but unused
-    "hsa_topk_one_page": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32"},
-                          dict(TOPK_128K, G=4, G_P=4, CHUNK=1, NG=1, MAXC=1), 16),
+                   "logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(LLAMA, G=4, G_S=4, TILE=16, R_GATHER=16), 4),
+    "hsa_topk": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=4, G_P=4, CHUNK=4096), 16),
+    "hsa_topk_group8": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=8, G_P=8, CHUNK=1024), 16),
+    # a one-page block table (page = block): chunks of one page
+    "hsa_topk_one_page": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"},
+                          dict(TOPK_128K, G=4, G_P=4, CHUNK=1), 16),
     "sparse_attn_split": (triton_attention._sparse_attn_split_kernel, {"q_ptr": "*bf16", "kv_ptr": "*bf16", "acc_ptr": "*fp32",
                           "m_ptr": "*fp32", "l_ptr": "*fp32", "scale": "fp32"}, dict(BS=16, PS=4, G_P=16, BLOCK_D=128, TOK=64, LOWP=True), 4),
     "sparse_attn_reduce": (triton_attention._sparse_attn_reduce_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",

@@ -4,19 +4,21 @@
                         queries, SparQ temperature per query head;
 2. logits  (B, Hkv, S): approximate page logits on the chosen channels from the page
                         max/min summaries (whole rows, or only the chosen channels when
-                        they are few), per tile of live pages (nothing else: every
-                        cross-thread reduction here costs a barrier per tile and head);
+                        they are few), per tile of live pages, and each program's softmax
+                        statistics (kept element-wise across its tiles: a cross-thread
+                        reduction costs a barrier, so only one a program);
                         each of the S programs of a (request, KV head)
                         strides over that request's own tiles, so the grid depends on the
                         batch size only and short requests cost no empty programs;
-3. top-k   (B, Hkv):    the group-softmax-mean page scores as int32 keys, an exact radix
-                        select of the k-th largest (histograms of digits of the float bits,
-                        stopping once the boundary bucket is taken whole) and the chosen
-                        logical pages in ascending order (ties broken by lower page).
-                        A request of one chunk of pages (most) keeps logits and keys in
-                        registers. Longer ones also write each group of pages' largest
-                        key: the k-th largest group maximum bounds the k-th key from
-                        below, so only the few keys above it are selected among.
+3. top-k   (B, Hkv, C): the group-softmax-mean page scores as int32 keys (the softmax
+                        statistics come from the logits programs' partial ones), an exact
+                        radix select of the k-th largest (histograms of digits of the float
+                        bits, stopping once the boundary bucket is taken whole) and the chosen
+                        logical pages in ascending order (ties broken by lower page). One
+                        program per chunk of pages, keys in registers: a request of one chunk
+                        (most) is done there; a longer one's chunks each pick their top k
+                        (the request's top k are among them), and the chunk that finishes
+                        last picks the top k of those candidates.
 
 Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
 evicted gap), so an evicting request never scores its gap. A request whose budget covers
@@ -46,7 +48,7 @@ from rocketkv_vllm.kernels.triton_common import (
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.reference import PageSelection
 
-PAGE_CHUNK = 4096  # pages per step of the top-k kernel's passes (groups of up to 4 query heads)
+PAGE_CHUNK = 4096  # pages per top-k program (groups of up to 4 query heads)
 # 4-byte scratch elements (logits, keys, masked queries) held at once
 # (256 MiB); bigger batches are scored in row groups. The output page lists are extra.
 SCRATCH_ELEMENTS = 1 << 26
@@ -120,11 +122,16 @@ def _tile_logits(
     kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, cmask,
     s, ns, n, nk, tail, seq, keep, gap, h, bh, s_cb, s_ch, s_cr, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
-    G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
     """Logits of this program's tiles of pages from the summary channels at offsets `cols`
-    (masked by cmask): all of a row (contiguous, vector loads) or a list of chosen ones."""
+    (masked by cmask): all of a row (contiguous, vector loads) or a list of chosen ones.
+    Returns each query head's max and sum of exp over this program's logits (the top-k's
+    softmax statistics), kept element-wise across tiles so that no tile pays a reduction."""
     qbase = bh * G_P
+    g = tl.arange(0, G_S)
+    m_run = tl.full([G_S, TILE], float("-inf"), tl.float32)
+    s_run = tl.zeros([G_S, TILE], tl.float32)
     nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
     for t in range(s, tl.cdiv(n, TILE), ns):
         v, plen, valid, row = nv, nplen, nvalid, nrow
@@ -134,22 +141,31 @@ def _tile_logits(
         # the next tile's block numbers load while this tile computes
         nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
         log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
+        lg = tl.full([G_S, TILE], float("-inf"), tl.float32)
         for gi in tl.static_range(G):
             qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + cols, mask=cmask, other=0.0)
             bound = tl.sum(kmax * tl.maximum(qg, 0.0)[None, :] + kmin * tl.minimum(qg, 0.0)[None, :], axis=1)
             logit = bound / tl.load(temp_ptr + qbase + gi) + log_len
             logit = tl.where(valid, logit, float("-inf"))
             tl.store(logit_ptr + (bh * G + gi) * NPV + v, logit, mask=v < n)
+            lg = tl.where(g[:, None] == gi, logit[None, :], lg)
+        m_new = tl.maximum(m_run, lg)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_run = s_run * tl.exp(m_run - m_safe) + tl.exp(lg - m_safe)
+        m_run = m_new
+    m = tl.max(m_run, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, tl.sum(s_run * tl.exp(m_run - m_safe[:, None]), axis=1)
 
 
 @triton.jit
 def _hsa_logits_kernel(
     kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, r_ptr, chan_ptr, qm_ptr, temp_ptr,
-    logit_ptr,
+    logit_ptr, stat_ptr,
     s_cb, s_ch, s_cr, s_bt,
     D, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
-    G_P: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, R_GATHER: tl.constexpr,
+    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, R_GATHER: tl.constexpr,
 ):
     # Page bounds are dot products of one query row with TILE summary rows: computed as
     # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
@@ -179,16 +195,21 @@ def _hsa_logits_kernel(
             jm = j < r
             cols = tl.load(chan_ptr + bh * R_GATHER + j, mask=jm, other=0)
             cols = tl.minimum(tl.maximum(cols, 0), D - 1)  # never outside the row, whatever the query
-            _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap, h, bh,
-                         s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, BLOCK_D, GATHER_TILE)
+            m, ssum = _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap,
+                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GATHER_TILE)
         else:
             # Whole summary rows: DRAM moves 32-byte sectors (16 channels), so masking to
             # the chosen channels saves little at larger r, and a per-channel mask would turn
             # each 16-byte vector load into eight 2-byte loads. Unchosen channels meet
             # zeros in the masked queries.
             d = tl.arange(0, BLOCK_D)
-            _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, d, d < D, s, ns, n, nk, tail, seq, keep, gap, h, bh,
-                         s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, BLOCK_D, TILE)
+            m, ssum = _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, d, d < D, s, ns, n, nk, tail, seq, keep, gap,
+                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, TILE)
+        # [rows, Hkv, programs, 2, G_S]: this program's max and sum of exp per query head
+        g = tl.arange(0, G_S)
+        stat = stat_ptr + ((bh * ns + s) * 2) * G_S
+        tl.store(stat + g, m)
+        tl.store(stat + G_S + g, ssum)
 
 
 @triton.jit
@@ -220,7 +241,7 @@ def _digit_hist(src, n, threshold, SHIFT: tl.constexpr, TOP: tl.constexpr, CHUNK
         c = tl.arange(0, CHUNK)
         hist = tl.zeros([NB], tl.int32)
         for v0 in range(0, n, CHUNK):
-            key = tl.load(src + v0 + c, mask=v0 + c < n, other=-1)
+            key = tl.load(src + v0 + c, mask=v0 + c < n, other=-1, cache_modifier=".cg")  # other SMs wrote them
             same_prefix = (key >= 0) & ((key >> TOP) == (threshold >> TOP))
             hist += tl.histogram((key >> SHIFT) & (NB - 1), NB, mask=same_prefix)
     return hist
@@ -245,13 +266,6 @@ def _radix_refine(src, n, top_hist, k, CHUNK: tl.constexpr, IN_REGS: tl.constexp
 
 
 @triton.jit
-def _radix_select(keys, n, k, CHUNK: tl.constexpr, W: tl.constexpr):
-    """_radix_refine over n keys in memory."""
-    top_hist = _digit_hist(keys, n, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
-    return _radix_refine(keys, n, top_hist, k, CHUNK, False, W)
-
-
-@triton.jit
 def _load_logits(logit_ptr, bh, v, vm, NPV, G: tl.constexpr, G_P: tl.constexpr):
     """[G_P, CHUNK] logits of the group's query heads at virtual pages v (-inf elsewhere)."""
     g = tl.arange(0, G_P)
@@ -260,12 +274,18 @@ def _load_logits(logit_ptr, bh, v, vm, NPV, G: tl.constexpr, G_P: tl.constexpr):
 
 
 @triton.jit
-def _online_stats(lg, m, ssum):
-    """Fold a [G_P, CHUNK] logits chunk into each head's running max and sum of exp."""
-    m_new = tl.maximum(m, tl.max(lg, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    ssum = ssum * tl.exp(m - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), axis=1)
-    return m_new, ssum
+def _combined_stats(stat_ptr, bh, NS, NS_P: tl.constexpr, G_P: tl.constexpr):
+    """Each query head's softmax max and sum of exp over all its page logits, from the NS
+    logits programs' partial ones ([.., NS, 2, G_P] per request and KV head)."""
+    i = tl.arange(0, NS_P)
+    g = tl.arange(0, G_P)
+    at = stat_ptr + (bh * NS + i[None, :]) * 2 * G_P + g[:, None]
+    present = (i < NS)[None, :]
+    m_i = tl.load(at, mask=present, other=float("-inf"))
+    s_i = tl.load(at + G_P, mask=present, other=0.0)
+    m = tl.max(m_i, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, tl.sum(s_i * tl.exp(m_i - m_safe[:, None]), axis=1)
 
 
 @triton.jit
@@ -307,15 +327,32 @@ def _chosen_by_key(key, vm, threshold, shift, take_equal, equal_seen):
 
 
 @triton.jit
+def _top_in_registers(key, vm, k, CHUNK: tl.constexpr, W: tl.constexpr):
+    """Which of a chunk of keys in registers (-1 = absent) are its top k, ties to the lower
+    position: all present ones when k covers them."""
+    top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
+    chosen = key >= 0
+    if k < tl.sum(top_hist):
+        threshold, shift, take_equal = _radix_refine(key, CHUNK, top_hist, k, CHUNK, True, W)
+        chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, tl.zeros([], tl.int32))
+    return chosen
+
+
+@triton.jit
 def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
-    logit_ptr, key_ptr, max_ptr, cand_key_ptr, cand_page_ptr, idx_ptr, cnt_ptr,
-    NPV,
-    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, NG: tl.constexpr,
-    MAXC: tl.constexpr, W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
+    logit_ptr, stat_ptr, key_ptr, cand_key_ptr, cand_page_ptr, ticket_ptr, idx_ptr, cnt_ptr,
+    NPV, NS,
+    G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, NS_P: tl.constexpr,
+    W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
 ):
+    # One program per chunk of a request's pages (program_id(2)). A request of one chunk
+    # (most) is selected by its one program with logits and keys in registers. A longer one:
+    # each chunk's program picks its chunk's top k, since the request's top k are among
+    # those, and the program that finishes last picks the top k of these candidates.
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
+    part = tl.program_id(2)
     nh = tl.num_programs(1).to(tl.int64)
     bh = b * nh + h
     seq = tl.load(seq_ptr + b)
@@ -324,98 +361,65 @@ def _hsa_topk_kernel(
     k = tl.load(k_ptr + b)
     nk, tail, n = virtual_pages(seq, keep, gap, PS)
     n = pages_in_table(n, nk, tail, NPV)
+    parts = tl.cdiv(n, CHUNK)
     c = tl.arange(0, CHUNK)
-    keys = key_ptr + bh * NPV
     idx = idx_ptr + bh * NPV  # page lists are as wide as the virtual pages can be
-    written = tl.zeros([], tl.int32)
     if k >= n:  # every live page is chosen: nothing to score
-        for v0 in range(0, n, CHUNK):
-            p = logical_page(v0 + c, nk, tail)
-            written = _write_chosen(idx, p, (v0 + c < n) & (page_len(p, seq, keep, gap, PS) > 0), written)
-    elif n <= CHUNK:
-        # one chunk (most requests): logits are read once and the keys never leave registers
-        vm = c < n
-        lg = _load_logits(logit_ptr, bh, c, vm, NPV, G, G_P)
-        m, ssum = _online_stats(lg, tl.full([G_P], float("-inf"), tl.float32), tl.zeros([G_P], tl.float32))
-        m, inv = _group_weights(m, ssum, G)
-        live = vm & (page_len(logical_page(c, nk, tail), seq, keep, gap, PS) > 0)
-        key = _page_keys(lg, m, inv, live)
-        tl.store(keys + c, key, mask=vm)  # only hsa_page_scores reads them back
-        top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
-        if k < tl.sum(top_hist):
-            threshold, shift, take_equal = _radix_refine(key, n, top_hist, k, CHUNK, True, W_REGS)
-            chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, tl.zeros([], tl.int32))
-        else:  # k covers the live pages (some virtual pages may hold no live token)
-            chosen = key >= 0
-        written = _write_chosen(idx, logical_page(c, nk, tail), chosen, written)
-    else:
-        # long requests, chunk by chunk: each head's softmax statistics, then the keys (to
-        # memory) and each group of pages' largest key. The k-th largest group maximum is a
-        # lower bound of the k-th largest key (k distinct keys reach it), so the keys at or
-        # above it hold the top k; usually few more than k, they are selected in registers.
-        # (half chunks here keep this path's registers under the one-chunk path's; a chunk of
-        # one page never comes here, but the branch still compiles)
-        HALF: tl.constexpr = max(1, CHUNK // 2)
-        half = tl.arange(0, HALF)
-        m = tl.full([G_P], float("-inf"), tl.float32)
-        ssum = tl.zeros([G_P], tl.float32)
-        for v0 in range(0, n, HALF):
-            m, ssum = _online_stats(_load_logits(logit_ptr, bh, v0 + half, v0 + half < n, NPV, G, G_P), m, ssum)
-        m, inv = _group_weights(m, ssum, G)
-        for v0 in range(0, n, HALF):
-            v = v0 + half
-            vm = v < n
-            live = vm & (page_len(logical_page(v, nk, tail), seq, keep, gap, PS) > 0)
-            key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), m, inv, live)
-            tl.store(keys + v, key, mask=vm)
-        tl.debug_barrier()  # the keys are read back in other threads' layout
-        gi = tl.arange(0, NG)
-        for v0 in range(0, n, CHUNK):
-            # groups of CHUNK // NG pages read as rows: the max is within each thread's registers
-            grouped = v0 + gi[:, None] * (CHUNK // NG) + tl.arange(0, CHUNK // NG)[None, :]
-            group_max = tl.max(tl.load(keys + grouped, mask=grouped < n, other=-1), axis=1)
-            tl.store(max_ptr + bh * MAXC + v0 // (CHUNK // NG) + gi, group_max)
-        tl.debug_barrier()  # the maxima are read back in other threads' layout
-        j = tl.arange(0, MAXC)
-        gmax = tl.load(max_ptr + bh * MAXC + j, mask=j < tl.cdiv(n, CHUNK) * NG, other=-1)
-        max_hist = tl.histogram(gmax >> 24, 128, mask=gmax >= 0)
-        num_cand = n + CHUNK  # more than fit: no bound, the exact select below
-        if k <= tl.sum(max_hist):
-            threshold, shift, _ = _radix_refine(gmax, MAXC, max_hist, k, MAXC, True, W_REGS)
-            bound = (threshold >> shift) << shift
-            num_cand = tl.zeros([], tl.int32)
-            for v0 in range(0, n, HALF):
-                v = v0 + half
-                key = tl.load(keys + v, mask=v < n, other=-1)
-                take = key >= tl.maximum(bound, 0)
-                _write_chosen(cand_page_ptr + bh * NPV, logical_page(v, nk, tail), take, num_cand)
-                num_cand = _write_chosen(cand_key_ptr + bh * NPV, key, take, num_cand)
-            tl.debug_barrier()  # the candidates are read back in other threads' layout
-        if num_cand <= CHUNK:
-            cm = c < num_cand
-            key = tl.load(cand_key_ptr + bh * NPV + c, mask=cm, other=-1)
-            chosen = cm
-            if k < num_cand:
-                threshold, shift, take_equal = _radix_refine(
-                    key, num_cand, tl.histogram(key >> 24, 128, mask=cm), k, CHUNK, True, W_REGS)
-                chosen, _ = _chosen_by_key(key, cm, threshold, shift, take_equal, tl.zeros([], tl.int32))
-            written = _write_chosen(idx, tl.load(cand_page_ptr + bh * NPV + c, mask=cm, other=0), chosen, written)
-        else:
-            # too many candidates (ties) or k above the group count: radix passes over all keys
-            top_hist = _digit_hist(keys, n, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
-            threshold = tl.zeros([], tl.int32)  # with k >= live pages: every present key
-            shift = tl.zeros([], tl.int32)
-            take_equal = tl.zeros([], tl.int32) + NPV
-            if k < tl.sum(top_hist):
-                threshold, shift, take_equal = _radix_refine(keys, n, top_hist, k, CHUNK, False, W_MEMORY)
-            equal_seen = tl.zeros([], tl.int32)
+        if part == 0:
+            written = tl.zeros([], tl.int32)
             for v0 in range(0, n, CHUNK):
-                v = v0 + c
-                vm = v < n
-                key = tl.load(keys + v, mask=vm, other=-1)
-                chosen, equal_seen = _chosen_by_key(key, vm & (key >= 0), threshold, shift, take_equal, equal_seen)
-                written = _write_chosen(idx, logical_page(v, nk, tail), chosen, written)
-    tl.store(cnt_ptr + bh, written)
+                p = logical_page(v0 + c, nk, tail)
+                written = _write_chosen(idx, p, (v0 + c < n) & (page_len(p, seq, keep, gap, PS) > 0), written)
+            tl.store(cnt_ptr + bh, written)
+    elif part < parts:
+        m, ssum = _combined_stats(stat_ptr, bh, NS, NS_P, G_P)  # (before the logits take the registers)
+        m, inv = _group_weights(m, ssum, G)
+        v = part * CHUNK + c
+        vm = v < n
+        pages = logical_page(v, nk, tail)
+        live = vm & (page_len(pages, seq, keep, gap, PS) > 0)
+        key = _page_keys(_load_logits(logit_ptr, bh, v, vm, NPV, G, G_P), m, inv, live)
+        tl.store(key_ptr + bh * NPV + v, key, mask=vm)  # only hsa_page_scores reads them back
+        chosen = _top_in_registers(key, vm, k, CHUNK, W_REGS)
+        if parts == 1:
+            tl.store(cnt_ptr + bh, _write_chosen(idx, pages, chosen, tl.zeros([], tl.int32)))
+        else:
+            # candidates: `per` slots a chunk (its chosen in page order, then absent keys)
+            per = tl.minimum(k, CHUNK)
+            cands = bh * tl.cdiv(NPV, CHUNK) * CHUNK
+            mine = cands + part * per
+            _write_chosen(cand_page_ptr + mine, pages, chosen, tl.zeros([], tl.int32))
+            taken = _write_chosen(cand_key_ptr + mine, key, chosen, tl.zeros([], tl.int32))
+            tl.store(cand_key_ptr + mine + c, tl.full([CHUNK], -1, tl.int32), mask=(c >= taken) & (c < per))
+            tl.debug_barrier()  # every thread's candidates are stored before the ticket is taken
+            if tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel") == parts - 1:
+                # the last chunk to finish: the top k of all chunks' candidates, which are in
+                # page order (chunk by chunk), read past L1 (other SMs wrote them)
+                total = parts * per
+                ck = cand_key_ptr + cands
+                cp = cand_page_ptr + cands
+                if total <= CHUNK:
+                    cm = c < total
+                    key = tl.load(ck + c, mask=cm, other=-1, cache_modifier=".cg")
+                    chosen = _top_in_registers(key, cm, k, CHUNK, W_REGS)
+                    written = _write_chosen(idx, tl.load(cp + c, mask=cm, other=0, cache_modifier=".cg"), chosen,
+                                            tl.zeros([], tl.int32))
+                else:  # large k: radix passes over the candidates in memory
+                    top_hist = _digit_hist(ck, total, tl.zeros([], tl.int32), 24, 31, CHUNK, False)
+                    threshold = tl.zeros([], tl.int32)  # with k >= the live candidates: every one
+                    shift = tl.zeros([], tl.int32)
+                    take_equal = tl.zeros([], tl.int32) + total
+                    if k < tl.sum(top_hist):
+                        threshold, shift, take_equal = _radix_refine(ck, total, top_hist, k, CHUNK, False, W_MEMORY)
+                    equal_seen = tl.zeros([], tl.int32)
+                    written = tl.zeros([], tl.int32)
+                    for v0 in range(0, total, CHUNK):
+                        cm = v0 + c < total
+                        key = tl.load(ck + v0 + c, mask=cm, other=-1, cache_modifier=".cg")
+                        chosen, equal_seen = _chosen_by_key(key, cm & (key >= 0), threshold, shift, take_equal, equal_seen)
+                        written = _write_chosen(idx, tl.load(cp + v0 + c, mask=cm, other=0, cache_modifier=".cg"),
+                                                chosen, written)
+                tl.store(cnt_ptr + bh, written)
 
 
 def topk_chunk(group: int) -> int:
@@ -455,9 +459,10 @@ def _launch(
     num_pages = block_table.shape[1] * ppb
     tile = LOGIT_TILE
     num_tiles = triton.cdiv(num_pages, tile)
-    # requests are scored in groups whose logits and keys fit the scratch budget
+    # requests are scored in groups whose logits, keys and top-k candidates (key, page) fit
+    # the scratch budget
     r_gather = gather_channels(head_dim)
-    per_row = hkv * (num_pages * (group + 1) + g_p * (block_d + 1) + r_gather)
+    per_row = hkv * (num_pages * (group + 3) + g_p * (block_d + 1) + r_gather)
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
         splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
@@ -474,6 +479,7 @@ def _launch(
     temp = torch.empty(rows, hkv, g_p, dtype=torch.float32, device=device)
     chan = torch.empty(rows, hkv, r_gather, dtype=torch.int32, device=device)
     logits = torch.empty(rows, hkv, group, num_pages, dtype=torch.float32, device=device)
+    stats = torch.empty(rows, hkv, splits, 2, np2(group), dtype=torch.float32, device=device)
     keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
     for r0 in range(0, batch, rows):
         part = slice(r0, min(batch, r0 + rows))
@@ -483,18 +489,20 @@ def _launch(
             G_P=g_p, BLOCK_D=block_d, R_GATHER=r_gather, num_warps=4,
         )
         _hsa_logits_kernel[(n, hkv, splits)](
-            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits,
+            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits, stats,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
-            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, BLOCK_D=block_d, TILE=tile, R_GATHER=r_gather,
+            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d, TILE=tile,
+            R_GATHER=r_gather,
             num_warps=4,
         )
-        top_pages_from_logits(logits, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys)
+        top_pages_from_logits(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys)
     return PageSelection(index, count), keys if keep_keys else None
 
 
 def top_pages_from_logits(
     logits: torch.Tensor,
+    stats: torch.Tensor,
     seq: torch.Tensor,
     keep: torch.Tensor,
     gap_end: torch.Tensor,
@@ -505,21 +513,21 @@ def top_pages_from_logits(
     keys: torch.Tensor,
 ) -> None:
     """The top-k kernel alone (also what benchmarks/bench_topk.py times): from the page
-    logits [>= B, Hkv, G, P] of B requests, their chosen pages into index [B, Hkv, P] and
+    logits [>= B, Hkv, G, P] of B requests and their softmax statistics in parts
+    [>= B, Hkv, parts, 2, np2(G)] (each part's max and sum of exp per query head; the logits
+    kernel writes one part per program), their chosen pages into index [B, Hkv, P] and
     count [B, Hkv]; keys [>= B, Hkv, P] is scratch (the page scores, as int32 keys)."""
     batch, hkv = index.shape[:2]
     group, num_pages = logits.shape[2:]
-    # chunks of pages, and for long requests the groups of pages whose largest keys bound the
-    # k-th largest (a chunk's worth of maxima, or one per chunk where chunks outnumber its pages)
     chunk = min(topk_chunk(group), np2(num_pages))
-    chunks = np2(triton.cdiv(num_pages, chunk))
-    groups = max(1, chunk // chunks)
-    group_max = torch.empty(batch, hkv, groups * chunks, dtype=torch.int32, device=logits.device)
-    cand_key = torch.empty(batch, hkv, num_pages, dtype=torch.int32, device=logits.device)
+    parts = triton.cdiv(num_pages, chunk)
+    cand_key = torch.empty(batch, hkv, parts * chunk, dtype=torch.int32, device=logits.device)
     cand_page = torch.empty_like(cand_key)
-    _hsa_topk_kernel[(batch, hkv)](
-        seq, keep, gap_end, top_pages, logits, keys, group_max, cand_key, cand_page, index, count, num_pages,
-        G=group, PS=page_size, G_P=np2(group), CHUNK=chunk, NG=groups, MAXC=groups * chunks,
+    ticket = torch.zeros(batch, hkv, dtype=torch.int32, device=logits.device)
+    _hsa_topk_kernel[(batch, hkv, parts)](
+        seq, keep, gap_end, top_pages, logits, stats, keys, cand_key, cand_page, ticket, index, count, num_pages,
+        stats.shape[2],
+        G=group, PS=page_size, G_P=np2(group), CHUNK=chunk, NS_P=np2(stats.shape[2]),
         W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY,
         num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
     )
