@@ -2,8 +2,9 @@
 //
 // Cache layout (rocketkv_vllm/kv_layout.py), one tensor per layer:
 //   [num_blocks, Hkv, 2 * block_size + 2 * pages_per_block, D]
-//   rows [0, bs): keys, [bs, 2bs): values, then pages_per_block page-max rows and
-//   pages_per_block page-min rows.
+//   rows [0, bs): keys, [bs, 2bs): values, then the page summaries, channel-major: channel d
+//   of page j's max at d * 2 * pages_per_block + j from the end of the value rows, its min
+//   pages_per_block further (rows of D elements, so the region is contiguous).
 //
 // Several (token, KV head) pairs per CUDA block, 16 bytes of channels a thread (one channel
 // where rows are not 16-byte aligned). Each pair stores its token's key/value. The first
@@ -101,17 +102,17 @@ __global__ void write_kv_kernel(scalar_t* __restrict__ kv, const scalar_t* __res
       mn[i] = fminf(mn[i], to_float(kj.v[i]));
     }
   }
-  const int64_t prow = 2 * block_size + (page % pages_per_block);
-  P* pmax = reinterpret_cast<P*>(base + prow * s_cr + d0);
-  P* pmin = reinterpret_cast<P*>(base + (prow + pages_per_block) * s_cr + d0);
-  P old_max = *pmax, old_min = *pmin, new_max, new_min;
+  // channel-major summaries (kv_layout.py): channel d of page j at d * 2 * pages_per_block + j,
+  // so a thread's channels are strided scalars here (the decode-time reads are what it favours)
+  const int64_t cstride = 2 * pages_per_block;
+  scalar_t* pmax = base + 2 * block_size * s_cr + (page % pages_per_block) + d0 * cstride;
+  scalar_t* pmin = pmax + pages_per_block;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    new_max.v[i] = from_float<scalar_t>(restart ? mx[i] : fmaxf(to_float(old_max.v[i]), mx[i]));
-    new_min.v[i] = from_float<scalar_t>(restart ? mn[i] : fminf(to_float(old_min.v[i]), mn[i]));
+    const int64_t at = i * cstride;
+    pmax[at] = from_float<scalar_t>(restart ? mx[i] : fmaxf(to_float(pmax[at]), mx[i]));
+    pmin[at] = from_float<scalar_t>(restart ? mn[i] : fminf(to_float(pmin[at]), mn[i]));
   }
-  *pmax = new_max;
-  *pmin = new_min;
 }
 
 template <typename scalar_t, int VEC>
@@ -176,7 +177,8 @@ void write_kv_cuda(at::Tensor kv_cache, at::Tensor key, at::Tensor value, at::Te
   TORCH_CHECK(block_size > 0 && page_size > 0 && block_size % page_size == 0, "write_kv: bad block/page size");
   TORCH_CHECK(kv_cache.size(2) == 2 * block_size + 2 * (block_size / page_size),
               "write_kv: kv_cache rows do not match the layout");
-  TORCH_CHECK(kv_cache.stride(3) == 1, "write_kv: kv_cache must be contiguous in head_dim");
+  TORCH_CHECK(kv_cache.stride(3) == 1 && kv_cache.stride(2) == kv_cache.size(3),
+              "write_kv: kv_cache must be contiguous within each block and KV head");
   TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "write_kv: key/value must be [T, Hkv, D]");
   TORCH_CHECK(kv_cache.size(3) > 0 && kv_cache.size(3) <= 1024, "write_kv: head_dim must be in [1, 1024]");
   TORCH_CHECK(key.size(1) == kv_cache.size(1) && key.size(2) == kv_cache.size(3), "write_kv: key shape mismatch");

@@ -102,6 +102,20 @@ def poison_dead_tokens(kv, layout, table, seq, keep, gap):
     values.nan_to_num_(POISON)
 
 
+@pytest.fixture
+def poisoned_scratch(monkeypatch):
+    """torch.empty returns NaN (floats) or -777 (integers) instead of whatever memory it gets
+    (often the oracle's freed tensor of the same shape): a kernel that leaves part of its
+    scratch unwritten, then reads it, fails."""
+    empty = torch.empty
+
+    def poisoned(*size, **kwargs):
+        t = empty(*size, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -777)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 def oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels):
     num_pages = -(-int(seq.max()) // layout.page_size)
     hkv = kv.shape[1]
@@ -230,7 +244,7 @@ def _select_inputs(group, block_size, page_size, dtype, d, seed):
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("group,block_size,page_size,dtype", SELECT_CASES)
-def test_hsa_select_pages(group, block_size, page_size, dtype, d):
+def test_hsa_select_pages(group, block_size, page_size, dtype, d, poisoned_scratch):
     layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, block_size, page_size, dtype, d, group * 31 + page_size)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
     scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
@@ -263,23 +277,51 @@ def test_hsa_select_in_row_groups(monkeypatch):
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
 
 
-def test_hsa_select_in_many_chunks(monkeypatch):
-    """Requests longer than the top-k kernel's chunks: every pass loops."""
+@pytest.mark.parametrize("setting,value,seed", [("PAGE_CHUNK", 16, 9), ("LOGIT_TILE", 1, 21)])
+def test_hsa_select_in_small_pieces(monkeypatch, setting, value, seed, poisoned_scratch):
+    """Requests longer than the top-k kernel's chunks (every pass loops; the softmax
+    statistics carry across chunks), and blocks of more pages than a logits tile (16 pages a
+    block; tiles of 1 page, 8 on the few-channel path: a unit is part of a block, its max
+    and min runs apart)."""
     from rocketkv_vllm.kernels import triton_hsa
 
-    monkeypatch.setattr(triton_hsa, "PAGE_CHUNK", 16)
-    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], 9)
+    monkeypatch.setattr(triton_hsa, setting, value)
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], seed)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
     scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
-    # the softmax statistics carry across chunks
     got = T.hsa_page_scores(query, kv, layout, table, seq, keep, gap, tc)[..., : scores.shape[-1]]
     torch.testing.assert_close(got.masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
 
 
+@pytest.mark.parametrize("block_size,page_size", [(16, 4), (16, 1)])
+def test_hsa_select_with_a_gap_inside_one_block(block_size, page_size, poisoned_scratch):
+    """Kept pages and tail pages sharing one block (its unit of pages is scored once for
+    each part), on the whole-row and the few-channel paths."""
+    from rocketkv_vllm.kernels.triton_hsa import gather_channels
+
+    torch.manual_seed(5)
+    layout, hkv, d = KVLayout(block_size, page_size), 2, HEAD_DIMS[0]
+    lengths = [200 * SCALE, 120 * SCALE]
+    kv, table, _, _ = build_cache(layout, hkv, d, lengths, torch.float32)
+    seq = torch.tensor(lengths, device=DEV)
+    # keep 37 and gap_end 45 lie in block 2 (tokens 32-47); request 1 evicted nothing
+    keep = torch.tensor([37, lengths[1]], device=DEV)
+    gap = torch.tensor([45, lengths[1]], device=DEV)
+    query = torch.randn(2, hkv * 4, d, device=DEV)
+    for r in (d, gather_channels(d)):
+        top_channels = torch.tensor([r, r], device=DEV)
+        scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels)
+        got = T.hsa_page_scores(query, kv, layout, table, seq, keep, gap, top_channels)[..., : scores.shape[-1]]
+        assert torch.equal(got > float("-inf"), valid[:, None, :].expand_as(got))
+        torch.testing.assert_close(got.masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
+        ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, top_channels, 7)
+        assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, top_channels, 7), ref, scores)
+
+
 @pytest.mark.parametrize("budgets", [[20, 900, 6, 30, 5], [2, 3, 1, 3, 2]])
 @pytest.mark.parametrize("tied", [False, True])
-def test_hsa_select_long_requests_large_k_and_ties(monkeypatch, tied, budgets):
+def test_hsa_select_long_requests_large_k_and_ties(monkeypatch, tied, budgets, poisoned_scratch):
     """Requests longer than a chunk: their chunks' candidates merged in memory (k above a
     chunk, request 0: k = 20 > 16, or more candidates than a chunk) or in registers (small
     k), also with every score tied (zero queries: the lowest pages win the ties)."""
@@ -327,7 +369,7 @@ def test_hsa_select_survives_overflowing_logits():
 
 
 @pytest.mark.parametrize("head_dim", [32, 24])
-def test_hsa_gathered_channels_score_like_whole_rows(head_dim):
+def test_hsa_gathered_channels_score_like_whole_rows(head_dim, poisoned_scratch):
     """Few chosen channels (r <= gather_channels: the logits kernel reads only those) give the
     oracle's page scores, at r = 1 and r = the gather limit, also when head_dim is not a
     power of two; NaN query channels rank first and read nothing out of bounds."""
@@ -350,7 +392,7 @@ def test_hsa_gathered_channels_score_like_whole_rows(head_dim):
             assert len(pages) == min(3, int(live[b].sum())) and live[b, pages].all()
 
 
-def test_hsa_gathered_channels_over_many_tiles():
+def test_hsa_gathered_channels_over_many_tiles(poisoned_scratch):
     """Few chosen channels over requests of several gather tiles (each BLOCK_D / R_GATHER
     times a whole-row tile), one program striding over all of them and the default spread,
     choose the oracle's pages; with an evicted gap and an empty request."""

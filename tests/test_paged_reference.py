@@ -121,3 +121,21 @@ def test_compaction_of_a_resumed_request_keeps_tokens_past_the_prompt(prompt, wr
         if positions:
             assert torch.equal(kmax[0, page], k[positions].amax(0)), page
             assert torch.equal(kmin[0, page], k[positions].amin(0)), page
+
+
+@pytest.mark.parametrize("block_size,page_size", [(16, 4), (32, 1)])
+def test_summaries_are_channel_major_inside_each_block(block_size, page_size):
+    """The summary views sit where the kernels address them: after the block's key and value
+    rows, channel d of page j's max at d * 2 * pages_per_block + j, its min pages_per_block on."""
+    layout = KVLayout(block_size, page_size)
+    ppb, d = layout.pages_per_block, 8
+    kv = torch.arange(3 * 2 * layout.rows_per_block * d, dtype=torch.float64).view(layout.cache_shape(3, 2, d))
+    start = 2 * block_size * d
+    blk, head, page, chan = 2, 1, ppb - 1, 5
+    flat = kv.view(3, 2, -1)[blk, head]
+    assert layout.page_max(kv)[blk, head, page, chan] == flat[start + chan * 2 * ppb + page]
+    assert layout.page_min(kv)[blk, head, page, chan] == flat[start + chan * 2 * ppb + ppb + page]
+    region = torch.cat([layout.page_max(kv)[blk, head].flatten(), layout.page_min(kv)[blk, head].flatten()])
+    assert torch.equal(region.sort().values, flat[start:].sort().values)  # the region exactly, no overlap
+    with pytest.raises(ValueError, match="contiguous"):
+        layout.page_max(kv.transpose(2, 3).contiguous().transpose(2, 3))

@@ -52,8 +52,9 @@ def contiguous_last(t: torch.Tensor) -> torch.Tensor:
 def check_cache(kv_cache: torch.Tensor, layout: KVLayout) -> None:
     if kv_cache.dim() != 4 or kv_cache.shape[2] != layout.rows_per_block:
         raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)} does not match layout {layout}")
-    if kv_cache.stride(3) != 1:
-        raise ValueError("kv_cache must be contiguous in head_dim")
+    if kv_cache.stride(3) != 1 or kv_cache.stride(2) != kv_cache.shape[3]:
+        # rows of D, so the channel-major summary region of a block is contiguous
+        raise ValueError("kv_cache must be contiguous within each block and KV head")
 
 
 def check_group(query: torch.Tensor, kv_cache: torch.Tensor) -> int:

@@ -201,10 +201,10 @@ def _compact_scatter_kernel(
     page = pt * NPT + tl.arange(0, NPT)
     pm = page * PS < KEEP
     pblk = tl.load(row_ptr + page // PPB, mask=pm, other=0).to(tl.int64)
-    prow = pblk * s_cb + h * s_ch + (2 * BS + page % PPB) * s_cr
+    psum = pblk * s_cb + h * s_ch + 2 * BS * s_cr + page % PPB  # channel-major summaries (kv_layout)
     sm = pm[:, None] & dm[None, :]
-    tl.store(kv_ptr + prow[:, None] + d[None, :], kmax.to(kv_ptr.dtype.element_ty), mask=sm)
-    tl.store(kv_ptr + prow[:, None] + PPB * s_cr + d[None, :], kmin.to(kv_ptr.dtype.element_ty), mask=sm)
+    tl.store(kv_ptr + psum[:, None] + d[None, :] * (2 * PPB), kmax.to(kv_ptr.dtype.element_ty), mask=sm)
+    tl.store(kv_ptr + psum[:, None] + PPB + d[None, :] * (2 * PPB), kmin.to(kv_ptr.dtype.element_ty), mask=sm)
 
 
 @triton.jit
@@ -219,10 +219,10 @@ def _clear_pages_kernel(
     d = tl.arange(0, BLOCK_D)
     sm = pm[:, None] & (d < D)[None, :]
     blk = tl.load(row_ptr + page // PPB, mask=pm, other=0).to(tl.int64)
-    prow = blk * s_cb + h * s_ch + (2 * BS + page % PPB) * s_cr
+    psum = blk * s_cb + h * s_ch + 2 * BS * s_cr + page % PPB  # channel-major summaries (kv_layout)
     ninf = tl.full([NP_P, BLOCK_D], float("-inf"), tl.float32)
-    tl.store(kv_ptr + prow[:, None] + d[None, :], ninf.to(kv_ptr.dtype.element_ty), mask=sm)
-    tl.store(kv_ptr + prow[:, None] + PPB * s_cr + d[None, :], (-ninf).to(kv_ptr.dtype.element_ty), mask=sm)
+    tl.store(kv_ptr + psum[:, None] + d[None, :] * (2 * PPB), ninf.to(kv_ptr.dtype.element_ty), mask=sm)
+    tl.store(kv_ptr + psum[:, None] + PPB + d[None, :] * (2 * PPB), (-ninf).to(kv_ptr.dtype.element_ty), mask=sm)
 
 
 def compact_kept_tokens(

@@ -68,9 +68,9 @@ def _write_kv_kernel(
                 kmax = tl.where(run, tl.maximum(kmax, k2), kmax)
                 kmin = tl.where(run, tl.minimum(kmin, k2), kmin)
                 restart = restart | (run & ((s2 % PS) == 0))
-            prow = 2 * BS + (page % PPB)
-            pmax_ptr = base + prow * s_cr + d
-            pmin_ptr = base + (prow + PPB) * s_cr + d
+            # channel-major summaries (kv_layout): channel d of page j at d * 2 * PPB + j
+            pmax_ptr = base + 2 * BS * s_cr + (page % PPB) + d * (2 * PPB)
+            pmin_ptr = pmax_ptr + PPB
             keep_old = restart == 0
             old_max = tl.load(pmax_ptr, mask=dm & keep_old, other=0.0).to(tl.float32)
             old_min = tl.load(pmin_ptr, mask=dm & keep_old, other=0.0).to(tl.float32)
