@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rocketkv_vllm.algorithms.budget import split_budget  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
 from rocketkv_vllm.kernels import cuda_ops  # noqa: E402
-from rocketkv_vllm.kernels.triton_hsa import gather_channels  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 
 
@@ -157,10 +156,7 @@ def bench_config(args, batch, context, device, copy_bw, fa_func):
             def select():
                 return T.hsa_select_pages(s.query, s.kv, layout, s.table, s.seq, s.keep, s.gap, top_channels, top_pages)
 
-            # the max/min of every live page on the channels the logits kernel reads: only the
-            # chosen ones when they are few (channel-major summaries), else all of them
-            read_channels = split.top_channels if split.top_channels <= gather_channels(d) else d
-            sel_bytes = batch * hkv * live_pages * 2 * read_channels * elt
+            sel_bytes = batch * hkv * live_pages * 2 * d * elt  # every live page's max/min rows
             ms_sel = bench(select, device, graph=True)
             record("hsa_select_pages", budget, ms_sel, sel_bytes, **tag)
             pages = select()

@@ -1,33 +1,41 @@
 """RocketKV's paged KV cache layout: keys, values and page summaries share each block.
 
 One tensor per layer, [num_blocks, Hkv, 2 * block_size + 2 * pages_per_block, D]:
-per block and KV head, `block_size` key rows, `block_size` value rows, then the page
-summaries: the element-wise key max and key min of each page (pages are
+per block and KV head, `block_size` key rows, `block_size` value rows, then the
+element-wise key max of each page and the key min of each page (pages are
 `page_size`-token slices of the block). Keeping the summaries inside the block means
 they are allocated, accounted and freed with it, under the same block id.
 
-The summaries' 2 * pages_per_block rows are stored channel-major: channel d of the
-max of page j sits at d * 2 * pages_per_block + j from the start of the region, its min
-pages_per_block further. A decode step scores pages on its r largest query channels
-only, and channel-major summaries let it read just those channels' bytes (at r = 8 of
-128, an eighth of the region's sectors; row-major rows would be read almost whole).
+The summary region (2 * pages_per_block rows of D) is stored in channel groups of `gw`
+channels (`summary_channels`): group i holds, for each page j, its max of channels
+[i*gw, (i+1)*gw) at i * 2 * pages_per_block * gw + j * gw, then the pages' mins. A decode
+step that scores pages on a few query channels reads only their groups (a whole row of
+a page would be read almost whole), while reading every channel still takes gw-wide
+vector loads. gw = D is the plain row-major layout (a page's max row, then its min row).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+SUMMARY_GROUP = 8  # channels of one page summary stored together (16 bytes at bf16)
 
 
 @dataclass(frozen=True)
 class KVLayout:
     block_size: int
     page_size: int
+    summary_group: int = SUMMARY_GROUP
 
     def __post_init__(self) -> None:
         bs, ps = self.block_size, self.page_size
         if ps <= 0 or ps & (ps - 1) or bs % ps:
             raise ValueError(f"page_size must be a power of two dividing block_size ({bs}), got {ps}")
+        g = self.summary_group
+        if g <= 0 or g & (g - 1):
+            raise ValueError(f"summary_group must be a power of two, got {g}")
 
     @property
     def pages_per_block(self) -> int:
@@ -47,22 +55,48 @@ class KVLayout:
     def values(self, kv_cache: torch.Tensor) -> torch.Tensor:
         return kv_cache[:, :, self.block_size : 2 * self.block_size]
 
-    @property
-    def summary_channel_stride(self) -> int:
-        """Elements between consecutive channels of one page's summary."""
-        return 2 * self.pages_per_block
+    def summary_channels(self, head_dim: int) -> int:
+        """Channels per group of the summaries at this head_dim (gw): summary_group, the
+        whole row where that is at least head_dim, else the largest power of two dividing
+        both."""
+        g = self.summary_group
+        return head_dim if g >= head_dim else math.gcd(g, head_dim)
 
-    def page_max(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        """[num_blocks, Hkv, pages_per_block, D] view of the channel-major page maxima."""
-        return self._summaries(kv_cache, 0)
+    def page_max(self, kv_cache: torch.Tensor) -> PageSummaries:
+        """The page maxima, indexed as [num_blocks, Hkv, pages_per_block, D]."""
+        return PageSummaries(self._grouped(kv_cache, 0))
 
-    def page_min(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        return self._summaries(kv_cache, self.pages_per_block)
+    def page_min(self, kv_cache: torch.Tensor) -> PageSummaries:
+        return PageSummaries(self._grouped(kv_cache, self.pages_per_block))
 
-    def _summaries(self, kv_cache: torch.Tensor, first: int) -> torch.Tensor:
+    def _grouped(self, kv_cache: torch.Tensor, first: int) -> torch.Tensor:
+        """[num_blocks, Hkv, pages_per_block, D / gw, gw] view of maxima (first = 0) or
+        minima (first = pages_per_block)."""
         nb, hkv, rows, d = kv_cache.shape
         if kv_cache.stride(3) != 1 or kv_cache.stride(2) != d:
             raise ValueError("the KV cache must be contiguous within each block and KV head")
-        offset = kv_cache.storage_offset() + 2 * self.block_size * d + first
-        size = (nb, hkv, self.pages_per_block, d)
-        return kv_cache.as_strided(size, (kv_cache.stride(0), kv_cache.stride(1), 1, self.summary_channel_stride), offset)
+        gw, ppb = self.summary_channels(d), self.pages_per_block
+        offset = kv_cache.storage_offset() + 2 * self.block_size * d + first * gw
+        size = (nb, hkv, ppb, d // gw, gw)
+        return kv_cache.as_strided(size, (kv_cache.stride(0), kv_cache.stride(1), gw, 2 * ppb * gw, 1), offset)
+
+
+class PageSummaries:
+    """Page maxima or minima read and written as [num_blocks, Hkv, pages_per_block, D]
+    (indexing the first three dimensions) over their channel groups: reads are copies,
+    assignments write through."""
+
+    def __init__(self, grouped: torch.Tensor) -> None:
+        self.grouped = grouped
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.grouped[index].flatten(-2)
+
+    def __setitem__(self, index, value) -> None:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            value = value.unflatten(-1, self.grouped.shape[-2:])
+        self.grouped[index] = value
+
+    def fill_(self, value: float) -> PageSummaries:
+        self.grouped.fill_(value)
+        return self

@@ -193,6 +193,35 @@ def test_write_kv(block_size, page_size, dtype):
     assert same_cache(kv_tri, kv_ref)
 
 
+@pytest.mark.parametrize("summary_group", [4, 256])  # 256: row-major summaries (the group is the row)
+def test_kernels_follow_the_summary_group(summary_group, poisoned_scratch):
+    """The summary writes (write_kv, compaction) match the reference's, and page scoring
+    reads them back, for summary channel groups other than the default."""
+    torch.manual_seed(summary_group)
+    layout, hkv, d = KVLayout(16, 4, summary_group), 2, HEAD_DIMS[-1]
+    lengths = [n * SCALE for n in (70, 45)]
+    kv, table, keys, values = build_cache(layout, hkv, d, lengths, torch.float32)
+    kv_tri = torch.full_like(kv, float("nan"))
+    for i, n in enumerate(lengths):
+        pos = torch.arange(n, device=DEV)
+        slots = table[i, pos // layout.block_size].long() * layout.block_size + pos % layout.block_size
+        for c in pos.split(7):
+            T.write_kv(kv_tri, layout, keys[i][c], values[i][c], slots[c])
+    assert same_cache(kv_tri, kv)
+    kept = torch.stack([torch.randperm(lengths[0], device=DEV)[: 29 * SCALE].sort().values for _ in range(hkv)])
+    R.compact_kept_tokens(kv, layout, table[0], kept, lengths[0])
+    T.compact_kept_tokens(kv_tri, layout, table[0], kept, lengths[0])
+    assert same_cache(kv_tri, kv)
+    seq = torch.tensor(lengths, device=DEV)
+    keep = torch.tensor([29 * SCALE, lengths[1]], device=DEV)
+    query = torch.randn(2, hkv * 4, d, device=DEV)
+    for r in (d, 2):
+        top_channels = torch.tensor([r, r], device=DEV)
+        scores, valid = oracle_scores(query, kv, layout, table, seq, keep, seq, top_channels)
+        got = T.hsa_page_scores(query, kv, layout, table, seq, keep, seq, top_channels)[..., : scores.shape[-1]]
+        torch.testing.assert_close(got.masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_write_kv_mixed_batch_and_unsorted(page_size):
     """Several requests in one call, fp32 keys into a bf16 cache, and pages_contiguous=False."""
@@ -688,13 +717,14 @@ def _misaligned(x):
     (16, 4, 40, True),  # one channel a thread, several (token, head) pairs per CUDA block
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_cpp_write_kv(block_size, page_size, d, misaligned, dtype):
+@pytest.mark.parametrize("summary_group", [8, 4, 256])  # 4: a thread's 16 bytes span groups; 256: row-major
+def test_cuda_cpp_write_kv(block_size, page_size, d, misaligned, dtype, summary_group):
     from rocketkv_vllm.kernels import cuda_ops
 
     if not cuda_ops.available():
         pytest.skip(f"rocketkv_vllm._C not built: {cuda_ops.import_error()}")
     torch.manual_seed(block_size + page_size)
-    layout = KVLayout(block_size, page_size)
+    layout = KVLayout(block_size, page_size, summary_group)
     hkv = 8
     rows = _misaligned if misaligned else (lambda x: x)
     lengths = [1000, 77, 513]

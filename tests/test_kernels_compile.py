@@ -26,10 +26,6 @@ KERNELS = {
     "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, R_GATHER=16), 4),
     "hsa_logits": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32",
                    "logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(LLAMA, G=4, G_S=4, TILE=16, R_GATHER=16), 4),
-    # 128 one-token pages a block: units of a tile's pages, so registers do not grow with the block
-    "hsa_logits_page1_block128": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32",
-                                  "temp_ptr": "*fp32", "logit_ptr": "*fp32", "stat_ptr": "*fp32"},
-                                  dict(LLAMA, BS=128, PS=1, PPB=128, G=4, G_S=4, TILE=16, R_GATHER=16), 4),
     "hsa_topk": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=4, G_P=4, CHUNK=4096), 16),
     "hsa_topk_group8": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=8, G_P=8, CHUNK=1024), 16),
     # a one-page block table (page = block): chunks of one page
@@ -89,7 +85,7 @@ def ptxas_reports():
 
 
 @pytest.mark.parametrize("kernel", [
-    "hsa_prep", "hsa_logits", "hsa_logits_page1_block128", "hsa_topk", "hsa_topk_group8", "sparse_attn_split", "sparse_attn_reduce", "write_kv",
+    "hsa_prep", "hsa_logits", "hsa_topk", "hsa_topk_group8", "sparse_attn_split", "sparse_attn_reduce", "write_kv",
     "snapkv_window_stats", "snapkv_window_accum", "compact_gather", "compact_scatter",
 ])
 def test_kernel_compiles_for_sm90_without_spills(ptxas_reports, kernel):

@@ -41,6 +41,7 @@ from rocketkv_vllm.kernels.triton_common import (
     np2,
     num_sms,
     page_len,
+    summary_at,
     pages_in_table,
     per_request,
     virtual_pages,
@@ -105,26 +106,16 @@ def _hsa_prep_kernel(
 
 
 @triton.jit
-def _unit_pages(bt, t, nk, tail, n, seq, keep, gap, h, s_cb, s_ch, s_cr,
-                BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr, U: tl.constexpr, TU: tl.constexpr):
-    """Tile t of a request's "virtual units" (runs of U pages of one block: the units of its
-    kept prompt pages, then those of its tail pages; a unit holding both is visited once for
-    each part): [TU, U] virtual page numbers, which of them are this part's virtual pages,
-    their live-token counts, and [TU] where each unit's summaries start (its page j,
-    channel d at + d * 2 * PPB + j)."""
-    vu = t * TU + tl.arange(0, TU)
-    nku = tl.cdiv(nk, U)
-    in_kept = vu < nku
-    unit = tl.where(in_kept, vu, tail // U + vu - nku)
-    p = unit[:, None] * U + tl.arange(0, U)[None, :]
-    v = tl.where(p < nk, p, nk + p - tail)
-    virtual = tl.where(in_kept[:, None], p < nk, p >= tail) & (v < n)
-    plen = page_len(p.to(tl.int64), seq, keep, gap, PS)
-    blk = tl.load(bt + unit * U // PPB, mask=tl.max(virtual.to(tl.int32), axis=1) > 0, other=0).to(tl.int64)
-    start = blk * s_cb + h * s_ch + 2 * BS * s_cr
-    if U < PPB:  # the unit's first page in its block
-        start += (unit % (PPB // U)) * U
-    return v, virtual, plen, start
+def _summary_rows(bt, t, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr,
+                  BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr):
+    """Virtual pages of tile t, their live-token counts, which are scored, and where each
+    page's max summary starts (its channel group 0)."""
+    v = t * TILE + tl.arange(0, TILE)
+    p = logical_page(v, nk, tail).to(tl.int64)
+    plen = page_len(p, seq, keep, gap, PS)
+    valid = (v < n) & (plen > 0)
+    blk = tl.load(bt + p // PPB, mask=valid, other=0).to(tl.int64)
+    return v, plen, valid, blk * s_cb + h * s_ch + 2 * BS * s_cr + (p % PPB) * GW
 
 
 @triton.jit
@@ -132,58 +123,41 @@ def _tile_logits(
     kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, cmask,
     s, ns, n, nk, tail, seq, keep, gap, h, bh, s_cb, s_ch, s_cr, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
-    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr,
 ):
     """Logits of this program's tiles of pages from the summary channels `cols` (masked by
-    cmask): every channel, or a list of chosen ones. A tile is TU units of U pages of one
-    block; a unit's max and min of one channel are 2U contiguous elements (one vector load
-    when the unit is the whole block). Returns each query head's max and sum of exp over
-    this program's logits (the top-k's softmax statistics), kept element-wise across tiles
-    so that no tile pays a reduction."""
-    U: tl.constexpr = min(PPB, TILE)
-    TU: tl.constexpr = TILE // U
-    # [TU, C, 2U]: Triton lays the threads of a warp over units before channels (ties in
-    # contiguity go to the lower dimension), so the channel sums run mostly inside threads
-    # and warps (channels first took a shuffle per unit and page of every tile)
-    w = tl.arange(0, 2 * U)
-    if U == PPB:
-        w_at = w
-    else:
-        w_at = (w // U) * PPB + w % U
-    is_max = (w < U)[None, None, :]
-    at_c = cols[None, :, None] * (2 * PPB) + w_at[None, None, :]
+    cmask): all of them (GW-wide contiguous groups, vector loads) or a list of chosen ones.
+    Returns each query head's max and sum of exp over this program's logits (the top-k's
+    softmax statistics), kept element-wise across tiles so that no tile pays a reduction."""
     qbase = bh * G_P
+    at = summary_at(0, cols, PPB, GW)[None, :]
     g = tl.arange(0, G_S)
-    m_run = tl.full([G_S, TU, U], float("-inf"), tl.float32)
-    s_run = tl.zeros([G_S, TU, U], tl.float32)
-    num_units = tl.cdiv(nk, U) + tl.where(n > nk, tl.cdiv(tail + n - nk, U) - tail // U, 0)  # kept, then tail
-    nv, nvirt, nplen, nbase = _unit_pages(bt, s, nk, tail, n, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, U, TU)
-    for t in range(s, tl.cdiv(num_units, TU), ns):
-        v, virtual, plen, base = nv, nvirt, nplen, nbase
-        live = virtual & (plen > 0)
-        # whole units are read (a mask constant across a unit lets the loads vectorise);
-        # pages that are not live get -inf logits below
-        lm = (tl.max(live.to(tl.int32), axis=1) > 0)[:, None, None] & cmask[None, :, None]
-        x = nan_to_zero(tl.load(kv_ptr + base[:, None, None] + at_c, mask=lm, other=0.0).to(tl.float32))
+    m_run = tl.full([G_S, TILE], float("-inf"), tl.float32)
+    s_run = tl.zeros([G_S, TILE], tl.float32)
+    nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, GW, TILE)
+    for t in range(s, tl.cdiv(n, TILE), ns):
+        v, plen, valid, row = nv, nplen, nvalid, nrow
+        lm = valid[:, None] & cmask[None, :]
+        kmax = nan_to_zero(tl.load(kv_ptr + row[:, None] + at, mask=lm, other=0.0).to(tl.float32))
+        kmin = nan_to_zero(tl.load(kv_ptr + row[:, None] + PPB * GW + at, mask=lm, other=0.0).to(tl.float32))
         # the next tile's block numbers load while this tile computes
-        nv, nvirt, nplen, nbase = _unit_pages(bt, t + ns, nk, tail, n, seq, keep, gap, h, s_cb, s_ch, s_cr,
-                                              BS, PS, PPB, U, TU)
+        nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, GW, TILE)
         log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
-        lg = tl.full([G_S, TU, U], float("-inf"), tl.float32)
+        lg = tl.full([G_S, TILE], float("-inf"), tl.float32)
         for gi in tl.static_range(G):
-            qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + cols, mask=cmask, other=0.0)[None, :, None]
-            y = tl.sum(x * tl.where(is_max, tl.maximum(qg, 0.0), tl.minimum(qg, 0.0)), axis=1)  # [TU, 2U]
-            bound = tl.sum(tl.reshape(y, [TU, 2, U]), axis=1)  # max part + min part of each page
-            logit = tl.where(live, bound / tl.load(temp_ptr + qbase + gi) + log_len, float("-inf"))
-            tl.store(logit_ptr + (bh * G + gi) * NPV + v, logit, mask=virtual)
-            lg = tl.where((g == gi)[:, None, None], logit[None, :, :], lg)
+            qg = tl.load(qm_ptr + (qbase + gi) * BLOCK_D + cols, mask=cmask, other=0.0)
+            bound = tl.sum(kmax * tl.maximum(qg, 0.0)[None, :] + kmin * tl.minimum(qg, 0.0)[None, :], axis=1)
+            logit = bound / tl.load(temp_ptr + qbase + gi) + log_len
+            logit = tl.where(valid, logit, float("-inf"))
+            tl.store(logit_ptr + (bh * G + gi) * NPV + v, logit, mask=v < n)
+            lg = tl.where(g[:, None] == gi, logit[None, :], lg)
         m_new = tl.maximum(m_run, lg)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.exp(lg - m_safe)
         m_run = m_new
-    m = tl.max(tl.max(m_run, axis=2), axis=1)
+    m = tl.max(m_run, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m, tl.sum(tl.sum(s_run * tl.exp(m_run - m_safe[:, None, None]), axis=2), axis=1)
+    return m, tl.sum(s_run * tl.exp(m_run - m_safe[:, None]), axis=1)
 
 
 @triton.jit
@@ -193,7 +167,8 @@ def _hsa_logits_kernel(
     s_cb, s_ch, s_cr, s_bt,
     D, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
-    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, R_GATHER: tl.constexpr,
+    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr,
+    R_GATHER: tl.constexpr,
 ):
     # Page bounds are dot products of one query row with TILE summary rows: computed as
     # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
@@ -213,23 +188,27 @@ def _hsa_logits_kernel(
         bt = bt_ptr + b * s_bt
         r = tl.load(r_ptr + b)
         if r <= R_GATHER:
-            # few channels (r <= D / 8): read just those. In the channel-major summaries a
-            # channel of a block's pages is 2 * PPB contiguous elements, so most sectors of
-            # the region are skipped and the products shrink D / r times; tiles of as many
-            # more pages keep the same registers and many loads in flight.
-            GATHER_TILE: tl.constexpr = TILE * BLOCK_D // R_GATHER
+            # few channels (r <= D / 8): read just those. Only their channel groups are
+            # read (a group of 8 channels of a block's pages is 128 contiguous bytes at
+            # bf16, where a row-major page row would be read almost whole) and the products
+            # shrink D / r times. Tiles of twice the pages
+            # keep more loads in flight per step at the same registers (measured: tiles of
+            # 32 pages took mt selection at 128K, B=8, from 0.624 to 0.564 ms; 64- and
+            # 128-page tiles would cost registers, so occupancy, on the whole-row path too).
+            GATHER_TILE: tl.constexpr = 2 * TILE
             j = tl.arange(0, R_GATHER)
             jm = j < r
             cols = tl.load(chan_ptr + bh * R_GATHER + j, mask=jm, other=0)
-            cols = tl.minimum(tl.maximum(cols, 0), D - 1)  # never outside the region, whatever the query
+            cols = tl.minimum(tl.maximum(cols, 0), D - 1)  # never outside the row, whatever the query
             m, ssum = _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap,
-                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GATHER_TILE)
+                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW, GATHER_TILE)
         else:
-            # every channel: at larger r most sectors hold a chosen channel anyway; unchosen
-            # channels meet zeros in the masked queries
+            # every channel: at larger r most groups hold a chosen channel anyway, and a
+            # per-channel mask would turn each GW-wide vector load into scalar loads.
+            # Unchosen channels meet zeros in the masked queries.
             d = tl.arange(0, BLOCK_D)
             m, ssum = _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, d, d < D, s, ns, n, nk, tail, seq, keep, gap,
-                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, TILE)
+                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW, TILE)
         # [rows, Hkv, programs, 2, G_S]: this program's max and sum of exp per query head
         g = tl.arange(0, G_S)
         stat = stat_ptr + ((bh * ns + s) * 2) * G_S
@@ -517,7 +496,8 @@ def _launch(
             kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits, stats,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
-            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d, TILE=tile,
+            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d,
+            GW=layout.summary_channels(head_dim), TILE=tile,
             R_GATHER=r_gather,
             num_warps=4,
         )
