@@ -6,7 +6,7 @@ heads, 8 KV heads, head_dim 128, bf16), block 16, page 4, budget 2048 split as i
 and summary channel groups (kv_layout) are timed on the same bytes (the timing does not
 depend on their values), so their chosen pages are not compared here (the kernel tests do).
 
-    python benchmarks/bench_select.py --impl old_hsa.py --impl rocketkv_vllm/kernels/triton_hsa.py --groups 8,128
+    python benchmarks/bench_select.py --impl old_hsa.py --impl rocketkv_vllm/kernels/triton_hsa.py --groups 0,8
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from bench_kernels import Setup, bench  # noqa: E402
 from bench_topk import load_impl  # noqa: E402
 
 from rocketkv_vllm.algorithms.budget import split_budget  # noqa: E402
-from rocketkv_vllm.kv_layout import SUMMARY_GROUP, KVLayout  # noqa: E402
+from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 
 CASES = ["rocketkv:1:131072", "rocketkv:8:131072", "mt:1:131072", "mt:8:131072", "mt:8:32768"]
 SHAPES = SimpleNamespace(block_size=16, page_size=4, q_heads=32, kv_heads=8, head_dim=128, dtype="bfloat16")
@@ -34,8 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", action="append", help="triton_hsa.py files to compare (default: this tree's)")
     parser.add_argument("--cases", nargs="+", default=CASES, help="MODE:BATCH:CONTEXT")
-    parser.add_argument("--groups", default=str(SUMMARY_GROUP),
-                        help="summary channel groups to time (versions that take one; 128 = row-major)")
+    parser.add_argument("--groups", default="0,8",
+                        help="summary channel groups to time, for versions that take one (0: row-major)")
     args = parser.parse_args()
     impls = args.impl or ["rocketkv_vllm/kernels/triton_hsa.py"]
     modules = {path: load_impl(path) for path in impls}
@@ -55,12 +55,12 @@ def main() -> None:
         row: dict = {"mode": mode, "batch": batch, "context": context, "top_channels": split.top_channels}
         for path, module in modules.items():
             grouped = hasattr(module, "summary_at")  # versions before channel groups read rows
-            for group in [int(g) for g in args.groups.split(",")] if grouped else [0]:
-                layout = KVLayout(s.layout.block_size, s.layout.page_size, group or SUMMARY_GROUP)
+            for group in [int(g) for g in args.groups.split(",")] if grouped else [None]:
+                layout = KVLayout(s.layout.block_size, s.layout.page_size, group or 0)
 
                 def select(module=module, layout=layout) -> None:
                     module.hsa_select_pages(s.query, s.kv, layout, s.table, s.seq, s.keep, s.gap, r, k)
-                row[f"{path}{f' group {group}' if group else ''} ms"] = round(bench(select, dev, graph=True), 4)
+                row[f"{path}{'' if group is None else f' group {group}'} ms"] = round(bench(select, dev, graph=True), 4)
         print(json.dumps(row), flush=True)
         del s
         torch.cuda.empty_cache()

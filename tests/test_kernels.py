@@ -24,7 +24,7 @@ from rocketkv_vllm.algorithms.hsa import (  # noqa: E402
 from rocketkv_vllm.algorithms.snapkv import window_scores  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
 from rocketkv_vllm.kernels.triton_hsa import _digit_hist, _radix_refine  # noqa: E402
-from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
+from rocketkv_vllm.kv_layout import FEW_CHANNEL_GROUP, KVLayout  # noqa: E402
 from rocketkv_vllm.ops import reference as R  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -193,10 +193,10 @@ def test_write_kv(block_size, page_size, dtype):
     assert same_cache(kv_tri, kv_ref)
 
 
-@pytest.mark.parametrize("summary_group", [4, 256])  # 256: row-major summaries (the group is the row)
+@pytest.mark.parametrize("summary_group", [4, FEW_CHANNEL_GROUP])
 def test_kernels_follow_the_summary_group(summary_group, poisoned_scratch):
     """The summary writes (write_kv, compaction) match the reference's, and page scoring
-    reads them back, for summary channel groups other than the default."""
+    reads them back, for summary channel groups (the other tests mostly use rows)."""
     torch.manual_seed(summary_group)
     layout, hkv, d = KVLayout(16, 4, summary_group), 2, HEAD_DIMS[-1]
     lengths = [n * SCALE for n in (70, 45)]
@@ -247,19 +247,20 @@ def test_write_kv_mixed_batch_and_unsorted(page_size):
 # ---------------------------------------------------------------------------------------
 
 SELECT_CASES = [
-    # group, block_size, page_size, dtype
-    (1, 16, 1, torch.float32),
-    (4, 16, 4, torch.bfloat16),
-    (8, 32, 8, torch.float32),
-    (7, 16, 2, torch.bfloat16),
-    (4, 32, 32, torch.float16),
-    (9, 16, 16, torch.float32),
+    # group, block_size, page_size, dtype, summary_group (0: row-major)
+    (1, 16, 1, torch.float32, 8),
+    (4, 16, 4, torch.bfloat16, 0),
+    (4, 16, 4, torch.bfloat16, 8),
+    (8, 32, 8, torch.float32, 4),
+    (7, 16, 2, torch.bfloat16, 0),
+    (4, 32, 32, torch.float16, 8),
+    (9, 16, 16, torch.float32, 0),
 ]
 
 
-def _select_inputs(group, block_size, page_size, dtype, d, seed):
+def _select_inputs(group, block_size, page_size, dtype, d, seed, summary_group=0):
     torch.manual_seed(seed)
-    layout = KVLayout(block_size, page_size)
+    layout = KVLayout(block_size, page_size, summary_group)
     hkv = 2
     lengths = [n * SCALE for n in (60, 33, 90, 77, 25)]
     kv, table, _, _ = build_cache(layout, hkv, d, lengths, dtype)
@@ -272,9 +273,10 @@ def _select_inputs(group, block_size, page_size, dtype, d, seed):
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
-@pytest.mark.parametrize("group,block_size,page_size,dtype", SELECT_CASES)
-def test_hsa_select_pages(group, block_size, page_size, dtype, d, poisoned_scratch):
-    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, block_size, page_size, dtype, d, group * 31 + page_size)
+@pytest.mark.parametrize("group,block_size,page_size,dtype,summary_group", SELECT_CASES)
+def test_hsa_select_pages(group, block_size, page_size, dtype, summary_group, d, poisoned_scratch):
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, block_size, page_size, dtype, d,
+                                                                      group * 31 + page_size, summary_group)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
     scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
 
@@ -323,14 +325,14 @@ def test_hsa_select_in_small_pieces(monkeypatch, setting, value, seed, poisoned_
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
 
 
-@pytest.mark.parametrize("block_size,page_size", [(16, 4), (16, 1)])
-def test_hsa_select_with_a_gap_inside_one_block(block_size, page_size, poisoned_scratch):
+@pytest.mark.parametrize("block_size,page_size,summary_group", [(16, 4, 0), (16, 1, FEW_CHANNEL_GROUP)])
+def test_hsa_select_with_a_gap_inside_one_block(block_size, page_size, summary_group, poisoned_scratch):
     """Kept pages and tail pages sharing one block (its unit of pages is scored once for
     each part), on the whole-row and the few-channel paths."""
     from rocketkv_vllm.kernels.triton_hsa import gather_channels
 
     torch.manual_seed(5)
-    layout, hkv, d = KVLayout(block_size, page_size), 2, HEAD_DIMS[0]
+    layout, hkv, d = KVLayout(block_size, page_size, summary_group), 2, HEAD_DIMS[0]
     lengths = [200 * SCALE, 120 * SCALE]
     kv, table, _, _ = build_cache(layout, hkv, d, lengths, torch.float32)
     seq = torch.tensor(lengths, device=DEV)
@@ -404,7 +406,7 @@ def test_hsa_gathered_channels_score_like_whole_rows(head_dim, poisoned_scratch)
     power of two; NaN query channels rank first and read nothing out of bounds."""
     from rocketkv_vllm.kernels.triton_hsa import gather_channels
 
-    layout, kv, table, seq, keep, gap, _, _, _ = _select_inputs(4, 16, 4, torch.float32, head_dim, 17)
+    layout, kv, table, seq, keep, gap, _, _, _ = _select_inputs(4, 16, 4, torch.float32, head_dim, 17, FEW_CHANNEL_GROUP)
     query = torch.randn(len(seq), kv.shape[1] * 4, head_dim, device=DEV)
     limit = gather_channels(head_dim)
     top_channels = torch.tensor([1, limit, limit, 1, limit], device=DEV)
@@ -428,7 +430,7 @@ def test_hsa_gathered_channels_over_many_tiles(poisoned_scratch):
     from rocketkv_vllm.kernels.triton_hsa import gather_channels
 
     torch.manual_seed(11)
-    layout, hkv, d = KVLayout(16, 4), 2, HEAD_DIMS[0]
+    layout, hkv, d = KVLayout(16, 4, FEW_CHANNEL_GROUP), 2, HEAD_DIMS[0]
     lengths = [n * SCALE for n in (3000, 1300, 2100)]
     kv, table, _, _ = build_cache(layout, hkv, d, lengths, torch.float32)
     seq, keep, gap = ragged_batch(layout, lengths)
@@ -717,7 +719,7 @@ def _misaligned(x):
     (16, 4, 40, True),  # one channel a thread, several (token, head) pairs per CUDA block
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("summary_group", [8, 4, 256])  # 4: a thread's 16 bytes span groups; 256: row-major
+@pytest.mark.parametrize("summary_group", [0, 8, 4])  # 4: a thread's 16 bytes span groups
 def test_cuda_cpp_write_kv(block_size, page_size, d, misaligned, dtype, summary_group):
     from rocketkv_vllm.kernels import cuda_ops
 

@@ -123,11 +123,11 @@ def test_compaction_of_a_resumed_request_keeps_tokens_past_the_prompt(prompt, wr
             assert torch.equal(kmin[0, page], k[positions].amin(0)), page
 
 
-@pytest.mark.parametrize("block_size,page_size,group,gw", [(16, 4, 8, 8), (32, 1, 4, 4), (16, 4, 64, 16), (16, 2, 16, 16)])
+@pytest.mark.parametrize("block_size,page_size,group,gw", [(16, 4, 8, 8), (32, 1, 4, 4), (16, 4, 0, 16), (16, 4, 64, 16)])
 def test_summaries_sit_in_channel_groups(block_size, page_size, group, gw):
     """The summary views address what the kernels do: after the block's key and value rows,
-    groups of gw channels (gw = head_dim here when the group is wider: row-major), each with
-    every page's max, then every page's min."""
+    groups of gw channels (gw = head_dim for group 0 or wider: row-major), each with every
+    page's max, then every page's min."""
     layout = KVLayout(block_size, page_size, group)
     ppb, d = layout.pages_per_block, 16
     assert layout.summary_channels(d) == gw
