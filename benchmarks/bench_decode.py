@@ -39,7 +39,7 @@ def run_backend(args: argparse.Namespace) -> list[dict]:
     shutil.copy(os.path.join(HERE, "llama31_8b_config.json"), os.path.join(model_dir, "config.json"))
     extra = {}
     if args.backend.lower() == "rocketkv":
-        extra["additional_config"] = {"rocketkv": {"budget": args.budget}}
+        extra["additional_config"] = {"rocketkv": {"budget": args.budget, "mode": args.mode}}
     started = time.time()
     llm = LLM(
         model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
@@ -68,6 +68,7 @@ def run_backend(args: argparse.Namespace) -> list[dict]:
         prefill, decode = t1 - t0, (t2 - t1) - (t1 - t0)
         rows.append({
             "backend": args.backend, "budget": args.budget if args.backend.lower() == "rocketkv" else None,
+            "mode": args.mode if args.backend.lower() == "rocketkv" else None,
             "ctx": ctx, "batch": batch, "prefill_and_warm_s": round(prefill, 3), "decode_s": round(decode, 3),
             "tpot_ms": round(1000 * decode / args.out, 3), "decode_tok_s": round(batch * args.out / decode, 1),
             "kv_cache_tokens": kv_tokens, "engine_up_s": round(up, 1),
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--cases", nargs="+", default=None, help="CONTEXTxBATCH pairs instead of --ctx x --batch, e.g. 32768x8 131072x1")
     parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--mode", default="rocketkv", choices=["rocketkv", "mt"], help="the RocketKV server's mode")
     parser.add_argument("--out", type=int, default=128, help="decode tokens per request")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--json", default=None, help="write all rows here")
@@ -93,7 +95,7 @@ def main() -> None:
         return
     rows = []
     for backend in args.backends:
-        cmd = [sys.executable, __file__, "--backend", backend, "--budget", str(args.budget), "--out", str(args.out),
+        cmd = [sys.executable, __file__, "--backend", backend, "--budget", str(args.budget), "--mode", args.mode, "--out", str(args.out),
                "--ctx", *map(str, args.ctx), "--batch", *map(str, args.batch)] + (["--cases", *args.cases] if args.cases else []) + (["--eager"] if args.eager else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         done = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -38,8 +38,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rocketkv_vllm.algorithms.budget import split_budget  # noqa: E402
+from rocketkv_vllm.config import RocketKVConfig  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
 from rocketkv_vllm.kernels import cuda_ops  # noqa: E402
+from rocketkv_vllm.kernels.triton_hsa import gather_channels  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 
 
@@ -153,10 +155,17 @@ def bench_config(args, batch, context, device, copy_bw, fa_func):
             top_pages = torch.full((batch,), k_pages, dtype=torch.int32, device=device)
             tag = dict(mode=mode, top_pages=k_pages, top_channels=split.top_channels, live_pages=live_pages)
 
-            def select():
-                return T.hsa_select_pages(s.query, s.kv, layout, s.table, s.seq, s.keep, s.gap, top_channels, top_pages)
+            # the summary layout a server in this mode uses (row-major, or channel groups for mt)
+            mode_layout = KVLayout(bs, ps, RocketKVConfig(mode=mode).layout_summary_group())
 
-            sel_bytes = batch * hkv * live_pages * 2 * d * elt  # every live page's max/min rows
+            def select():
+                return T.hsa_select_pages(s.query, s.kv, mode_layout, s.table, s.seq, s.keep, s.gap, top_channels,
+                                          top_pages)
+
+            # floor: every live page's max/min on the channels the logits kernel needs (the
+            # chosen ones on its few-channel path, else all)
+            read_channels = split.top_channels if split.top_channels <= gather_channels(d) else d
+            sel_bytes = batch * hkv * live_pages * 2 * read_channels * elt
             ms_sel = bench(select, device, graph=True)
             record("hsa_select_pages", budget, ms_sel, sel_bytes, **tag)
             pages = select()

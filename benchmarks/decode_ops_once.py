@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rocketkv_vllm.kernels import cuda_ops  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
-from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
+from rocketkv_vllm.kv_layout import FEW_CHANNEL_GROUP, KVLayout  # noqa: E402
 
 BLOCK, Q_HEADS, KV_HEADS, HEAD_DIM = 16, 32, 8, 128
 
@@ -28,16 +28,19 @@ def run(name: str, fn) -> None:
 
 def write_kv_paths() -> None:
     """16-byte and one-channel-a-thread accesses (misaligned rows), head_dim 128/72/40, each
-    dtype; a 50-token run from mid-page (summaries widened, then restarted), then one token."""
-    layout = KVLayout(BLOCK, 4)
+    dtype, row-major and grouped summaries (groups of 4: a thread's 16 bytes span two); a
+    50-token run from mid-page (summaries widened, then restarted), then one token."""
     slots = torch.arange(3, 54, device="cuda")
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for d, misaligned in ((128, False), (72, False), (128, True), (40, True)):
-            kv = torch.randn(layout.cache_shape(8, KV_HEADS, d), dtype=dtype, device="cuda")
-            rows = torch.randn(2, len(slots), KV_HEADS, d + misaligned, dtype=dtype, device="cuda")[..., int(misaligned):]
-            for part in (slice(0, 50), slice(50, 51)):
-                run(f"write_kv[cuda] {dtype} d={d}{' misaligned' if misaligned else ''} tokens {part.start}..{part.stop}",
-                    lambda: cuda_ops.write_kv(kv, layout, rows[0, part], rows[1, part], slots[part]))
+    for group in (0, FEW_CHANNEL_GROUP, 4):
+        layout = KVLayout(BLOCK, 4, group)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for d, misaligned in ((128, False), (72, False), (128, True), (40, True)):
+                kv = torch.randn(layout.cache_shape(8, KV_HEADS, d), dtype=dtype, device="cuda")
+                rows = torch.randn(2, len(slots), KV_HEADS, d + misaligned, dtype=dtype, device="cuda")[..., int(misaligned):]
+                for part in (slice(0, 50), slice(50, 51)):
+                    run(f"write_kv[cuda] group {group} {dtype} d={d}{' misaligned' if misaligned else ''} "
+                        f"tokens {part.start}..{part.stop}",
+                        lambda: cuda_ops.write_kv(kv, layout, rows[0, part], rows[1, part], slots[part]))
 
 
 def main(batch: int, context: int) -> None:
@@ -57,9 +60,12 @@ def main(batch: int, context: int) -> None:
     if cuda_ops.available():
         run("write_kv[cuda]", lambda: cuda_ops.write_kv(kv, layout, new, new, slots))
         write_kv_paths()
-    for mode in ("rocketkv", "mt"):
-        if mode == "mt":
+    for mode in ("rocketkv", "mt", "mt, grouped summaries, 8 channels"):
+        if mode != "rocketkv":
             keep.fill_(context)
+        if mode.startswith("mt, grouped"):
+            layout = KVLayout(BLOCK, 4, FEW_CHANNEL_GROUP)
+            channels.fill_(8)
         selection = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, channels, pages)
         run(f"hsa_select_pages[{mode}]", lambda: None)
         run(f"paged_sparse_attention[{mode}]", lambda: T.paged_sparse_attention(

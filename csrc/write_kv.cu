@@ -2,8 +2,9 @@
 //
 // Cache layout (rocketkv_vllm/kv_layout.py), one tensor per layer:
 //   [num_blocks, Hkv, 2 * block_size + 2 * pages_per_block, D]
-//   rows [0, bs): keys, [bs, 2bs): values, then pages_per_block page-max rows and
-//   pages_per_block page-min rows.
+//   rows [0, bs): keys, [bs, 2bs): values, then the page summaries in groups of gw channels:
+//   channel c of page j's max at (c / gw) * 2 * pages_per_block * gw + j * gw + c % gw from
+//   the end of the value rows, its min pages_per_block * gw further (gw = D: row-major).
 //
 // Several (token, KV head) pairs per CUDA block, 16 bytes of channels a thread (one channel
 // where rows are not 16-byte aligned). Each pair stores its token's key/value. The first
@@ -56,7 +57,7 @@ __global__ void write_kv_kernel(scalar_t* __restrict__ kv, const scalar_t* __res
                                 const scalar_t* __restrict__ value, const idx_t* __restrict__ slots,
                                 int64_t num_tokens, int64_t hkv, int64_t s_cb, int64_t s_ch, int64_t s_cr,
                                 int64_t s_kt, int64_t s_kh, int64_t s_vt, int64_t s_vh, int head_dim,
-                                int block_size, int page_size, int lanes) {
+                                int block_size, int page_size, int gw, int lanes) {
   // `lanes` threads per (token, KV head) pair, several pairs per CUDA block; consecutive
   // pairs are the heads of one token (adjacent rows of key/value).
   using P = Pack<scalar_t, VEC>;
@@ -101,22 +102,35 @@ __global__ void write_kv_kernel(scalar_t* __restrict__ kv, const scalar_t* __res
       mn[i] = fminf(mn[i], to_float(kj.v[i]));
     }
   }
-  const int64_t prow = 2 * block_size + (page % pages_per_block);
-  P* pmax = reinterpret_cast<P*>(base + prow * s_cr + d0);
-  P* pmin = reinterpret_cast<P*>(base + (prow + pages_per_block) * s_cr + d0);
-  P old_max = *pmax, old_min = *pmin, new_max, new_min;
+  scalar_t* region = base + 2 * block_size * s_cr;
+  const int64_t jp = page % pages_per_block;
+  const int64_t min_at = static_cast<int64_t>(pages_per_block) * gw;
+  if (gw % VEC == 0) {  // the thread's channels lie together in one group: vector accesses
+    P* pmax = reinterpret_cast<P*>(region + (d0 / gw) * 2 * min_at + jp * gw + d0 % gw);
+    P* pmin = reinterpret_cast<P*>(reinterpret_cast<scalar_t*>(pmax) + min_at);
+    P old_max = *pmax, old_min = *pmin, new_max, new_min;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      new_max.v[i] = from_float<scalar_t>(restart ? mx[i] : fmaxf(to_float(old_max.v[i]), mx[i]));
+      new_min.v[i] = from_float<scalar_t>(restart ? mn[i] : fminf(to_float(old_min.v[i]), mn[i]));
+    }
+    *pmax = new_max;
+    *pmin = new_min;
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    new_max.v[i] = from_float<scalar_t>(restart ? mx[i] : fmaxf(to_float(old_max.v[i]), mx[i]));
-    new_min.v[i] = from_float<scalar_t>(restart ? mn[i] : fminf(to_float(old_min.v[i]), mn[i]));
+    const int c = d0 + i;
+    scalar_t* pmax = region + (c / gw) * 2 * min_at + jp * gw + c % gw;
+    scalar_t* pmin = pmax + min_at;
+    *pmax = from_float<scalar_t>(restart ? mx[i] : fmaxf(to_float(*pmax), mx[i]));
+    *pmin = from_float<scalar_t>(restart ? mn[i] : fminf(to_float(*pmin), mn[i]));
   }
-  *pmax = new_max;
-  *pmin = new_min;
 }
 
 template <typename scalar_t, int VEC>
 void launch_vec(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
-                int64_t block_size, int64_t page_size, cudaStream_t stream) {
+                int64_t block_size, int64_t page_size, int64_t gw, cudaStream_t stream) {
   const int64_t num_tokens = slots.size(0);
   const int64_t hkv = kv.size(1);
   const int head_dim = static_cast<int>(kv.size(3));
@@ -136,7 +150,7 @@ void launch_vec(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, 
   write_kv_kernel<scalar_t, IDX_T, VEC><<<static_cast<unsigned>(blocks), pairs * lanes, 0, stream>>>(         \
       kv_ptr, k_ptr, v_ptr, slots.data_ptr<IDX_T>(), num_tokens, hkv, kv.stride(0), kv.stride(1), kv.stride(2), \
       key.stride(0), key.stride(1), value.stride(0), value.stride(1), head_dim, static_cast<int>(block_size),   \
-      static_cast<int>(page_size), lanes)
+      static_cast<int>(page_size), static_cast<int>(gw), lanes)
   if (slots.scalar_type() == at::kLong) {
     ROCKETKV_LAUNCH(int64_t);
   } else {
@@ -156,27 +170,30 @@ bool aligned16(const at::Tensor& t, int64_t elt) {
 
 template <typename scalar_t>
 void launch(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
-            int64_t block_size, int64_t page_size, cudaStream_t stream) {
+            int64_t block_size, int64_t page_size, int64_t gw, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t elt = sizeof(scalar_t);
   if (kv.size(3) % kVec == 0 && aligned16(kv, elt) && aligned16(key, elt) && aligned16(value, elt)) {
-    launch_vec<scalar_t, kVec>(kv, key, value, slots, block_size, page_size, stream);
+    launch_vec<scalar_t, kVec>(kv, key, value, slots, block_size, page_size, gw, stream);
   } else {
-    launch_vec<scalar_t, 1>(kv, key, value, slots, block_size, page_size, stream);
+    launch_vec<scalar_t, 1>(kv, key, value, slots, block_size, page_size, gw, stream);
   }
 }
 
 }  // namespace rocketkv
 
 void write_kv_cuda(at::Tensor kv_cache, at::Tensor key, at::Tensor value, at::Tensor slot_mapping,
-                   int64_t block_size, int64_t page_size) {
+                   int64_t block_size, int64_t page_size, int64_t summary_group) {
   TORCH_CHECK(kv_cache.is_cuda() && key.is_cuda() && value.is_cuda() && slot_mapping.is_cuda(),
               "write_kv: all tensors must be on CUDA");
   TORCH_CHECK(kv_cache.dim() == 4, "write_kv: kv_cache must be [num_blocks, Hkv, rows, D]");
   TORCH_CHECK(block_size > 0 && page_size > 0 && block_size % page_size == 0, "write_kv: bad block/page size");
   TORCH_CHECK(kv_cache.size(2) == 2 * block_size + 2 * (block_size / page_size),
               "write_kv: kv_cache rows do not match the layout");
-  TORCH_CHECK(kv_cache.stride(3) == 1, "write_kv: kv_cache must be contiguous in head_dim");
+  TORCH_CHECK(kv_cache.stride(3) == 1 && kv_cache.stride(2) == kv_cache.size(3),
+              "write_kv: kv_cache must be contiguous within each block and KV head");
+  TORCH_CHECK(summary_group > 0 && kv_cache.size(3) % summary_group == 0,
+              "write_kv: summary_group must divide head_dim");
   TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "write_kv: key/value must be [T, Hkv, D]");
   TORCH_CHECK(kv_cache.size(3) > 0 && kv_cache.size(3) <= 1024, "write_kv: head_dim must be in [1, 1024]");
   TORCH_CHECK(key.size(1) == kv_cache.size(1) && key.size(2) == kv_cache.size(3), "write_kv: key shape mismatch");
@@ -194,13 +211,13 @@ void write_kv_cuda(at::Tensor kv_cache, at::Tensor key, at::Tensor value, at::Te
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(kv_cache.device().index()).stream();
   switch (kv_cache.scalar_type()) {
     case at::kFloat:
-      rocketkv::launch<float>(kv_cache, key, value, slot_mapping, block_size, page_size, stream);
+      rocketkv::launch<float>(kv_cache, key, value, slot_mapping, block_size, page_size, summary_group, stream);
       break;
     case at::kHalf:
-      rocketkv::launch<__half>(kv_cache, key, value, slot_mapping, block_size, page_size, stream);
+      rocketkv::launch<__half>(kv_cache, key, value, slot_mapping, block_size, page_size, summary_group, stream);
       break;
     case at::kBFloat16:
-      rocketkv::launch<__nv_bfloat16>(kv_cache, key, value, slot_mapping, block_size, page_size, stream);
+      rocketkv::launch<__nv_bfloat16>(kv_cache, key, value, slot_mapping, block_size, page_size, summary_group, stream);
       break;
     default:
       TORCH_CHECK(false, "write_kv: unsupported cache dtype ", kv_cache.scalar_type());

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from rocketkv_vllm.kv_layout import FEW_CHANNEL_GROUP
+
 MODES = ("rocketkv", "mt", "full")
 BUDGET_KEY, MODE_KEY = "rocketkv_budget", "rocketkv_mode"
 
@@ -33,6 +35,9 @@ class RocketKVConfig:
     pool_kernel:  SnapKV++ max-pooling kernel (odd; shrunk to fit short prompts).
     page_size:    HSA page, the granularity of the stored key max/min summaries.
     top_channels: fixed r (k1) instead of the adaptive one; top_k: fixed tokens (k2) per step.
+    summary_group: channels per stored group of the page summaries (kv_layout), 0 for whole
+                  rows; by default FEW_CHANNEL_GROUP when the server's mode is mt (its
+                  scoring reads few channels), else whole rows.
     """
 
     budget: int = 2048
@@ -42,6 +47,7 @@ class RocketKVConfig:
     page_size: int = 4
     top_channels: int | None = None
     top_k: int | None = None
+    summary_group: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("budget", "window", "pool_kernel", "page_size"):
@@ -54,6 +60,16 @@ class RocketKVConfig:
             raise ValueError(f"rocketkv.pool_kernel must be odd, got {self.pool_kernel}")
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"rocketkv.page_size must be a power of two, got {self.page_size}")
+        if self.summary_group is not None:
+            group = _int_field("rocketkv.summary_group", self.summary_group, 0)
+            if group & (group - 1):
+                raise ValueError(f"rocketkv.summary_group must be 0 or a power of two, got {group}")
+
+    def layout_summary_group(self) -> int:
+        """The summary group the KV cache is laid out with (see summary_group)."""
+        if self.summary_group is not None:
+            return self.summary_group
+        return FEW_CHANNEL_GROUP if self.mode == "mt" else 0
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "RocketKVConfig":

@@ -24,7 +24,7 @@ from rocketkv_vllm.algorithms.hsa import (  # noqa: E402
 from rocketkv_vllm.algorithms.snapkv import window_scores  # noqa: E402
 from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
 from rocketkv_vllm.kernels.triton_hsa import _digit_hist, _radix_refine  # noqa: E402
-from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
+from rocketkv_vllm.kv_layout import FEW_CHANNEL_GROUP, KVLayout  # noqa: E402
 from rocketkv_vllm.ops import reference as R  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -100,6 +100,20 @@ def poison_dead_tokens(kv, layout, table, seq, keep, gap):
         keys[blk, :, off] = float("nan")
         values[blk, :, off] = POISON
     values.nan_to_num_(POISON)
+
+
+@pytest.fixture
+def poisoned_scratch(monkeypatch):
+    """torch.empty returns NaN (floats) or -777 (integers) instead of whatever memory it gets
+    (often the oracle's freed tensor of the same shape): a kernel that leaves part of its
+    scratch unwritten, then reads it, fails."""
+    empty = torch.empty
+
+    def poisoned(*size, **kwargs):
+        t = empty(*size, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -777)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 def oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels):
@@ -179,6 +193,35 @@ def test_write_kv(block_size, page_size, dtype):
     assert same_cache(kv_tri, kv_ref)
 
 
+@pytest.mark.parametrize("summary_group", [4, FEW_CHANNEL_GROUP])
+def test_kernels_follow_the_summary_group(summary_group, poisoned_scratch):
+    """The summary writes (write_kv, compaction) match the reference's, and page scoring
+    reads them back, for summary channel groups (the other tests mostly use rows)."""
+    torch.manual_seed(summary_group)
+    layout, hkv, d = KVLayout(16, 4, summary_group), 2, HEAD_DIMS[-1]
+    lengths = [n * SCALE for n in (70, 45)]
+    kv, table, keys, values = build_cache(layout, hkv, d, lengths, torch.float32)
+    kv_tri = torch.full_like(kv, float("nan"))
+    for i, n in enumerate(lengths):
+        pos = torch.arange(n, device=DEV)
+        slots = table[i, pos // layout.block_size].long() * layout.block_size + pos % layout.block_size
+        for c in pos.split(7):
+            T.write_kv(kv_tri, layout, keys[i][c], values[i][c], slots[c])
+    assert same_cache(kv_tri, kv)
+    kept = torch.stack([torch.randperm(lengths[0], device=DEV)[: 29 * SCALE].sort().values for _ in range(hkv)])
+    R.compact_kept_tokens(kv, layout, table[0], kept, lengths[0])
+    T.compact_kept_tokens(kv_tri, layout, table[0], kept, lengths[0])
+    assert same_cache(kv_tri, kv)
+    seq = torch.tensor(lengths, device=DEV)
+    keep = torch.tensor([29 * SCALE, lengths[1]], device=DEV)
+    query = torch.randn(2, hkv * 4, d, device=DEV)
+    for r in (d, 2):
+        top_channels = torch.tensor([r, r], device=DEV)
+        scores, valid = oracle_scores(query, kv, layout, table, seq, keep, seq, top_channels)
+        got = T.hsa_page_scores(query, kv, layout, table, seq, keep, seq, top_channels)[..., : scores.shape[-1]]
+        torch.testing.assert_close(got.masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_write_kv_mixed_batch_and_unsorted(page_size):
     """Several requests in one call, fp32 keys into a bf16 cache, and pages_contiguous=False."""
@@ -204,19 +247,20 @@ def test_write_kv_mixed_batch_and_unsorted(page_size):
 # ---------------------------------------------------------------------------------------
 
 SELECT_CASES = [
-    # group, block_size, page_size, dtype
-    (1, 16, 1, torch.float32),
-    (4, 16, 4, torch.bfloat16),
-    (8, 32, 8, torch.float32),
-    (7, 16, 2, torch.bfloat16),
-    (4, 32, 32, torch.float16),
-    (9, 16, 16, torch.float32),
+    # group, block_size, page_size, dtype, summary_group (0: row-major)
+    (1, 16, 1, torch.float32, 8),
+    (4, 16, 4, torch.bfloat16, 0),
+    (4, 16, 4, torch.bfloat16, 8),
+    (8, 32, 8, torch.float32, 4),
+    (7, 16, 2, torch.bfloat16, 0),
+    (4, 32, 32, torch.float16, 8),
+    (9, 16, 16, torch.float32, 0),
 ]
 
 
-def _select_inputs(group, block_size, page_size, dtype, d, seed):
+def _select_inputs(group, block_size, page_size, dtype, d, seed, summary_group=0):
     torch.manual_seed(seed)
-    layout = KVLayout(block_size, page_size)
+    layout = KVLayout(block_size, page_size, summary_group)
     hkv = 2
     lengths = [n * SCALE for n in (60, 33, 90, 77, 25)]
     kv, table, _, _ = build_cache(layout, hkv, d, lengths, dtype)
@@ -229,9 +273,10 @@ def _select_inputs(group, block_size, page_size, dtype, d, seed):
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
-@pytest.mark.parametrize("group,block_size,page_size,dtype", SELECT_CASES)
-def test_hsa_select_pages(group, block_size, page_size, dtype, d):
-    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, block_size, page_size, dtype, d, group * 31 + page_size)
+@pytest.mark.parametrize("group,block_size,page_size,dtype,summary_group", SELECT_CASES)
+def test_hsa_select_pages(group, block_size, page_size, dtype, summary_group, d, poisoned_scratch):
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(group, block_size, page_size, dtype, d,
+                                                                      group * 31 + page_size, summary_group)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
     scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
 
@@ -263,23 +308,51 @@ def test_hsa_select_in_row_groups(monkeypatch):
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
 
 
-def test_hsa_select_in_many_chunks(monkeypatch):
-    """Requests longer than the top-k kernel's chunks: every pass loops."""
+@pytest.mark.parametrize("setting,value,seed", [("PAGE_CHUNK", 16, 9), ("LOGIT_TILE", 1, 21)])
+def test_hsa_select_in_small_pieces(monkeypatch, setting, value, seed, poisoned_scratch):
+    """Requests longer than the top-k kernel's chunks (every pass loops; the softmax
+    statistics carry across chunks), and blocks of more pages than a logits tile (16 pages a
+    block; tiles of 1 page, 8 on the few-channel path: a unit is part of a block, its max
+    and min runs apart)."""
     from rocketkv_vllm.kernels import triton_hsa
 
-    monkeypatch.setattr(triton_hsa, "PAGE_CHUNK", 16)
-    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], 9)
+    monkeypatch.setattr(triton_hsa, setting, value)
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], seed)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp)
     scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, tc)
-    # the softmax statistics carry across chunks
     got = T.hsa_page_scores(query, kv, layout, table, seq, keep, gap, tc)[..., : scores.shape[-1]]
     torch.testing.assert_close(got.masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
     assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp), ref, scores)
 
 
+@pytest.mark.parametrize("block_size,page_size,summary_group", [(16, 4, 0), (16, 1, FEW_CHANNEL_GROUP)])
+def test_hsa_select_with_a_gap_inside_one_block(block_size, page_size, summary_group, poisoned_scratch):
+    """Kept pages and tail pages sharing one block (its unit of pages is scored once for
+    each part), on the whole-row and the few-channel paths."""
+    from rocketkv_vllm.kernels.triton_hsa import gather_channels
+
+    torch.manual_seed(5)
+    layout, hkv, d = KVLayout(block_size, page_size, summary_group), 2, HEAD_DIMS[0]
+    lengths = [200 * SCALE, 120 * SCALE]
+    kv, table, _, _ = build_cache(layout, hkv, d, lengths, torch.float32)
+    seq = torch.tensor(lengths, device=DEV)
+    # keep 37 and gap_end 45 lie in block 2 (tokens 32-47); request 1 evicted nothing
+    keep = torch.tensor([37, lengths[1]], device=DEV)
+    gap = torch.tensor([45, lengths[1]], device=DEV)
+    query = torch.randn(2, hkv * 4, d, device=DEV)
+    for r in (d, gather_channels(d)):
+        top_channels = torch.tensor([r, r], device=DEV)
+        scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels)
+        got = T.hsa_page_scores(query, kv, layout, table, seq, keep, gap, top_channels)[..., : scores.shape[-1]]
+        assert torch.equal(got > float("-inf"), valid[:, None, :].expand_as(got))
+        torch.testing.assert_close(got.masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
+        ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, top_channels, 7)
+        assert_same_selection(T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, top_channels, 7), ref, scores)
+
+
 @pytest.mark.parametrize("budgets", [[20, 900, 6, 30, 5], [2, 3, 1, 3, 2]])
 @pytest.mark.parametrize("tied", [False, True])
-def test_hsa_select_long_requests_large_k_and_ties(monkeypatch, tied, budgets):
+def test_hsa_select_long_requests_large_k_and_ties(monkeypatch, tied, budgets, poisoned_scratch):
     """Requests longer than a chunk: their chunks' candidates merged in memory (k above a
     chunk, request 0: k = 20 > 16, or more candidates than a chunk) or in registers (small
     k), also with every score tied (zero queries: the lowest pages win the ties)."""
@@ -327,13 +400,13 @@ def test_hsa_select_survives_overflowing_logits():
 
 
 @pytest.mark.parametrize("head_dim", [32, 24])
-def test_hsa_gathered_channels_score_like_whole_rows(head_dim):
+def test_hsa_gathered_channels_score_like_whole_rows(head_dim, poisoned_scratch):
     """Few chosen channels (r <= gather_channels: the logits kernel reads only those) give the
     oracle's page scores, at r = 1 and r = the gather limit, also when head_dim is not a
     power of two; NaN query channels rank first and read nothing out of bounds."""
     from rocketkv_vllm.kernels.triton_hsa import gather_channels
 
-    layout, kv, table, seq, keep, gap, _, _, _ = _select_inputs(4, 16, 4, torch.float32, head_dim, 17)
+    layout, kv, table, seq, keep, gap, _, _, _ = _select_inputs(4, 16, 4, torch.float32, head_dim, 17, FEW_CHANNEL_GROUP)
     query = torch.randn(len(seq), kv.shape[1] * 4, head_dim, device=DEV)
     limit = gather_channels(head_dim)
     top_channels = torch.tensor([1, limit, limit, 1, limit], device=DEV)
@@ -350,14 +423,14 @@ def test_hsa_gathered_channels_score_like_whole_rows(head_dim):
             assert len(pages) == min(3, int(live[b].sum())) and live[b, pages].all()
 
 
-def test_hsa_gathered_channels_over_many_tiles():
+def test_hsa_gathered_channels_over_many_tiles(poisoned_scratch):
     """Few chosen channels over requests of several gather tiles (each BLOCK_D / R_GATHER
     times a whole-row tile), one program striding over all of them and the default spread,
     choose the oracle's pages; with an evicted gap and an empty request."""
     from rocketkv_vllm.kernels.triton_hsa import gather_channels
 
     torch.manual_seed(11)
-    layout, hkv, d = KVLayout(16, 4), 2, HEAD_DIMS[0]
+    layout, hkv, d = KVLayout(16, 4, FEW_CHANNEL_GROUP), 2, HEAD_DIMS[0]
     lengths = [n * SCALE for n in (3000, 1300, 2100)]
     kv, table, _, _ = build_cache(layout, hkv, d, lengths, torch.float32)
     seq, keep, gap = ragged_batch(layout, lengths)
@@ -646,13 +719,14 @@ def _misaligned(x):
     (16, 4, 40, True),  # one channel a thread, several (token, head) pairs per CUDA block
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_cpp_write_kv(block_size, page_size, d, misaligned, dtype):
+@pytest.mark.parametrize("summary_group", [0, 8, 4])  # 4: a thread's 16 bytes span groups
+def test_cuda_cpp_write_kv(block_size, page_size, d, misaligned, dtype, summary_group):
     from rocketkv_vllm.kernels import cuda_ops
 
     if not cuda_ops.available():
         pytest.skip(f"rocketkv_vllm._C not built: {cuda_ops.import_error()}")
     torch.manual_seed(block_size + page_size)
-    layout = KVLayout(block_size, page_size)
+    layout = KVLayout(block_size, page_size, summary_group)
     hkv = 8
     rows = _misaligned if misaligned else (lambda x: x)
     lengths = [1000, 77, 513]

@@ -121,3 +121,28 @@ def test_compaction_of_a_resumed_request_keeps_tokens_past_the_prompt(prompt, wr
         if positions:
             assert torch.equal(kmax[0, page], k[positions].amax(0)), page
             assert torch.equal(kmin[0, page], k[positions].amin(0)), page
+
+
+@pytest.mark.parametrize("block_size,page_size,group,gw", [(16, 4, 8, 8), (32, 1, 4, 4), (16, 4, 0, 16), (16, 4, 64, 16)])
+def test_summaries_sit_in_channel_groups(block_size, page_size, group, gw):
+    """The summary views address what the kernels do: after the block's key and value rows,
+    groups of gw channels (gw = head_dim for group 0 or wider: row-major), each with every
+    page's max, then every page's min."""
+    layout = KVLayout(block_size, page_size, group)
+    ppb, d = layout.pages_per_block, 16
+    assert layout.summary_channels(d) == gw
+    kv = torch.arange(3 * 2 * layout.rows_per_block * d, dtype=torch.float64).view(layout.cache_shape(3, 2, d))
+    start = 2 * block_size * d
+    flat = kv.view(3, 2, -1)[2, 1]
+    for page in (0, ppb - 1):
+        for chan in (0, 5, d - 1):
+            at = start + (chan // gw) * 2 * ppb * gw + page * gw + chan % gw
+            assert layout.page_max(kv)[2, 1, page][chan] == flat[at]
+            assert layout.page_min(kv)[2, 1, page][chan] == flat[at + ppb * gw]
+    region = torch.cat([layout.page_max(kv)[2, 1].flatten(), layout.page_min(kv)[2, 1].flatten()])
+    assert torch.equal(region.sort().values, flat[start:])  # the region exactly, no overlap
+    written = kv.clone()
+    layout.page_max(written)[2, 1, ppb - 1] = torch.full((d,), -1.0, dtype=torch.float64)
+    assert int((written != kv).sum()) == d and bool((layout.page_max(written)[2, 1, ppb - 1] == -1).all())
+    with pytest.raises(ValueError, match="contiguous"):
+        layout.page_max(kv.transpose(2, 3).contiguous().transpose(2, 3))

@@ -91,3 +91,16 @@ def test_prompt_chunks_keep_steps_off_full_graphs():
     assert not plugin.holds_prompt_chunk(decoding, 2)
     assert plugin.holds_prompt_chunk(decoding, 3)  # the third request's last prompt token
     assert getattr(GPUModelRunner._determine_batch_execution_and_padding, "_rocketkv_wrapped", False)
+
+
+def test_summary_group_follows_the_server_mode_unless_set():
+    from rocketkv_vllm.config import RocketKVConfig
+    from rocketkv_vllm.kv_layout import FEW_CHANNEL_GROUP
+
+    assert RocketKVConfig().layout_summary_group() == 0  # whole rows: scoring reads every channel
+    assert RocketKVConfig(mode="mt").layout_summary_group() == FEW_CHANNEL_GROUP
+    assert RocketKVConfig(mode="mt", summary_group=0).layout_summary_group() == 0
+    assert RocketKVConfig(summary_group=16).layout_summary_group() == 16
+    for bad in (3, -8, "8", True):
+        with pytest.raises(ValueError, match="summary_group"):
+            RocketKVConfig(summary_group=bad)

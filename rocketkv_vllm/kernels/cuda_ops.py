@@ -43,4 +43,5 @@ def write_kv(
         value = value.to(kv_cache.dtype)
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         slot_mapping = slot_mapping.long()
-    torch.ops.rocketkv.write_kv(kv_cache, key, value, slot_mapping, layout.block_size, layout.page_size)
+    torch.ops.rocketkv.write_kv(kv_cache, key, value, slot_mapping, layout.block_size, layout.page_size,
+                                layout.summary_channels(kv_cache.shape[-1]))

@@ -52,8 +52,9 @@ def contiguous_last(t: torch.Tensor) -> torch.Tensor:
 def check_cache(kv_cache: torch.Tensor, layout: KVLayout) -> None:
     if kv_cache.dim() != 4 or kv_cache.shape[2] != layout.rows_per_block:
         raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)} does not match layout {layout}")
-    if kv_cache.stride(3) != 1:
-        raise ValueError("kv_cache must be contiguous in head_dim")
+    if kv_cache.stride(3) != 1 or kv_cache.stride(2) != kv_cache.shape[3]:
+        # rows of D, so the channel groups of the summary region span rows (kv_layout)
+        raise ValueError("kv_cache must be contiguous within each block and KV head")
 
 
 def check_group(query: torch.Tensor, kv_cache: torch.Tensor) -> int:
@@ -102,6 +103,14 @@ def page_len(p, seq, keep, gap, PS: tl.constexpr):
     before_keep = tl.maximum(tl.minimum(end, tl.minimum(keep, seq)) - start, 0)
     after_gap = tl.maximum(tl.minimum(end, seq) - tl.maximum(start, tl.maximum(gap, keep)), 0)
     return before_keep + after_gap
+
+
+@triton.jit
+def summary_at(page_in_block, d, PPB: tl.constexpr, GW: tl.constexpr):
+    """Offset of channel d of a page's max summary from the start of its block's summary
+    region (kv_layout: groups of GW channels, each holding every page's max, then every
+    page's min, so the min is PPB * GW further)."""
+    return (d // GW) * (2 * PPB * GW) + page_in_block * GW + d % GW
 
 
 @triton.jit

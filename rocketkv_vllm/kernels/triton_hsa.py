@@ -41,6 +41,7 @@ from rocketkv_vllm.kernels.triton_common import (
     np2,
     num_sms,
     page_len,
+    summary_at,
     pages_in_table,
     per_request,
     virtual_pages,
@@ -106,15 +107,15 @@ def _hsa_prep_kernel(
 
 @triton.jit
 def _summary_rows(bt, t, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr,
-                  BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr, TILE: tl.constexpr):
-    """Virtual pages of tile t, their live-token counts, which are scored, and the cache
-    row of each page's max summary."""
+                  BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr):
+    """Virtual pages of tile t, their live-token counts, which are scored, and where each
+    page's max summary starts (its channel group 0)."""
     v = t * TILE + tl.arange(0, TILE)
     p = logical_page(v, nk, tail).to(tl.int64)
     plen = page_len(p, seq, keep, gap, PS)
     valid = (v < n) & (plen > 0)
     blk = tl.load(bt + p // PPB, mask=valid, other=0).to(tl.int64)
-    return v, plen, valid, blk * s_cb + h * s_ch + (2 * BS + p % PPB) * s_cr
+    return v, plen, valid, blk * s_cb + h * s_ch + 2 * BS * s_cr + (p % PPB) * GW
 
 
 @triton.jit
@@ -122,24 +123,25 @@ def _tile_logits(
     kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, cmask,
     s, ns, n, nk, tail, seq, keep, gap, h, bh, s_cb, s_ch, s_cr, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
-    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr,
 ):
-    """Logits of this program's tiles of pages from the summary channels at offsets `cols`
-    (masked by cmask): all of a row (contiguous, vector loads) or a list of chosen ones.
+    """Logits of this program's tiles of pages from the summary channels `cols` (masked by
+    cmask): all of them (GW-wide contiguous groups, vector loads) or a list of chosen ones.
     Returns each query head's max and sum of exp over this program's logits (the top-k's
     softmax statistics), kept element-wise across tiles so that no tile pays a reduction."""
     qbase = bh * G_P
+    at = summary_at(0, cols, PPB, GW)[None, :]
     g = tl.arange(0, G_S)
     m_run = tl.full([G_S, TILE], float("-inf"), tl.float32)
     s_run = tl.zeros([G_S, TILE], tl.float32)
-    nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
+    nv, nplen, nvalid, nrow = _summary_rows(bt, s, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, GW, TILE)
     for t in range(s, tl.cdiv(n, TILE), ns):
         v, plen, valid, row = nv, nplen, nvalid, nrow
         lm = valid[:, None] & cmask[None, :]
-        kmax = nan_to_zero(tl.load(kv_ptr + row[:, None] + cols[None, :], mask=lm, other=0.0).to(tl.float32))
-        kmin = nan_to_zero(tl.load(kv_ptr + row[:, None] + PPB * s_cr + cols[None, :], mask=lm, other=0.0).to(tl.float32))
+        kmax = nan_to_zero(tl.load(kv_ptr + row[:, None] + at, mask=lm, other=0.0).to(tl.float32))
+        kmin = nan_to_zero(tl.load(kv_ptr + row[:, None] + PPB * GW + at, mask=lm, other=0.0).to(tl.float32))
         # the next tile's block numbers load while this tile computes
-        nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, TILE)
+        nv, nplen, nvalid, nrow = _summary_rows(bt, t + ns, n, nk, tail, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS, PPB, GW, TILE)
         log_len = tl.log(tl.maximum(plen, 1).to(tl.float32))
         lg = tl.full([G_S, TILE], float("-inf"), tl.float32)
         for gi in tl.static_range(G):
@@ -165,7 +167,8 @@ def _hsa_logits_kernel(
     s_cb, s_ch, s_cr, s_bt,
     D, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
-    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, R_GATHER: tl.constexpr,
+    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr,
+    R_GATHER: tl.constexpr,
 ):
     # Page bounds are dot products of one query row with TILE summary rows: computed as
     # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
@@ -185,26 +188,25 @@ def _hsa_logits_kernel(
         bt = bt_ptr + b * s_bt
         r = tl.load(r_ptr + b)
         if r <= R_GATHER:
-            # few channels (r <= D / 8): read just those. Some 32-byte sectors of a row are
-            # then skipped and the products shrink D / r times. Tiles of twice the pages
-            # keep more loads in flight per step at the same registers (measured: tiles of
-            # 32 pages took mt selection at 128K, B=8, from 0.624 to 0.564 ms; 64- and
-            # 128-page tiles would cost registers, so occupancy, on the whole-row path too).
-            GATHER_TILE: tl.constexpr = 2 * TILE
+            # few channels (r <= D / 8): read just those. With grouped summaries only their
+            # groups are read (8 channels of a block's pages are 128 contiguous bytes at bf16,
+            # where a row-major page row would be read almost whole), and the products shrink
+            # D / r times, so tiles of 4x the pages fit the same registers and keep more loads
+            # in flight (H100, 128K, B=8, grouped: 32-page tiles 0.400 ms, 64-page 0.326).
+            GATHER_TILE: tl.constexpr = 4 * TILE
             j = tl.arange(0, R_GATHER)
             jm = j < r
             cols = tl.load(chan_ptr + bh * R_GATHER + j, mask=jm, other=0)
             cols = tl.minimum(tl.maximum(cols, 0), D - 1)  # never outside the row, whatever the query
             m, ssum = _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap,
-                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GATHER_TILE)
+                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW, GATHER_TILE)
         else:
-            # Whole summary rows: DRAM moves 32-byte sectors (16 channels), so masking to
-            # the chosen channels saves little at larger r, and a per-channel mask would turn
-            # each 16-byte vector load into eight 2-byte loads. Unchosen channels meet
-            # zeros in the masked queries.
+            # every channel: at larger r most groups hold a chosen channel anyway, and a
+            # per-channel mask would turn each GW-wide vector load into scalar loads.
+            # Unchosen channels meet zeros in the masked queries.
             d = tl.arange(0, BLOCK_D)
             m, ssum = _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, d, d < D, s, ns, n, nk, tail, seq, keep, gap,
-                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, TILE)
+                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW, TILE)
         # [rows, Hkv, programs, 2, G_S]: this program's max and sum of exp per query head
         g = tl.arange(0, G_S)
         stat = stat_ptr + ((bh * ns + s) * 2) * G_S
@@ -492,7 +494,8 @@ def _launch(
             kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits, stats,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
-            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d, TILE=tile,
+            G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d,
+            GW=layout.summary_channels(head_dim), TILE=tile,
             R_GATHER=r_gather,
             num_warps=4,
         )

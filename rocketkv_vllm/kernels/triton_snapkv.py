@@ -7,10 +7,8 @@ import triton
 import triton.language as tl
 
 from rocketkv_vllm.algorithms.snapkv import check_window_shapes
-from rocketkv_vllm.kernels.triton_common import check_cache, lowp_dot, np2, num_sms
+from rocketkv_vllm.kernels.triton_common import check_cache, lowp_dot, np2, num_sms, summary_at
 from rocketkv_vllm.kv_layout import KVLayout
-
-
 
 
 @triton.jit
@@ -175,7 +173,7 @@ def _compact_scatter_kernel(
     kv_ptr, row_ptr, tmp_ptr,
     s_cb, s_ch, s_cr,
     KEEP, D,
-    BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
+    BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr, GW: tl.constexpr,
     NPT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # write kept tokens to positions [0, keep) and the summaries of their pages; a tile
@@ -201,17 +199,17 @@ def _compact_scatter_kernel(
     page = pt * NPT + tl.arange(0, NPT)
     pm = page * PS < KEEP
     pblk = tl.load(row_ptr + page // PPB, mask=pm, other=0).to(tl.int64)
-    prow = pblk * s_cb + h * s_ch + (2 * BS + page % PPB) * s_cr
+    at = (pblk * s_cb + h * s_ch + 2 * BS * s_cr)[:, None] + summary_at((page % PPB)[:, None], d[None, :], PPB, GW)
     sm = pm[:, None] & dm[None, :]
-    tl.store(kv_ptr + prow[:, None] + d[None, :], kmax.to(kv_ptr.dtype.element_ty), mask=sm)
-    tl.store(kv_ptr + prow[:, None] + PPB * s_cr + d[None, :], kmin.to(kv_ptr.dtype.element_ty), mask=sm)
+    tl.store(kv_ptr + at, kmax.to(kv_ptr.dtype.element_ty), mask=sm)
+    tl.store(kv_ptr + at + PPB * GW, kmin.to(kv_ptr.dtype.element_ty), mask=sm)
 
 
 @triton.jit
 def _clear_pages_kernel(
     kv_ptr, row_ptr, P0, P1,
     s_cb, s_ch, s_cr, D,
-    BS: tl.constexpr, PPB: tl.constexpr, NP_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BS: tl.constexpr, PPB: tl.constexpr, GW: tl.constexpr, NP_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)
     page = P0 + tl.arange(0, NP_P)
@@ -219,10 +217,10 @@ def _clear_pages_kernel(
     d = tl.arange(0, BLOCK_D)
     sm = pm[:, None] & (d < D)[None, :]
     blk = tl.load(row_ptr + page // PPB, mask=pm, other=0).to(tl.int64)
-    prow = blk * s_cb + h * s_ch + (2 * BS + page % PPB) * s_cr
+    at = (blk * s_cb + h * s_ch + 2 * BS * s_cr)[:, None] + summary_at((page % PPB)[:, None], d[None, :], PPB, GW)
     ninf = tl.full([NP_P, BLOCK_D], float("-inf"), tl.float32)
-    tl.store(kv_ptr + prow[:, None] + d[None, :], ninf.to(kv_ptr.dtype.element_ty), mask=sm)
-    tl.store(kv_ptr + prow[:, None] + PPB * s_cr + d[None, :], (-ninf).to(kv_ptr.dtype.element_ty), mask=sm)
+    tl.store(kv_ptr + at, ninf.to(kv_ptr.dtype.element_ty), mask=sm)
+    tl.store(kv_ptr + at + PPB * GW, (-ninf).to(kv_ptr.dtype.element_ty), mask=sm)
 
 
 def compact_kept_tokens(
@@ -240,6 +238,7 @@ def compact_kept_tokens(
     bs, ps, ppb = layout.block_size, layout.page_size, layout.pages_per_block
     head_dim = kv_cache.shape[-1]
     block_d = np2(head_dim)
+    gw = layout.summary_channels(head_dim)
     device = kv_cache.device
     row = block_row if block_row.stride(-1) == 1 else block_row.contiguous()
     kept_c = kept if kept.stride(-1) == 1 else kept.contiguous()
@@ -255,7 +254,7 @@ def compact_kept_tokens(
     _compact_scatter_kernel[(num_kv_heads, triton.cdiv(num_kept_pages, npt))](
         kv_cache, row, tmp,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        keep, head_dim, BS=bs, PS=ps, PPB=ppb, NPT=npt, BLOCK_D=block_d, num_warps=4,
+        keep, head_dim, BS=bs, PS=ps, PPB=ppb, GW=gw, NPT=npt, BLOCK_D=block_d, num_warps=4,
     )
     if prompt_len % bs:
         tail_start = (prompt_len // ps) * ps
@@ -266,5 +265,5 @@ def compact_kept_tokens(
             _clear_pages_kernel[(num_kv_heads,)](
                 kv_cache, row, p0, p1,
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), head_dim,
-                BS=bs, PPB=ppb, NP_P=np2(p1 - p0), BLOCK_D=block_d, num_warps=1,
+                BS=bs, PPB=ppb, GW=gw, NP_P=np2(p1 - p0), BLOCK_D=block_d, num_warps=1,
             )

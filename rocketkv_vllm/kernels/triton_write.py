@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rocketkv_vllm.kernels.triton_common import check_cache, np2
+from rocketkv_vllm.kernels.triton_common import check_cache, np2, summary_at
 from rocketkv_vllm.kv_layout import KVLayout
 
 
@@ -16,7 +16,7 @@ def _write_kv_kernel(
     s_cb, s_ch, s_cr,
     s_kt, s_kh, s_vt, s_vh,
     D,
-    BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
+    BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr, GW: tl.constexpr,
     BLOCK_D: tl.constexpr, USE_ORDER: tl.constexpr,
 ):
     # One program per (token, KV head). Every program stores its token's K/V; the first
@@ -68,9 +68,8 @@ def _write_kv_kernel(
                 kmax = tl.where(run, tl.maximum(kmax, k2), kmax)
                 kmin = tl.where(run, tl.minimum(kmin, k2), kmin)
                 restart = restart | (run & ((s2 % PS) == 0))
-            prow = 2 * BS + (page % PPB)
-            pmax_ptr = base + prow * s_cr + d
-            pmin_ptr = base + (prow + PPB) * s_cr + d
+            pmax_ptr = base + 2 * BS * s_cr + summary_at(page % PPB, d, PPB, GW)
+            pmin_ptr = pmax_ptr + PPB * GW
             keep_old = restart == 0
             old_max = tl.load(pmax_ptr, mask=dm & keep_old, other=0.0).to(tl.float32)
             old_min = tl.load(pmin_ptr, mask=dm & keep_old, other=0.0).to(tl.float32)
@@ -121,7 +120,7 @@ def write_kv(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         head_dim,
-        BS=layout.block_size, PS=layout.page_size, PPB=layout.pages_per_block,
+        BS=layout.block_size, PS=layout.page_size, PPB=layout.pages_per_block, GW=layout.summary_channels(head_dim),
         BLOCK_D=np2(head_dim), USE_ORDER=not pages_contiguous,
         num_warps=1 if head_dim <= 64 else 2,
     )

@@ -49,7 +49,8 @@ class RocketKVImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads or num_heads
         vllm_config = get_current_vllm_config()
         self.config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
-        self.layout = KVLayout(vllm_config.cache_config.block_size, self.config.page_size)
+        self.layout = KVLayout(vllm_config.cache_config.block_size, self.config.page_size,
+                               self.config.layout_summary_group())
         self._ops = None
 
     def ops(self, device: torch.device):
