@@ -17,7 +17,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from rocketkv_vllm.kernels import triton_attention, triton_hsa, triton_snapkv, triton_write
 
-LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4)
+LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4, GW=128)  # GW: row-major summaries
 # the top-k at a 128K-token block table: one program per chunk of 4096 pages (a group of 8
 # query heads takes 1024-page chunks)
 TOPK_128K = dict(PS=4, W_REGS=triton_hsa.RADIX_BITS_REGISTERS, W_MEMORY=triton_hsa.RADIX_BITS_MEMORY,
@@ -26,6 +26,10 @@ KERNELS = {
     "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, R_GATHER=16), 4),
     "hsa_logits": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32",
                    "logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(LLAMA, G=4, G_S=4, TILE=16, R_GATHER=16), 4),
+    # summaries in channel groups of 8 (an mt server's layout)
+    "hsa_logits_grouped": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32",
+                           "temp_ptr": "*fp32", "logit_ptr": "*fp32", "stat_ptr": "*fp32"},
+                           dict(LLAMA, GW=8, G=4, G_S=4, TILE=16, R_GATHER=16), 4),
     "hsa_topk": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=4, G_P=4, CHUNK=4096), 16),
     "hsa_topk_group8": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=8, G_P=8, CHUNK=1024), 16),
     # a one-page block table (page = block): chunks of one page
@@ -42,9 +46,9 @@ KERNELS = {
     "compact_gather": (triton_snapkv._compact_gather_kernel, {"kv_ptr": "*bf16", "tmp_ptr": "*bf16", "kept_ptr": "*i64"},
                        dict(BS=16, BT=32, BLOCK_D=128), 4),
     "compact_scatter": (triton_snapkv._compact_scatter_kernel, {"kv_ptr": "*bf16", "tmp_ptr": "*bf16"},
-                        dict(BS=16, PS=4, PPB=4, NPT=8, BLOCK_D=128), 4),
+                        dict(BS=16, PS=4, PPB=4, GW=8, NPT=8, BLOCK_D=128), 4),
     "write_kv": (triton_write._write_kv_kernel, {"kv_ptr": "*bf16", "key_ptr": "*bf16", "val_ptr": "*bf16", "slot_ptr": "*i64",
-                 "order_ptr": "*i64"}, dict(BS=16, PS=4, PPB=4, BLOCK_D=128, USE_ORDER=False), 2),
+                 "order_ptr": "*i64"}, dict(BS=16, PS=4, PPB=4, GW=8, BLOCK_D=128, USE_ORDER=False), 2),
 }
 # what triton's launcher specialises at these shapes: 16-byte aligned pointers, and strides
 # and head_dim that are multiples of 16 (this is what lets loads vectorise)
@@ -85,7 +89,7 @@ def ptxas_reports():
 
 
 @pytest.mark.parametrize("kernel", [
-    "hsa_prep", "hsa_logits", "hsa_topk", "hsa_topk_group8", "sparse_attn_split", "sparse_attn_reduce", "write_kv",
+    "hsa_prep", "hsa_logits", "hsa_logits_grouped", "hsa_topk", "hsa_topk_group8", "sparse_attn_split", "sparse_attn_reduce", "write_kv",
     "snapkv_window_stats", "snapkv_window_accum", "compact_gather", "compact_scatter",
 ])
 def test_kernel_compiles_for_sm90_without_spills(ptxas_reports, kernel):
