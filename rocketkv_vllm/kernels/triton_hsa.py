@@ -41,9 +41,9 @@ from rocketkv_vllm.kernels.triton_common import (
     np2,
     num_sms,
     page_len,
-    summary_at,
     pages_in_table,
     per_request,
+    summary_at,
     virtual_pages,
 )
 from rocketkv_vllm.kv_layout import KVLayout
