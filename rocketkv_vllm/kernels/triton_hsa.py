@@ -155,9 +155,7 @@ def _tile_logits(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.exp(lg - m_safe)
         m_run = m_new
-    m = tl.max(m_run, axis=1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m, tl.sum(s_run * tl.exp(m_run - m_safe[:, None]), axis=1)
+    return _merged_stats(m_run, s_run)
 
 
 @triton.jit
@@ -283,8 +281,13 @@ def _combined_stats(stat_ptr, bh, NS, NS_P: tl.constexpr, G_P: tl.constexpr):
     g = tl.arange(0, G_P)
     at = stat_ptr + (bh * NS + i[None, :]) * 2 * G_P + g[:, None]
     present = (i < NS)[None, :]
-    m_i = tl.load(at, mask=present, other=float("-inf"))
-    s_i = tl.load(at + G_P, mask=present, other=0.0)
+    return _merged_stats(tl.load(at, mask=present, other=float("-inf")), tl.load(at + G_P, mask=present, other=0.0))
+
+
+@triton.jit
+def _merged_stats(m_i, s_i):
+    """Per row, the softmax max and sum of exp of partial ones ([rows, parts] each: a part's
+    max and its sum of exp relative to that max; -inf / 0 for an empty part)."""
     m = tl.max(m_i, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     return m, tl.sum(s_i * tl.exp(m_i - m_safe[:, None]), axis=1)
