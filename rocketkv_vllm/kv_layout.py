@@ -12,7 +12,8 @@ channels (`summary_channels`): group i holds, for each page j, its max of channe
 (summary_group 0, the default) is the row-major layout: a page's max row, then its min
 row, which scoring on every channel reads fastest. With small groups (FEW_CHANNEL_GROUP),
 scoring on a few query channels (RocketKV-MT) reads only their groups, where a row-major
-page row would be read almost whole.
+page row would be read almost whole. gw = 1 is channel-major: a channel's page maxima,
+then its page minima (16 bytes for 4 pages at bf16).
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-# channels per summary group for few-channel scoring (16 bytes at bf16). H100, 128K, B=8,
-# against rows: mt selection 0.54 -> 0.30 ms, rocketkv-mode selection 0.099 -> 0.115 ms
-FEW_CHANNEL_GROUP = 8
+# channels per summary group for few-channel scoring. H100, 128K, B=8, mt selection: rows
+# 0.54 ms, groups of 8 0.30, of 1 0.26; rocketkv-mode selection (every channel): rows 0.100,
+# groups of 8 0.116, of 1 0.107
+FEW_CHANNEL_GROUP = 1
 
 
 @dataclass(frozen=True)

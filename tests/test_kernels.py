@@ -193,7 +193,7 @@ def test_write_kv(block_size, page_size, dtype):
     assert same_cache(kv_tri, kv_ref)
 
 
-@pytest.mark.parametrize("summary_group", [4, FEW_CHANNEL_GROUP])
+@pytest.mark.parametrize("summary_group", [1, 2, 4, FEW_CHANNEL_GROUP])
 def test_kernels_follow_the_summary_group(summary_group, poisoned_scratch):
     """The summary writes (write_kv, compaction) match the reference's, and page scoring
     reads them back, for summary channel groups (the other tests mostly use rows)."""
@@ -340,7 +340,7 @@ def test_hsa_select_with_a_gap_inside_one_block(block_size, page_size, summary_g
     keep = torch.tensor([37, lengths[1]], device=DEV)
     gap = torch.tensor([45, lengths[1]], device=DEV)
     query = torch.randn(2, hkv * 4, d, device=DEV)
-    for r in (d, gather_channels(d)):
+    for r in (d, gather_channels(d), gather_channels(d, grouped=True)):
         top_channels = torch.tensor([r, r], device=DEV)
         scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels)
         got = T.hsa_page_scores(query, kv, layout, table, seq, keep, gap, top_channels)[..., : scores.shape[-1]]
@@ -402,14 +402,15 @@ def test_hsa_select_survives_overflowing_logits():
 @pytest.mark.parametrize("head_dim", [32, 24])
 def test_hsa_gathered_channels_score_like_whole_rows(head_dim, poisoned_scratch):
     """Few chosen channels (r <= gather_channels: the logits kernel reads only those) give the
-    oracle's page scores, at r = 1 and r = the gather limit, also when head_dim is not a
-    power of two; NaN query channels rank first and read nothing out of bounds."""
+    oracle's page scores, at r = 1 and r = either gather limit (the wider one over grouped
+    summaries), also when head_dim is not a power of two; NaN query channels rank first and
+    read nothing out of bounds."""
     from rocketkv_vllm.kernels.triton_hsa import gather_channels
 
     layout, kv, table, seq, keep, gap, _, _, _ = _select_inputs(4, 16, 4, torch.float32, head_dim, 17, FEW_CHANNEL_GROUP)
     query = torch.randn(len(seq), kv.shape[1] * 4, head_dim, device=DEV)
-    limit = gather_channels(head_dim)
-    top_channels = torch.tensor([1, limit, limit, 1, limit], device=DEV)
+    limit, wide = gather_channels(head_dim), gather_channels(head_dim, grouped=True)
+    top_channels = torch.tensor([1, limit, wide, 1, wide], device=DEV)
     scores, valid = oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels)
     got = T.hsa_page_scores(query, kv, layout, table, seq, keep, gap, top_channels)[..., : scores.shape[-1]]
     torch.testing.assert_close(got.masked_fill(~valid[:, None], 0), scores.masked_fill(~valid[:, None], 0), rtol=1e-4, atol=1e-7)
@@ -435,7 +436,7 @@ def test_hsa_gathered_channels_over_many_tiles(poisoned_scratch):
     kv, table, _, _ = build_cache(layout, hkv, d, lengths, torch.float32)
     seq, keep, gap = ragged_batch(layout, lengths)
     query = torch.randn(len(lengths), hkv * 4, d, device=DEV)
-    top_channels = torch.tensor([1, gather_channels(d), 2], device=DEV)
+    top_channels = torch.tensor([1, gather_channels(d), gather_channels(d, grouped=True)], device=DEV)
     ref = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, top_channels, 40)
     scores, _ = oracle_scores(query, kv, layout, table, seq, keep, gap, top_channels)
     for splits in (1, None):
@@ -719,7 +720,7 @@ def _misaligned(x):
     (16, 4, 40, True),  # one channel a thread, several (token, head) pairs per CUDA block
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("summary_group", [0, 8, 4])  # 4: a thread's 16 bytes span groups
+@pytest.mark.parametrize("summary_group", [0, 8, 4, 1])  # 4, 1: a thread's 16 bytes span groups
 def test_cuda_cpp_write_kv(block_size, page_size, d, misaligned, dtype, summary_group):
     from rocketkv_vllm.kernels import cuda_ops
 

@@ -23,13 +23,13 @@ LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4, GW=128)  # GW: row-major s
 TOPK_128K = dict(PS=4, W_REGS=triton_hsa.RADIX_BITS_REGISTERS, W_MEMORY=triton_hsa.RADIX_BITS_MEMORY,
                  NS_P=256)  # softmax statistics from 132 logits programs (B=1 on an H100)
 KERNELS = {
-    "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, R_GATHER=16), 4),
+    "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, R_LIST=32), 4),
     "hsa_logits": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32",
-                   "logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(LLAMA, G=4, G_S=4, TILE=16, R_GATHER=16), 4),
-    # summaries in channel groups of 8 (an mt server's layout)
+                   "logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(LLAMA, G=4, G_S=4, TILE=16, R_GATHER=16, R_LIST=16), 4),
+    # channel-major summaries (an mt server's layout)
     "hsa_logits_grouped": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32",
                            "temp_ptr": "*fp32", "logit_ptr": "*fp32", "stat_ptr": "*fp32"},
-                           dict(LLAMA, GW=8, G=4, G_S=4, TILE=16, R_GATHER=16), 4),
+                           dict(LLAMA, GW=1, G=4, G_S=4, TILE=16, R_GATHER=16, R_LIST=32), 4),
     "hsa_topk": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=4, G_P=4, CHUNK=4096), 16),
     "hsa_topk_group8": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=8, G_P=8, CHUNK=1024), 16),
     # a one-page block table (page = block): chunks of one page

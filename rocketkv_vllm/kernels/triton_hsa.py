@@ -68,7 +68,7 @@ def _hsa_prep_kernel(
     q_ptr, r_ptr, qm_ptr, temp_ptr, chan_ptr,
     s_qb, s_qh,
     G, D,
-    G_P: tl.constexpr, BLOCK_D: tl.constexpr, R_GATHER: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr, R_LIST: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -101,8 +101,8 @@ def _hsa_prep_kernel(
     out = (b * nh + h) * G_P
     tl.store(qm_ptr + (out + g)[:, None] * BLOCK_D + d[None, :], qm)
     tl.store(temp_ptr + out + g, temp)
-    # the chosen channels as a list (by rank), for the logits kernel's gather path
-    tl.store(chan_ptr + (b * nh + h) * R_GATHER + rank, d, mask=chan & (rank < R_GATHER))
+    # the chosen channels as a list (by rank), for the logits kernel's gather paths
+    tl.store(chan_ptr + (b * nh + h) * R_LIST + rank, d, mask=chan & (rank < R_LIST))
 
 
 @triton.jit
@@ -159,6 +159,23 @@ def _tile_logits(
 
 
 @triton.jit
+def _gathered_logits(
+    kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, chan_ptr, r, D,
+    s, ns, n, nk, tail, seq, keep, gap, h, bh, s_cb, s_ch, s_cr, NPV,
+    G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
+    G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr,
+    R: tl.constexpr, R_LIST: tl.constexpr,
+):
+    """_tile_logits on the r (<= R) chosen channels of the prep kernel's list (R_LIST wide)."""
+    j = tl.arange(0, R)
+    jm = j < r
+    cols = tl.load(chan_ptr + bh * R_LIST + j, mask=jm, other=0)
+    cols = tl.minimum(tl.maximum(cols, 0), D - 1)  # never outside the row, whatever the query
+    return _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap,
+                        h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW, TILE)
+
+
+@triton.jit
 def _hsa_logits_kernel(
     kv_ptr, bt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr, r_ptr, chan_ptr, qm_ptr, temp_ptr,
     logit_ptr, stat_ptr,
@@ -166,7 +183,7 @@ def _hsa_logits_kernel(
     D, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
     G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr,
-    R_GATHER: tl.constexpr,
+    R_GATHER: tl.constexpr, R_LIST: tl.constexpr,
 ):
     # Page bounds are dot products of one query row with TILE summary rows: computed as
     # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
@@ -187,17 +204,21 @@ def _hsa_logits_kernel(
         r = tl.load(r_ptr + b)
         if r <= R_GATHER:
             # few channels (r <= D / 8): read just those. With grouped summaries only their
-            # groups are read (8 channels of a block's pages are 128 contiguous bytes at bf16,
-            # where a row-major page row would be read almost whole), and the products shrink
-            # D / r times, so tiles of 4x the pages fit the same registers and keep more loads
-            # in flight (H100, 128K, B=8, grouped: 32-page tiles 0.400 ms, 64-page 0.326).
-            GATHER_TILE: tl.constexpr = 4 * TILE
-            j = tl.arange(0, R_GATHER)
-            jm = j < r
-            cols = tl.load(chan_ptr + bh * R_GATHER + j, mask=jm, other=0)
-            cols = tl.minimum(tl.maximum(cols, 0), D - 1)  # never outside the row, whatever the query
-            m, ssum = _tile_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, cols, jm, s, ns, n, nk, tail, seq, keep, gap,
-                                   h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW, GATHER_TILE)
+            # groups are read (one channel of a block's pages is 16 contiguous bytes at bf16
+            # in groups of 1, where a row-major page row would be read almost whole), and the
+            # products shrink D / r times, so tiles of 4x the pages fit the same registers and
+            # keep more loads in flight (H100, 128K, B=8, groups of 8: 32-page tiles 0.400 ms,
+            # 64-page 0.326).
+            m, ssum = _gathered_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, chan_ptr, r, D, s, ns, n, nk, tail, seq,
+                                       keep, gap, h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW,
+                                       4 * TILE, R_GATHER, R_LIST)
+        elif r <= R_LIST:
+            # up to D / 4 channels over grouped summaries, whose whole-row reads are slow (a
+            # warp's load spans D / GW groups): H100, 32K, B=8, r=32, groups of 1: 0.250 ms as
+            # whole rows, 0.145 gathered
+            m, ssum = _gathered_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, chan_ptr, r, D, s, ns, n, nk, tail, seq,
+                                       keep, gap, h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW,
+                                       2 * TILE, R_LIST, R_LIST)
         else:
             # every channel: at larger r most groups hold a chosen channel anyway, and a
             # per-channel mask would turn each GW-wide vector load into scalar loads.
@@ -434,10 +455,12 @@ def topk_chunk(group: int) -> int:
     return PAGE_CHUNK if g <= 4 else PAGE_CHUNK * 2 // g
 
 
-def gather_channels(head_dim: int) -> int:
-    """Requests choosing at most this many channels (a power of two near head_dim / 8)
-    have the logits kernel read just those channels of each summary row."""
-    return np2(max(1, head_dim // 8) + 1) // 2
+def gather_channels(head_dim: int, grouped: bool = False) -> int:
+    """Requests choosing at most this many channels have the logits kernel read just those
+    channels of each page summary: a power of two near head_dim / 8, twice that over
+    grouped summaries (kv_layout), whose whole-row reads are the slower ones."""
+    few = np2(max(1, head_dim // 8) + 1) // 2
+    return 2 * few if grouped else few
 
 
 def _launch(
@@ -466,8 +489,9 @@ def _launch(
     num_tiles = triton.cdiv(num_pages, tile)
     # requests are scored in groups whose logits, keys and top-k candidates (key, page) fit
     # the scratch budget
-    r_gather = gather_channels(head_dim)
-    per_row = hkv * (num_pages * (group + 3) + g_p * (block_d + 1) + r_gather)
+    gw = layout.summary_channels(head_dim)
+    r_gather, r_list = gather_channels(head_dim), gather_channels(head_dim, grouped=gw < head_dim)
+    per_row = hkv * (num_pages * (group + 3) + g_p * (block_d + 1) + r_list)
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
         splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
@@ -482,7 +506,7 @@ def _launch(
     count = torch.empty(batch, hkv, dtype=torch.int32, device=device)
     qm = torch.empty(rows, hkv, g_p, block_d, dtype=torch.float32, device=device)
     temp = torch.empty(rows, hkv, g_p, dtype=torch.float32, device=device)
-    chan = torch.empty(rows, hkv, r_gather, dtype=torch.int32, device=device)
+    chan = torch.empty(rows, hkv, r_list, dtype=torch.int32, device=device)
     logits = torch.empty(rows, hkv, group, num_pages, dtype=torch.float32, device=device)
     stats = torch.empty(rows, hkv, splits, 2, np2(group), dtype=torch.float32, device=device)
     keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
@@ -491,15 +515,14 @@ def _launch(
         n = part.stop - r0
         _hsa_prep_kernel[(n, hkv)](
             query[part], r[part], qm, temp, chan, query.stride(0), query.stride(1), group, head_dim,
-            G_P=g_p, BLOCK_D=block_d, R_GATHER=r_gather, num_warps=4,
+            G_P=g_p, BLOCK_D=block_d, R_LIST=r_list, num_warps=4,
         )
         _hsa_logits_kernel[(n, hkv, splits)](
             kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits, stats,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
             G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d,
-            GW=layout.summary_channels(head_dim), TILE=tile,
-            R_GATHER=r_gather,
+            GW=gw, TILE=tile, R_GATHER=r_gather, R_LIST=r_list,
             num_warps=4,
         )
         top_pages_from_logits(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys)
