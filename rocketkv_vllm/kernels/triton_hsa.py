@@ -1,7 +1,8 @@
 """HSA page selection in fixed-grid Triton kernels (CUDA-graph capturable).
 
 1. prep    (B, Hkv):    top-r channel mask of the group's mean |q| (and list), masked
-                        queries, SparQ temperature per query head;
+                        queries, SparQ temperature per query head; resets the top-k's
+                        arrival ticket (saves a memset launch);
 2. logits  (B, Hkv, S): approximate page logits on the chosen channels from the page
                         max/min summaries (whole rows, or only the chosen channels when
                         they are few), per tile of live pages, and each program's softmax
@@ -65,7 +66,7 @@ RADIX_BITS_MEMORY = 8
 
 @triton.jit
 def _hsa_prep_kernel(
-    q_ptr, r_ptr, qm_ptr, temp_ptr, chan_ptr,
+    q_ptr, r_ptr, qm_ptr, temp_ptr, chan_ptr, ticket_ptr,
     s_qb, s_qh,
     G, D,
     G_P: tl.constexpr, BLOCK_D: tl.constexpr, R_LIST: tl.constexpr,
@@ -103,6 +104,7 @@ def _hsa_prep_kernel(
     tl.store(temp_ptr + out + g, temp)
     # the chosen channels as a list (by rank), for the logits kernel's gather paths
     tl.store(chan_ptr + (b * nh + h) * R_LIST + rank, d, mask=chan & (rank < R_LIST))
+    tl.store(ticket_ptr + b * nh + h, 0)
 
 
 @triton.jit
@@ -272,10 +274,10 @@ def _digit_hist(src, n, threshold, SHIFT: tl.constexpr, TOP: tl.constexpr, CHUNK
 def _radix_refine(src, n, top_hist, k, CHUNK: tl.constexpr, IN_REGS: tl.constexpr, W: tl.constexpr):
     """The k-th largest of n non-negative int32 keys (-1 = absent; k <= present keys, and
     k <= 0 selects none), given the histogram of their top digit (bits [24, 31)):
-    (threshold, shift, take_equal) such that the top k are the keys with
-    key >> shift > threshold >> shift plus the first take_equal with key >> shift equal.
-    Further digits of W bits (W divides 24), stopping as soon as the k-th key's bucket is
-    taken whole."""
+    (threshold, shift, take_equal, whole) such that the top k are the keys with
+    key >> shift > threshold >> shift plus the first take_equal with key >> shift equal,
+    which are all of them when whole. Further digits of W bits (W divides 24), stopping as
+    soon as the k-th key's bucket is taken whole."""
     threshold, remaining, in_bucket = _pick_digit(top_hist, tl.zeros([], tl.int32), k, 24)
     shift = tl.zeros([], tl.int32) + 24
     for i in tl.static_range(24 // W):
@@ -283,7 +285,7 @@ def _radix_refine(src, n, top_hist, k, CHUNK: tl.constexpr, IN_REGS: tl.constexp
             hist = _digit_hist(src, n, threshold, 24 - W * (i + 1), 24 - W * i, CHUNK, IN_REGS)
             threshold, remaining, in_bucket = _pick_digit(hist, threshold, remaining, 24 - W * (i + 1))
             shift = tl.zeros([], tl.int32) + (24 - W * (i + 1))
-    return threshold, shift, remaining
+    return threshold, shift, remaining, in_bucket == remaining
 
 
 @triton.jit
@@ -333,23 +335,36 @@ def _page_keys(lg, m, inv, live):
 
 
 @triton.jit
-def _write_chosen(dst, values, chosen, written):
-    """Append the chosen values of one chunk (in page order: logical pages, or candidate
-    keys) at dst[written:]; returns the new count."""
+def _chosen_slots(chosen, written):
+    """Where the chosen elements of one chunk go when appended in order after `written`
+    ones, and the new count."""
     ci = chosen.to(tl.int32)
-    slot = written + tl.cumsum(ci, 0) - ci
-    tl.store(dst + slot, values, mask=chosen)
-    return written + tl.sum(ci)
+    return written + tl.cumsum(ci, 0) - ci, written + tl.sum(ci)
 
 
 @triton.jit
-def _chosen_by_key(key, vm, threshold, shift, take_equal, equal_seen):
-    """Pages whose key prefix is above the threshold's, and the first take_equal equal ones."""
+def _write_chosen(dst, values, chosen, written):
+    """Append the chosen values of one chunk (in page order) at dst[written:]; returns the
+    new count."""
+    slot, written = _chosen_slots(chosen, written)
+    tl.store(dst + slot, values, mask=chosen)
+    return written
+
+
+@triton.jit
+def _chosen_by_key(key, vm, threshold, shift, take_equal, whole, equal_seen):
+    """Pages whose key prefix is above the threshold's, and the first take_equal equal ones
+    (all of them when whole: no ranks needed)."""
     prefix = key >> shift
     eq = vm & (prefix == (threshold >> shift))
-    eq_rank = equal_seen + tl.cumsum(eq.to(tl.int32), 0) - eq.to(tl.int32)
-    chosen = vm & ((prefix > (threshold >> shift)) | (eq & (eq_rank < take_equal)))
-    return chosen, equal_seen + tl.sum(eq.to(tl.int32))
+    above = prefix > (threshold >> shift)
+    if whole:
+        chosen = vm & (above | eq)
+    else:
+        eq_rank = equal_seen + tl.cumsum(eq.to(tl.int32), 0) - eq.to(tl.int32)
+        chosen = vm & (above | (eq & (eq_rank < take_equal)))
+        equal_seen += tl.sum(eq.to(tl.int32))
+    return chosen, equal_seen
 
 
 @triton.jit
@@ -359,8 +374,8 @@ def _top_in_registers(key, vm, k, CHUNK: tl.constexpr, W: tl.constexpr):
     top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
     chosen = key >= 0
     if k < tl.sum(top_hist):
-        threshold, shift, take_equal = _radix_refine(key, CHUNK, top_hist, k, CHUNK, True, W)
-        chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, tl.zeros([], tl.int32))
+        threshold, shift, take_equal, whole = _radix_refine(key, CHUNK, top_hist, k, CHUNK, True, W)
+        chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, whole, tl.zeros([], tl.int32))
     return chosen
 
 
@@ -414,8 +429,9 @@ def _hsa_topk_kernel(
             per = tl.minimum(k, CHUNK)
             cands = bh * tl.cdiv(NPV, CHUNK) * CHUNK
             mine = cands + part * per
-            _write_chosen(cand_page_ptr + mine, pages, chosen, tl.zeros([], tl.int32))
-            taken = _write_chosen(cand_key_ptr + mine, key, chosen, tl.zeros([], tl.int32))
+            slot, taken = _chosen_slots(chosen, tl.zeros([], tl.int32))
+            tl.store(cand_page_ptr + mine + slot, pages, mask=chosen)
+            tl.store(cand_key_ptr + mine + slot, key, mask=chosen)
             tl.store(cand_key_ptr + mine + c, tl.full([CHUNK], -1, tl.int32), mask=(c >= taken) & (c < per))
             tl.debug_barrier()  # every thread's candidates are stored before the ticket is taken
             if tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel") == parts - 1:
@@ -435,14 +451,16 @@ def _hsa_topk_kernel(
                     threshold = tl.zeros([], tl.int32)  # with k >= the live candidates: every one
                     shift = tl.zeros([], tl.int32)
                     take_equal = tl.zeros([], tl.int32) + total
+                    whole = tl.full([], True, tl.int1)
                     if k < tl.sum(top_hist):
-                        threshold, shift, take_equal = _radix_refine(ck, total, top_hist, k, CHUNK, False, W_MEMORY)
+                        threshold, shift, take_equal, whole = _radix_refine(ck, total, top_hist, k, CHUNK, False, W_MEMORY)
                     equal_seen = tl.zeros([], tl.int32)
                     written = tl.zeros([], tl.int32)
                     for v0 in range(0, total, CHUNK):
                         cm = v0 + c < total
                         key = tl.load(ck + v0 + c, mask=cm, other=-1, cache_modifier=".cg")
-                        chosen, equal_seen = _chosen_by_key(key, cm & (key >= 0), threshold, shift, take_equal, equal_seen)
+                        chosen, equal_seen = _chosen_by_key(key, cm & (key >= 0), threshold, shift, take_equal, whole,
+                                                            equal_seen)
                         written = _write_chosen(idx, tl.load(cp + v0 + c, mask=cm, other=0, cache_modifier=".cg"),
                                                 chosen, written)
                 tl.store(cnt_ptr + bh, written)
@@ -510,11 +528,12 @@ def _launch(
     logits = torch.empty(rows, hkv, group, num_pages, dtype=torch.float32, device=device)
     stats = torch.empty(rows, hkv, splits, 2, np2(group), dtype=torch.float32, device=device)
     keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
+    ticket = torch.empty(rows, hkv, dtype=torch.int32, device=device)
     for r0 in range(0, batch, rows):
         part = slice(r0, min(batch, r0 + rows))
         n = part.stop - r0
         _hsa_prep_kernel[(n, hkv)](
-            query[part], r[part], qm, temp, chan, query.stride(0), query.stride(1), group, head_dim,
+            query[part], r[part], qm, temp, chan, ticket, query.stride(0), query.stride(1), group, head_dim,
             G_P=g_p, BLOCK_D=block_d, R_LIST=r_list, num_warps=4,
         )
         _hsa_logits_kernel[(n, hkv, splits)](
@@ -525,7 +544,8 @@ def _launch(
             GW=gw, TILE=tile, R_GATHER=r_gather, R_LIST=r_list,
             num_warps=4,
         )
-        top_pages_from_logits(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys)
+        top_pages_from_logits(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys,
+                              ticket)
     return PageSelection(index, count), keys if keep_keys else None
 
 
@@ -540,19 +560,22 @@ def top_pages_from_logits(
     index: torch.Tensor,
     count: torch.Tensor,
     keys: torch.Tensor,
+    ticket: torch.Tensor | None = None,
 ) -> None:
     """The top-k kernel alone (also what benchmarks/bench_topk.py times): from the page
     logits [>= B, Hkv, G, P] of B requests and their softmax statistics in parts
     [>= B, Hkv, parts, 2, np2(G)] (each part's max and sum of exp per query head; the logits
     kernel writes one part per program), their chosen pages into index [B, Hkv, P] and
-    count [B, Hkv]; keys [>= B, Hkv, P] is scratch (the page scores, as int32 keys)."""
+    count [B, Hkv]; keys [>= B, Hkv, P] is scratch (the page scores, as int32 keys), ticket
+    [>= B, Hkv] zeros (the chunks' arrival counters; made here when not given)."""
     batch, hkv = index.shape[:2]
     group, num_pages = logits.shape[2:]
     chunk = min(topk_chunk(group), np2(num_pages))
     parts = triton.cdiv(num_pages, chunk)
     cand_key = torch.empty(batch, hkv, parts * chunk, dtype=torch.int32, device=logits.device)
     cand_page = torch.empty_like(cand_key)
-    ticket = torch.zeros(batch, hkv, dtype=torch.int32, device=logits.device)
+    if ticket is None:
+        ticket = torch.zeros(batch, hkv, dtype=torch.int32, device=logits.device)
     _hsa_topk_kernel[(batch, hkv, parts)](
         seq, keep, gap_end, top_pages, logits, stats, keys, cand_key, cand_page, ticket, index, count, num_pages,
         stats.shape[2],
