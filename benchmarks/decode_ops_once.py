@@ -28,10 +28,10 @@ def run(name: str, fn) -> None:
 
 def write_kv_paths() -> None:
     """16-byte and one-channel-a-thread accesses (misaligned rows), head_dim 128/72/40, each
-    dtype, row-major and grouped summaries (groups of 4: a thread's 16 bytes span two); a
+    dtype, row-major and grouped summaries (groups of 4 or 1, narrower than a 16-byte vector: one channel a thread); a
     50-token run from mid-page (summaries widened, then restarted), then one token."""
     slots = torch.arange(3, 54, device="cuda")
-    for group in (0, FEW_CHANNEL_GROUP, 4):
+    for group in (0, 8, 4, 1):
         layout = KVLayout(BLOCK, 4, group)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for d, misaligned in ((128, False), (72, False), (128, True), (40, True)):
@@ -60,12 +60,13 @@ def main(batch: int, context: int) -> None:
     if cuda_ops.available():
         run("write_kv[cuda]", lambda: cuda_ops.write_kv(kv, layout, new, new, slots))
         write_kv_paths()
-    for mode in ("rocketkv", "mt", "mt, grouped summaries, 8 channels"):
+    # mt on its server's layout: few channels (the narrow gather tier) and up to head_dim / 4 (the wide one)
+    for mode in ("rocketkv", "mt", "mt, grouped summaries, 8 channels", "mt, grouped summaries, 32 channels"):
         if mode != "rocketkv":
             keep.fill_(context)
         if mode.startswith("mt, grouped"):
             layout = KVLayout(BLOCK, 4, FEW_CHANNEL_GROUP)
-            channels.fill_(8)
+            channels.fill_(int(mode.split()[-2]))
         selection = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, channels, pages)
         run(f"hsa_select_pages[{mode}]", lambda: None)
         run(f"paged_sparse_attention[{mode}]", lambda: T.paged_sparse_attention(

@@ -46,7 +46,8 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // VEC channels a thread: 16-byte accesses (VEC * sizeof(scalar_t) == 16) when every row is
-// 16-byte aligned, else one channel a thread (VEC == 1).
+// 16-byte aligned and the summary groups hold whole vectors, else one channel a thread
+// (VEC == 1). Either way a thread's channels lie together in one summary group.
 template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
@@ -105,27 +106,25 @@ __global__ void write_kv_kernel(scalar_t* __restrict__ kv, const scalar_t* __res
   scalar_t* region = base + 2 * block_size * s_cr;
   const int64_t jp = page % pages_per_block;
   const int64_t min_at = static_cast<int64_t>(pages_per_block) * gw;
-  if (gw % VEC == 0) {  // the thread's channels lie together in one group: vector accesses
-    P* pmax = reinterpret_cast<P*>(region + (d0 / gw) * 2 * min_at + jp * gw + d0 % gw);
-    P* pmin = reinterpret_cast<P*>(reinterpret_cast<scalar_t*>(pmax) + min_at);
-    P old_max = *pmax, old_min = *pmin, new_max, new_min;
+  P* pmax = reinterpret_cast<P*>(region + (d0 / gw) * 2 * min_at + jp * gw + d0 % gw);
+  P* pmin = reinterpret_cast<P*>(reinterpret_cast<scalar_t*>(pmax) + min_at);
+  P new_max, new_min;
+  if (restart) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      new_max.v[i] = from_float<scalar_t>(restart ? mx[i] : fmaxf(to_float(old_max.v[i]), mx[i]));
-      new_min.v[i] = from_float<scalar_t>(restart ? mn[i] : fminf(to_float(old_min.v[i]), mn[i]));
+      new_max.v[i] = from_float<scalar_t>(mx[i]);
+      new_min.v[i] = from_float<scalar_t>(mn[i]);
     }
-    *pmax = new_max;
-    *pmin = new_min;
-    return;
-  }
+  } else {
+    const P old_max = *pmax, old_min = *pmin;
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    const int c = d0 + i;
-    scalar_t* pmax = region + (c / gw) * 2 * min_at + jp * gw + c % gw;
-    scalar_t* pmin = pmax + min_at;
-    *pmax = from_float<scalar_t>(restart ? mx[i] : fmaxf(to_float(*pmax), mx[i]));
-    *pmin = from_float<scalar_t>(restart ? mn[i] : fminf(to_float(*pmin), mn[i]));
+    for (int i = 0; i < VEC; ++i) {
+      new_max.v[i] = from_float<scalar_t>(fmaxf(to_float(old_max.v[i]), mx[i]));
+      new_min.v[i] = from_float<scalar_t>(fminf(to_float(old_min.v[i]), mn[i]));
+    }
   }
+  *pmax = new_max;
+  *pmin = new_min;
 }
 
 template <typename scalar_t, int VEC>
@@ -173,7 +172,11 @@ void launch(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, cons
             int64_t block_size, int64_t page_size, int64_t gw, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t elt = sizeof(scalar_t);
-  if (kv.size(3) % kVec == 0 && aligned16(kv, elt) && aligned16(key, elt) && aligned16(value, elt)) {
+  // groups narrower than a vector (e.g. channel-major summaries, gw = 1) take one channel a
+  // thread: with VEC channels each, a thread's summary accesses would be VEC scattered ones
+  // (H100, 8,192-token prefill, gw = 1: 92 us, against 35 us on rows)
+  if (gw % kVec == 0 && kv.size(3) % kVec == 0 && aligned16(kv, elt) && aligned16(key, elt) &&
+      aligned16(value, elt)) {
     launch_vec<scalar_t, kVec>(kv, key, value, slots, block_size, page_size, gw, stream);
   } else {
     launch_vec<scalar_t, 1>(kv, key, value, slots, block_size, page_size, gw, stream);

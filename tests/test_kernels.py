@@ -720,7 +720,7 @@ def _misaligned(x):
     (16, 4, 40, True),  # one channel a thread, several (token, head) pairs per CUDA block
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("summary_group", [0, 8, 4, 1])  # 4, 1: a thread's 16 bytes span groups
+@pytest.mark.parametrize("summary_group", [0, 8, 4, 1])  # 4, 1: narrower than 16 bytes (one channel a thread)
 def test_cuda_cpp_write_kv(block_size, page_size, d, misaligned, dtype, summary_group):
     from rocketkv_vllm.kernels import cuda_ops
 

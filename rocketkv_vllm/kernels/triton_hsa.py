@@ -216,11 +216,12 @@ def _hsa_logits_kernel(
                                        4 * TILE, R_GATHER, R_LIST)
         elif r <= R_LIST:
             # up to D / 4 channels over grouped summaries, whose whole-row reads are slow (a
-            # warp's load spans D / GW groups): H100, 32K, B=8, r=32, groups of 1: 0.250 ms as
-            # whole rows, 0.145 gathered
+            # warp's load spans D / GW groups): H100, 32K, B=8, r=32, groups of 1: 0.247 ms as
+            # whole rows, 0.175 gathered. Tiles of 2 * TILE pages were faster there (0.145
+            # alone) but took the kernel to 101 registers, 4 programs an SM instead of 5
             m, ssum = _gathered_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, chan_ptr, r, D, s, ns, n, nk, tail, seq,
                                        keep, gap, h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW,
-                                       2 * TILE, R_LIST, R_LIST)
+                                       TILE, R_LIST, R_LIST)
         else:
             # every channel: at larger r most groups hold a chosen channel anyway, and a
             # per-channel mask would turn each GW-wide vector load into scalar loads.
@@ -274,9 +275,9 @@ def _digit_hist(src, n, threshold, SHIFT: tl.constexpr, TOP: tl.constexpr, CHUNK
 def _radix_refine(src, n, top_hist, k, CHUNK: tl.constexpr, IN_REGS: tl.constexpr, W: tl.constexpr):
     """The k-th largest of n non-negative int32 keys (-1 = absent; k <= present keys, and
     k <= 0 selects none), given the histogram of their top digit (bits [24, 31)):
-    (threshold, shift, take_equal, whole) such that the top k are the keys with
-    key >> shift > threshold >> shift plus the first take_equal with key >> shift equal,
-    which are all of them when whole. Further digits of W bits (W divides 24), stopping as
+    (threshold, shift, take_equal) such that the top k are the keys with
+    key >> shift > threshold >> shift plus the first take_equal with key >> shift equal.
+    Further digits of W bits (W divides 24), stopping as
     soon as the k-th key's bucket is taken whole."""
     threshold, remaining, in_bucket = _pick_digit(top_hist, tl.zeros([], tl.int32), k, 24)
     shift = tl.zeros([], tl.int32) + 24
@@ -285,7 +286,7 @@ def _radix_refine(src, n, top_hist, k, CHUNK: tl.constexpr, IN_REGS: tl.constexp
             hist = _digit_hist(src, n, threshold, 24 - W * (i + 1), 24 - W * i, CHUNK, IN_REGS)
             threshold, remaining, in_bucket = _pick_digit(hist, threshold, remaining, 24 - W * (i + 1))
             shift = tl.zeros([], tl.int32) + (24 - W * (i + 1))
-    return threshold, shift, remaining, in_bucket == remaining
+    return threshold, shift, remaining
 
 
 @triton.jit
@@ -352,19 +353,14 @@ def _write_chosen(dst, values, chosen, written):
 
 
 @triton.jit
-def _chosen_by_key(key, vm, threshold, shift, take_equal, whole, equal_seen):
-    """Pages whose key prefix is above the threshold's, and the first take_equal equal ones
-    (all of them when whole: no ranks needed)."""
+def _chosen_by_key(key, vm, threshold, shift, take_equal, equal_seen):
+    """Pages whose key prefix is above the threshold's, and the first take_equal equal ones.
+    (Skipping the ranks when the bucket is taken whole, a branch, cost 15 us at 128K, B=8.)"""
     prefix = key >> shift
     eq = vm & (prefix == (threshold >> shift))
-    above = prefix > (threshold >> shift)
-    if whole:
-        chosen = vm & (above | eq)
-    else:
-        eq_rank = equal_seen + tl.cumsum(eq.to(tl.int32), 0) - eq.to(tl.int32)
-        chosen = vm & (above | (eq & (eq_rank < take_equal)))
-        equal_seen += tl.sum(eq.to(tl.int32))
-    return chosen, equal_seen
+    eq_rank = equal_seen + tl.cumsum(eq.to(tl.int32), 0) - eq.to(tl.int32)
+    chosen = vm & ((prefix > (threshold >> shift)) | (eq & (eq_rank < take_equal)))
+    return chosen, equal_seen + tl.sum(eq.to(tl.int32))
 
 
 @triton.jit
@@ -374,8 +370,8 @@ def _top_in_registers(key, vm, k, CHUNK: tl.constexpr, W: tl.constexpr):
     top_hist = tl.histogram(key >> 24, 128, mask=key >= 0)
     chosen = key >= 0
     if k < tl.sum(top_hist):
-        threshold, shift, take_equal, whole = _radix_refine(key, CHUNK, top_hist, k, CHUNK, True, W)
-        chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, whole, tl.zeros([], tl.int32))
+        threshold, shift, take_equal = _radix_refine(key, CHUNK, top_hist, k, CHUNK, True, W)
+        chosen, _ = _chosen_by_key(key, vm, threshold, shift, take_equal, tl.zeros([], tl.int32))
     return chosen
 
 
@@ -451,16 +447,14 @@ def _hsa_topk_kernel(
                     threshold = tl.zeros([], tl.int32)  # with k >= the live candidates: every one
                     shift = tl.zeros([], tl.int32)
                     take_equal = tl.zeros([], tl.int32) + total
-                    whole = tl.full([], True, tl.int1)
                     if k < tl.sum(top_hist):
-                        threshold, shift, take_equal, whole = _radix_refine(ck, total, top_hist, k, CHUNK, False, W_MEMORY)
+                        threshold, shift, take_equal = _radix_refine(ck, total, top_hist, k, CHUNK, False, W_MEMORY)
                     equal_seen = tl.zeros([], tl.int32)
                     written = tl.zeros([], tl.int32)
                     for v0 in range(0, total, CHUNK):
                         cm = v0 + c < total
                         key = tl.load(ck + v0 + c, mask=cm, other=-1, cache_modifier=".cg")
-                        chosen, equal_seen = _chosen_by_key(key, cm & (key >= 0), threshold, shift, take_equal, whole,
-                                                            equal_seen)
+                        chosen, equal_seen = _chosen_by_key(key, cm & (key >= 0), threshold, shift, take_equal, equal_seen)
                         written = _write_chosen(idx, tl.load(cp + v0 + c, mask=cm, other=0, cache_modifier=".cg"),
                                                 chosen, written)
                 tl.store(cnt_ptr + bh, written)
