@@ -655,6 +655,24 @@ def test_get_ops_dispatch(monkeypatch):
         assert all(callable(getattr(interp, n)) for n in names)
 
 
+def test_cuda_write_kv_hands_narrow_summary_groups_to_triton(monkeypatch):
+    """With the CUDA extension, write_kv runs the CUDA C++ kernel unless the summary groups
+    are narrower than a 16-byte vector (there the Triton kernel measured faster)."""
+    from rocketkv_vllm import kernels
+    from rocketkv_vllm.kernels import cuda_ops, triton_ops
+
+    calls = []
+    monkeypatch.setattr(cuda_ops, "write_kv", lambda *args: calls.append("cuda"))
+    monkeypatch.setattr(triton_ops, "write_kv", lambda *args: calls.append("triton"))
+    cases = [(0, torch.bfloat16, "cuda"), (8, torch.bfloat16, "cuda"), (4, torch.bfloat16, "triton"),
+             (1, torch.bfloat16, "triton"), (4, torch.float32, "cuda"), (1, torch.float32, "triton")]
+    for group, dtype, _ in cases:
+        layout = KVLayout(16, 4, group)
+        kv = torch.empty(layout.cache_shape(1, 1, 64), dtype=dtype)
+        kernels._cuda_write_kv_where_it_wins(kv, layout, kv, kv, kv)
+    assert calls == [expected for _, _, expected in cases]
+
+
 # ---------------------------------------------------------------------------------------
 # GPU only
 # ---------------------------------------------------------------------------------------
