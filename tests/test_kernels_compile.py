@@ -22,14 +22,23 @@ LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4, GW=128)  # GW: row-major s
 # query heads takes 1024-page chunks)
 TOPK_128K = dict(PS=4, W_REGS=triton_hsa.RADIX_BITS_REGISTERS, W_MEMORY=triton_hsa.RADIX_BITS_MEMORY,
                  NS_P=256)  # softmax statistics from 132 logits programs (B=1 on an H100)
+LOGITS_TYPES = {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32", "logit_ptr": "*fp32",
+                "stat_ptr": "*fp32"}
+
+
+def tiers(head_dim, grouped):
+    (r0, t0), (r1, t1), (r2, t2) = triton_hsa.gather_tiers(head_dim, grouped)
+    return dict(TILE=triton_hsa.LOGIT_TILE, R0=r0, T0=t0, R1=r1, T1=t1, R2=r2, T2=t2)
+
+
 KERNELS = {
     "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, R_LIST=32), 4),
-    "hsa_logits": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32",
-                   "logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(LLAMA, G=4, G_S=4, TILE=16, R_GATHER=16, R_LIST=16), 4),
+    "hsa_logits": (triton_hsa._hsa_logits_kernel, LOGITS_TYPES, dict(LLAMA, G=4, G_S=4, **tiers(128, False)), 4),
     # channel-major summaries (an mt server's layout)
-    "hsa_logits_grouped": (triton_hsa._hsa_logits_kernel, {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32",
-                           "temp_ptr": "*fp32", "logit_ptr": "*fp32", "stat_ptr": "*fp32"},
-                           dict(LLAMA, GW=1, G=4, G_S=4, TILE=16, R_GATHER=16, R_LIST=32), 4),
+    "hsa_logits_grouped": (triton_hsa._hsa_logits_kernel, LOGITS_TYPES, dict(LLAMA, GW=1, G=4, G_S=4, **tiers(128, True)), 4),
+    # groups of 8 query heads, and head_dim 64, under the same register cap
+    "hsa_logits_group8": (triton_hsa._hsa_logits_kernel, LOGITS_TYPES, dict(LLAMA, GW=1, G=8, G_S=8, G_P=8, **tiers(128, True)), 4),
+    "hsa_logits_d64": (triton_hsa._hsa_logits_kernel, LOGITS_TYPES, dict(LLAMA, BLOCK_D=64, G=4, G_S=4, **tiers(64, False)), 4),
     "hsa_topk": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=4, G_P=4, CHUNK=4096), 16),
     "hsa_topk_group8": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"}, dict(TOPK_128K, G=8, G_P=8, CHUNK=1024), 16),
     # a one-page block table (page = block): chunks of one page
@@ -64,7 +73,10 @@ for name, (fn, types, constexprs, warps) in KERNELS.items():
             signature[arg] = types.get(arg, "*i32" if arg.endswith("_ptr") else "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
              if arg not in constexprs and (arg.endswith("_ptr") or arg in DIVISIBLE_BY_16)}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    options = {"num_warps": warps}
+    if fn is triton_hsa._hsa_logits_kernel:  # launched under a register cap
+        options["maxnreg"] = triton_hsa.LOGIT_MAX_REGISTERS
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True).stderr
@@ -89,7 +101,7 @@ def ptxas_reports():
 
 
 @pytest.mark.parametrize("kernel", [
-    "hsa_prep", "hsa_logits", "hsa_logits_grouped", "hsa_topk", "hsa_topk_group8", "sparse_attn_split", "sparse_attn_reduce", "write_kv",
+    "hsa_prep", "hsa_logits", "hsa_logits_grouped", "hsa_logits_group8", "hsa_logits_d64", "hsa_topk", "hsa_topk_group8", "sparse_attn_split", "sparse_attn_reduce", "write_kv",
     "snapkv_window_stats", "snapkv_window_accum", "compact_gather", "compact_scatter",
 ])
 def test_kernel_compiles_for_sm90_without_spills(ptxas_reports, kernel):

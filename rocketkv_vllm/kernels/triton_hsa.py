@@ -57,6 +57,7 @@ SCRATCH_ELEMENTS = 1 << 26
 # logits programs per SM (several resident waves of 4-warp programs: measured best on the H100)
 LOGIT_PROGRAMS_PER_SM = 8
 LOGIT_TILE = 16  # pages per step of a logits program
+LOGIT_MAX_REGISTERS = 96  # 5 resident 4-warp programs an SM
 # radix digits after the 7-bit top one. A histogram pass over keys in registers costs about
 # its bins (16 bins ~0.5 us, 256 ~2.5 us on the H100), so 4-bit digits win there; over keys in
 # memory each pass also reads them back, so 8-bit digits (fewer passes) win.
@@ -185,7 +186,7 @@ def _hsa_logits_kernel(
     D, NPV,
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
     G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr,
-    R_GATHER: tl.constexpr, R_LIST: tl.constexpr,
+    R0: tl.constexpr, T0: tl.constexpr, R1: tl.constexpr, T1: tl.constexpr, R2: tl.constexpr, T2: tl.constexpr,
 ):
     # Page bounds are dot products of one query row with TILE summary rows: computed as
     # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
@@ -204,24 +205,22 @@ def _hsa_logits_kernel(
         bh = b * nh + h
         bt = bt_ptr + b * s_bt
         r = tl.load(r_ptr + b)
-        if r <= R_GATHER:
-            # few channels (r <= D / 8): read just those. With grouped summaries only their
-            # groups are read (one channel of a block's pages is 16 contiguous bytes at bf16
-            # in groups of 1, where a row-major page row would be read almost whole), and the
-            # products shrink D / r times, so tiles of 4x the pages fit the same registers and
-            # keep more loads in flight (H100, 128K, B=8, groups of 8: 32-page tiles 0.400 ms,
-            # 64-page 0.326).
+        # few channels: read just those (gather_tiers), with grouped summaries only their
+        # groups (one channel of a block's pages is 16 contiguous bytes at bf16 in groups of
+        # 1, where a row-major page row would be read almost whole). Fewer channels take
+        # tiles of more pages in the same registers, so more loads are in flight.
+        if r <= R0:
             m, ssum = _gathered_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, chan_ptr, r, D, s, ns, n, nk, tail, seq,
                                        keep, gap, h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW,
-                                       4 * TILE, R_GATHER, R_LIST)
-        elif r <= R_LIST:
-            # up to D / 4 channels over grouped summaries, whose whole-row reads are slow (a
-            # warp's load spans D / GW groups): H100, 32K, B=8, r=32, groups of 1: 0.247 ms as
-            # whole rows, 0.175 gathered. Tiles of 2 * TILE pages were faster there (0.145
-            # alone) but took the kernel to 101 registers, 4 programs an SM instead of 5
+                                       T0, R0, R2)
+        elif r <= R1:
             m, ssum = _gathered_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, chan_ptr, r, D, s, ns, n, nk, tail, seq,
                                        keep, gap, h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW,
-                                       TILE, R_LIST, R_LIST)
+                                       T1, R1, R2)
+        elif r <= R2:
+            m, ssum = _gathered_logits(kv_ptr, qm_ptr, temp_ptr, logit_ptr, bt, chan_ptr, r, D, s, ns, n, nk, tail, seq,
+                                       keep, gap, h, bh, s_cb, s_ch, s_cr, NPV, G, BS, PS, PPB, G_P, G_S, BLOCK_D, GW,
+                                       T2, R2, R2)
         else:
             # every channel: at larger r most groups hold a chosen channel anyway, and a
             # per-channel mask would turn each GW-wide vector load into scalar loads.
@@ -467,12 +466,24 @@ def topk_chunk(group: int) -> int:
     return PAGE_CHUNK if g <= 4 else PAGE_CHUNK * 2 // g
 
 
+def gather_tiers(head_dim: int, grouped: bool) -> tuple[tuple[int, int], ...]:
+    """The logits kernel's few-channel paths, tried in order: (at most this many chosen
+    channels, pages a tile); a request choosing more reads whole summary rows. Over row-major
+    summaries one path, up to ~head_dim / 8 channels in tiles of 4 LOGIT_TILEs (repeated to
+    fill the three slots). Over grouped summaries, where whole rows read slowest and few
+    channels cheapest, three: ~head_dim / 16, / 8, / 4 channels in tiles of 8, 4, 1
+    LOGIT_TILEs (the same registers). H100, 128K, B=8, groups of 1, r=8: 64-page tiles
+    0.273 ms, 128-page 0.229; 32K, r=32: whole rows 0.247, gathered 0.174."""
+    few = np2(max(1, head_dim // 8) + 1) // 2
+    if not grouped:
+        return ((few, 4 * LOGIT_TILE),) * 3
+    return (max(1, few // 2), 8 * LOGIT_TILE), (few, 4 * LOGIT_TILE), (2 * few, LOGIT_TILE)
+
+
 def gather_channels(head_dim: int, grouped: bool = False) -> int:
     """Requests choosing at most this many channels have the logits kernel read just those
-    channels of each page summary: a power of two near head_dim / 8, twice that over
-    grouped summaries (kv_layout), whose whole-row reads are the slower ones."""
-    few = np2(max(1, head_dim // 8) + 1) // 2
-    return 2 * few if grouped else few
+    channels of each page summary (gather_tiers)."""
+    return gather_tiers(head_dim, grouped)[-1][0]
 
 
 def _launch(
@@ -502,7 +513,7 @@ def _launch(
     # requests are scored in groups whose logits, keys and top-k candidates (key, page) fit
     # the scratch budget
     gw = layout.summary_channels(head_dim)
-    r_gather, r_list = gather_channels(head_dim), gather_channels(head_dim, grouped=gw < head_dim)
+    (r0, t0), (r1, t1), (r_list, t2) = gather_tiers(head_dim, grouped=gw < head_dim)
     per_row = hkv * (num_pages * (group + 3) + g_p * (block_d + 1) + r_list)
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
@@ -535,8 +546,12 @@ def _launch(
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
             G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d,
-            GW=gw, TILE=tile, R_GATHER=r_gather, R_LIST=r_list,
+            GW=gw, TILE=tile, R0=r0, T0=t0, R1=r1, T1=t1, R2=r_list, T2=t2,
             num_warps=4,
+            # the tiers' branches would take it to 99 registers (groups of 1): 4 programs an
+            # SM instead of 5. sm_90 compiles 96 without spills up to head_dim 128 and groups
+            # of 8 query heads (tests/test_kernels_compile.py), not beyond
+            maxnreg=LOGIT_MAX_REGISTERS if block_d <= 128 and np2(group) <= 8 else None,
         )
         top_pages_from_logits(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys,
                               ticket)
