@@ -513,7 +513,7 @@ def _launch(
     # requests are scored in groups whose logits, keys and top-k candidates (key, page) fit
     # the scratch budget
     gw = layout.summary_channels(head_dim)
-    (r0, t0), (r1, t1), (r_list, t2) = gather_tiers(head_dim, grouped=gw < head_dim)
+    (r_few, t_few), (r_mid, t_mid), (r_list, t_wide) = gather_tiers(head_dim, grouped=gw < head_dim)
     per_row = hkv * (num_pages * (group + 3) + g_p * (block_d + 1) + r_list)
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
@@ -546,7 +546,7 @@ def _launch(
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
             G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d,
-            GW=gw, TILE=tile, R0=r0, T0=t0, R1=r1, T1=t1, R2=r_list, T2=t2,
+            GW=gw, TILE=tile, R0=r_few, T0=t_few, R1=r_mid, T1=t_mid, R2=r_list, T2=t_wide,
             num_warps=4,
             # the tiers' branches would take it to 99 registers (groups of 1): 4 programs an
             # SM instead of 5. sm_90 compiles 96 without spills up to head_dim 128 and groups
