@@ -164,7 +164,8 @@ def bench_config(args, batch, context, device, copy_bw, fa_func):
 
             # floor: every live page's max/min on the channels the logits kernel needs (the
             # chosen ones on its few-channel path, else all)
-            read_channels = split.top_channels if split.top_channels <= gather_channels(d) else d
+            grouped = mode_layout.summary_channels(d) < d
+            read_channels = split.top_channels if split.top_channels <= gather_channels(d, grouped) else d
             sel_bytes = batch * hkv * live_pages * 2 * read_channels * elt
             ms_sel = bench(select, device, graph=True)
             record("hsa_select_pages", budget, ms_sel, sel_bytes, **tag)
