@@ -173,8 +173,10 @@ void launch(at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, cons
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t elt = sizeof(scalar_t);
   // groups narrower than a vector (e.g. channel-major summaries, gw = 1) take one channel a
-  // thread: with VEC channels each, a thread's summary accesses would be VEC scattered ones
-  // (H100, 8,192-token prefill, gw = 1: 92 us, against 35 us on rows)
+  // thread: with VEC channels each, a thread's summary updates are VEC scattered ones in a
+  // chain (H100, gw = 1, one decode token of 8 requests: 4.8 us, one channel a thread 2.8).
+  // Prefill is slow either way there (8,192 tokens: 92 / 128 us, Triton 42): the
+  // dispatcher (kernels/__init__.py) hands such layouts to Triton.
   if (gw % kVec == 0 && kv.size(3) % kVec == 0 && aligned16(kv, elt) && aligned16(key, elt) &&
       aligned16(value, elt)) {
     launch_vec<scalar_t, kVec>(kv, key, value, slots, block_size, page_size, gw, stream);

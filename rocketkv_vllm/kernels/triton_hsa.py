@@ -276,8 +276,8 @@ def _radix_refine(src, n, top_hist, k, CHUNK: tl.constexpr, IN_REGS: tl.constexp
     k <= 0 selects none), given the histogram of their top digit (bits [24, 31)):
     (threshold, shift, take_equal) such that the top k are the keys with
     key >> shift > threshold >> shift plus the first take_equal with key >> shift equal.
-    Further digits of W bits (W divides 24), stopping as
-    soon as the k-th key's bucket is taken whole."""
+    Further digits of W bits (W divides 24), stopping as soon as the k-th key's bucket is
+    taken whole."""
     threshold, remaining, in_bucket = _pick_digit(top_hist, tl.zeros([], tl.int32), k, 24)
     shift = tl.zeros([], tl.int32) + 24
     for i in tl.static_range(24 // W):
