@@ -6,7 +6,7 @@ heads, 8 KV heads, head_dim 128, bf16), block 16, page 4, budget 2048 split as i
 and summary channel groups (kv_layout) are timed on the same bytes (the timing does not
 depend on their values), so their chosen pages are not compared here (the kernel tests do).
 
-    python benchmarks/bench_select.py --impl old_hsa.py --impl rocketkv_vllm/kernels/triton_hsa.py --groups 0,8
+    python benchmarks/bench_select.py --impl old_hsa.py --impl rocketkv_vllm/kernels/triton_hsa.py --groups 0,1
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", action="append", help="triton_hsa.py files to compare (default: this tree's)")
     parser.add_argument("--cases", nargs="+", default=CASES, help="MODE:BATCH:CONTEXT")
-    parser.add_argument("--groups", default="0,8",
-                        help="summary channel groups to time, for versions that take one (0: row-major)")
+    parser.add_argument("--groups", default="0,1",
+                        help="summary channel groups to time, for versions that take one (0: row-major, 1: channel-major)")
     args = parser.parse_args()
     impls = args.impl or ["rocketkv_vllm/kernels/triton_hsa.py"]
     modules = {path: load_impl(path) for path in impls}
