@@ -424,6 +424,20 @@ def test_hsa_gathered_channels_score_like_whole_rows(head_dim, poisoned_scratch)
             assert len(pages) == min(3, int(live[b].sum())) and live[b, pages].all()
 
 
+@pytest.mark.parametrize("head_dim", [24, 32, 64, 128, 256])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gather_tiers_widen_in_channels_and_narrow_in_pages(head_dim, grouped):
+    """Three few-channel paths: channel limits that never decrease (powers of two from 1,
+    up to gather_channels), tiles of whole LOGIT_TILEs that never grow."""
+    from rocketkv_vllm.kernels.triton_hsa import LOGIT_TILE, gather_channels, gather_tiers
+
+    tiers = gather_tiers(head_dim, grouped)
+    channels, pages = [t[0] for t in tiers], [t[1] for t in tiers]
+    assert len(tiers) == 3 and channels == sorted(channels) and pages == sorted(pages, reverse=True)
+    assert all(c >= 1 and c & (c - 1) == 0 for c in channels) and channels[-1] == gather_channels(head_dim, grouped)
+    assert all(p % LOGIT_TILE == 0 for p in pages) and channels[-1] <= head_dim // 2
+
+
 def test_hsa_gathered_channels_over_many_tiles(poisoned_scratch):
     """Few chosen channels over requests of several gather tiles (each BLOCK_D / R_GATHER
     times a whole-row tile), one program striding over all of them and the default spread,

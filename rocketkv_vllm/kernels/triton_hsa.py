@@ -191,6 +191,9 @@ def _hsa_logits_kernel(
     # Page bounds are dot products of one query row with TILE summary rows: computed as
     # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
     # and, in fp32, spill registers), one query head of the group at a time.
+    # the gather tiers (gather_tiers), checked here: the interpreter runs only the branch taken,
+    # so a tier of 0 channels would pass the CPU tests unnoticed
+    tl.static_assert(1 <= R0 and R0 <= R1 and R1 <= R2)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
