@@ -60,13 +60,14 @@ def main(batch: int, context: int) -> None:
     if cuda_ops.available():
         run("write_kv[cuda]", lambda: cuda_ops.write_kv(kv, layout, new, new, slots))
         write_kv_paths()
-    # mt on its server's layout: few channels (the narrow gather tier) and up to head_dim / 4 (the wide one)
-    for mode in ("rocketkv", "mt", "mt, grouped summaries, 8 channels", "mt, grouped summaries, 32 channels"):
+    # (mode, summary group, chosen channels): mt also on its server's layout, once per gather tier
+    cases = [("rocketkv", 0, 108), ("mt", 0, 108)]
+    cases += [(f"mt, grouped summaries, {r} channels", FEW_CHANNEL_GROUP, r) for r in (8, 16, 32)]
+    for mode, group, r in cases:
         if mode != "rocketkv":
             keep.fill_(context)
-        if mode.startswith("mt, grouped"):
-            layout = KVLayout(BLOCK, 4, FEW_CHANNEL_GROUP)
-            channels.fill_(int(mode.split()[-2]))
+        layout = KVLayout(BLOCK, 4, group)
+        channels.fill_(r)
         selection = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, channels, pages)
         run(f"hsa_select_pages[{mode}]", lambda: None)
         run(f"paged_sparse_attention[{mode}]", lambda: T.paged_sparse_attention(
