@@ -5,8 +5,10 @@ anywhere in the tree and name it with --impl), and whether they choose the same 
 Llama-3.1-8B group (4 query heads per KV head, 8 KV heads), 4-token pages, a 128K-token
 block table (32,768 pages) as in the engine. Versions whose top-k takes the softmax
 statistics from the logits kernel get them precomputed (one part), outside the timing.
+--cuda-chunks also times the CUDA C++ top-k (csrc/hsa_topk.cu) at those chunk sizes.
 
     python benchmarks/bench_topk.py --impl rocketkv_vllm/kernels/triton_hsa.py --impl other_hsa.py
+    python benchmarks/bench_topk.py --cuda-chunks 1024 2048 4096
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--impl", action="append", help="triton_hsa.py files to compare (default: this tree's)")
     parser.add_argument("--cases", nargs="+", default=CASES, help="BATCHxPAGES")
     parser.add_argument("--tied", action="store_true", help="all logits equal (every score ties)")
+    parser.add_argument("--cuda-chunks", nargs="*", type=int, default=[], help="time the CUDA C++ top-k at these chunks")
     args = parser.parse_args()
     impls = args.impl or ["rocketkv_vllm/kernels/triton_hsa.py"]
     modules = {path: load_impl(path) for path in impls}
@@ -73,6 +76,14 @@ def main() -> None:
             sets = chosen_sets(index, count)
             first = first or sets
             row[f"{path} same pages"] = sets == first
+        for chunk in args.cuda_chunks:
+            from rocketkv_vllm.kernels import cuda_ops
+
+            def call_cuda(chunk=chunk) -> None:
+                cuda_ops.top_pages_from_logits(logits, stats, seq, seq, gap, k, PAGE, index, count, keys, chunk=chunk)
+            index.fill_(-1)
+            row[f"cuda chunk {chunk} us"] = round(bench(call_cuda, dev, graph=True) * 1000, 2)
+            row[f"cuda chunk {chunk} same pages"] = chosen_sets(index, count) == first
         print(json.dumps(row), flush=True)
 
 

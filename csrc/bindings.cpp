@@ -1,17 +1,29 @@
-// Python module rocketkv_vllm._C and the torch op torch.ops.rocketkv.write_kv.
+// Python module rocketkv_vllm._C and the torch ops torch.ops.rocketkv.write_kv and
+// torch.ops.rocketkv.hsa_topk.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 void write_kv_cuda(at::Tensor kv_cache, at::Tensor key, at::Tensor value, at::Tensor slot_mapping,
                    int64_t block_size, int64_t page_size, int64_t summary_group);
 
+void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at::Tensor keep_lens,
+                   at::Tensor gap_ends, at::Tensor top_pages, int64_t page_size, at::Tensor index, at::Tensor count,
+                   at::Tensor keys, at::Tensor cand_key, at::Tensor cand_page, at::Tensor ticket, int64_t chunk);
+
 TORCH_LIBRARY(rocketkv, m) {
   m.def(
       "write_kv(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping, int block_size, "
       "int page_size, int summary_group) -> ()");
+  m.def(
+      "hsa_topk(Tensor logits, Tensor stats, Tensor seq_lens, Tensor keep_lens, Tensor gap_ends, Tensor top_pages, "
+      "int page_size, Tensor(a!) index, Tensor(b!) count, Tensor(c!) keys, Tensor(d!) cand_key, Tensor(e!) cand_page, "
+      "Tensor(f!) ticket, int chunk) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(rocketkv, CUDA, m) { m.impl("write_kv", &write_kv_cuda); }
+TORCH_LIBRARY_IMPL(rocketkv, CUDA, m) {
+  m.impl("write_kv", &write_kv_cuda);
+  m.impl("hsa_topk", &hsa_topk_cuda);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "RocketKV CUDA kernels";

@@ -737,6 +737,70 @@ def test_cuda_graph_select_and_attend(dtype):
         assert rel_err(static_out, ref) < tol(dtype)
 
 
+TOPK_CASES = [
+    # group, chunk, tied, then per request: (kept pages, evicted-gap pages, tail pages, k)
+    (4, 4096, False, [(5000, 0, 0, 64), (100, 1900, 200, 500), (9000, 0, 0, 7)]),  # candidates in shared memory
+    (4, 4096, False, [(20000, 0, 0, 3000), (1200, 0, 0, 1200)]),  # 5 x 3000 candidates merged from global memory; k = n
+    (1, 4096, False, [(1000, 0, 0, 0), (50, 0, 0, 60), (0, 0, 0, 5)]),  # k = 0: none; k > n: all; nothing live
+    (3, 16, True, [(700, 0, 0, 13), (90, 10, 30, 40)]),  # every score tied (lowest pages win), 16-page chunks
+    (16, 4096, False, [(17000, 0, 0, 100), (8192, 0, 0, 8191)]),  # a wide group; k = n - 1
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(TOPK_CASES)))
+def test_cuda_cpp_topk_matches_triton(case, poisoned_scratch):
+    """The CUDA C++ top-k picks the Triton top-k's pages (or pages of equal score) and the
+    same keys, from the same page logits: one or many chunks, candidates merged in shared or
+    global memory, requests with an evicted gap, k of 0, k covering every page, ties."""
+    from rocketkv_vllm.kernels import cuda_ops, triton_hsa
+
+    if not cuda_ops.available():
+        pytest.skip(f"rocketkv_vllm._C not built: {cuda_ops.import_error()}")
+    group, chunk, tied, requests = TOPK_CASES[case]
+    torch.manual_seed(case)
+    hkv, ps = 3, 4
+    npv = max(kept + tail for kept, _, tail, _ in requests) + 5
+    batch = len(requests)
+    keep = torch.tensor([kept * ps for kept, _, _, _ in requests], dtype=torch.int32, device=DEV)
+    gap = torch.tensor([(kept + evicted) * ps for kept, evicted, _, _ in requests], dtype=torch.int32, device=DEV)
+    seq = gap + torch.tensor([tail * ps for _, _, tail, _ in requests], dtype=torch.int32, device=DEV)
+    k = torch.tensor([r[3] for r in requests], dtype=torch.int32, device=DEV)
+    live = torch.tensor([kept + tail for kept, _, tail, _ in requests], device=DEV)
+    logits = torch.randn(batch, hkv, group, npv, device=DEV) * 3
+    if tied:
+        logits.zero_()
+    masked = logits.masked_fill(torch.arange(npv, device=DEV) >= live[:, None, None, None], float("-inf"))
+    m = masked.amax(-1)
+    # one part of softmax statistics per request and KV head: [B, Hkv, 1, 2, np2(group)]
+    stats = torch.zeros(batch, hkv, 1, 2, triton.next_power_of_2(group), device=DEV)
+    stats[:, :, 0, 0] = float("-inf")
+    stats[:, :, 0, 0, :group] = m
+    stats[:, :, 0, 1, :group] = (masked - m[..., None].nan_to_num(neginf=0)).exp().sum(-1)
+    outs = {}
+    for name in ("triton", "cuda"):
+        index = torch.full((batch, hkv, npv), -5, dtype=torch.int32, device=DEV)
+        count = torch.full((batch, hkv), -5, dtype=torch.int32, device=DEV)
+        keys = torch.full((batch, hkv, npv), -5, dtype=torch.int32, device=DEV)
+        args = (logits, stats, seq, keep, gap, k, ps, index, count, keys)
+        if name == "cuda":
+            cuda_ops.top_pages_from_logits(*args, chunk=chunk)
+        else:
+            triton_hsa.top_pages_from_logits(*args)
+        outs[name] = R.PageSelection(index, count), keys
+    (got, got_keys), (ref, ref_keys) = outs["cuda"], outs["triton"]
+    scores = torch.full((batch, hkv, npv * 2), float("-inf"), device=DEV)
+    for b, (kept, evicted, tail, kb) in enumerate(requests):
+        n = kept + tail
+        if kb < n:  # keys are written only where pages are scored
+            torch.testing.assert_close(got_keys[b, :, :n].view(torch.float32), ref_keys[b, :, :n].view(torch.float32),
+                                       rtol=1e-5, atol=1e-35)  # fast-math flushes subnormals
+        logical = torch.cat([torch.arange(kept), torch.arange(kept + evicted, kept + evicted + tail)]).to(DEV)
+        scores[b][:, logical] = ref_keys[b, :, :n].view(torch.float32) if kb < n else 0.0
+    assert_same_selection(got, ref, scores)
+    assert torch.equal(got.count.cpu(), torch.minimum(k.cpu(), live.cpu())[:, None].expand(batch, hkv).int())
+
+
 def _misaligned(x):
     """The same values one element into a wider tensor: rows no longer 16-byte aligned."""
     wide = torch.empty(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype, device=x.device)

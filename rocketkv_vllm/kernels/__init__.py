@@ -2,8 +2,8 @@
 
 CUDA: write_kv from the CUDA C++ extension (rocketkv_vllm._C) when it is built, else
 Triton (also for summary groups narrower than 16 bytes, see _cuda_write_kv_where_it_wins);
-Triton for hsa_select_pages, paged_sparse_attention, snapkv_window_scores and
-compact_kept_tokens.
+Triton for hsa_select_pages (its top-k step in CUDA C++ when built), paged_sparse_attention,
+snapkv_window_scores and compact_kept_tokens.
 CPU: the torch reference (rocketkv_vllm.ops.reference), or the Triton kernels under the
 Triton interpreter when ROCKETKV_TRITON_INTERPRET=1 (tests; TRITON_INTERPRET=1 must also be
 set before triton is first imported).

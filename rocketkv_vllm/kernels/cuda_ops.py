@@ -1,7 +1,8 @@
 """CUDA C++ kernels (rocketkv_vllm._C, built by setup.py from csrc/) with Python wrappers.
 
-Only write_kv is implemented in CUDA C++ (fused KV store + page max/min update). The
-extension is optional: `available()` is False when it is not built or there is no GPU.
+write_kv (fused KV store + page max/min update) and the HSA top-k (page selection from the
+logits kernel's page logits). The extension is optional: `available()` is False when it is
+not built or there is no GPU.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from rocketkv_vllm.kv_layout import KVLayout
 
-try:  # the extension registers torch.ops.rocketkv.write_kv on import
+try:  # the extension registers torch.ops.rocketkv.* on import
     from rocketkv_vllm import _C  # type: ignore[attr-defined]
 
     _IMPORT_ERROR: Exception | None = None
@@ -45,3 +46,32 @@ def write_kv(
         slot_mapping = slot_mapping.long()
     torch.ops.rocketkv.write_kv(kv_cache, key, value, slot_mapping, layout.block_size, layout.page_size,
                                 layout.summary_channels(kv_cache.shape[-1]))
+
+
+def top_pages_from_logits(
+    logits: torch.Tensor,
+    stats: torch.Tensor,
+    seq: torch.Tensor,
+    keep: torch.Tensor,
+    gap_end: torch.Tensor,
+    top_pages: torch.Tensor,
+    page_size: int,
+    index: torch.Tensor,
+    count: torch.Tensor,
+    keys: torch.Tensor,
+    ticket: torch.Tensor | None = None,
+    *,
+    chunk: int,
+) -> None:
+    """triton_hsa.top_pages_from_logits in CUDA C++ (same arguments and results); chunk:
+    pages per CUDA block, a power of two <= 4096."""
+    if _C is None:
+        raise RuntimeError(f"rocketkv_vllm._C is not available: {_IMPORT_ERROR}")
+    batch, hkv, num_pages = index.shape
+    parts = -(-num_pages // chunk)
+    cand_key = torch.empty(batch, hkv, parts * chunk, dtype=torch.int32, device=logits.device)
+    cand_page = torch.empty_like(cand_key)
+    if ticket is None:
+        ticket = torch.zeros(batch, hkv, dtype=torch.int32, device=logits.device)
+    torch.ops.rocketkv.hsa_topk(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys, cand_key,
+                                cand_page, ticket, chunk)

@@ -1,4 +1,4 @@
-"""HSA page selection in fixed-grid Triton kernels (CUDA-graph capturable).
+"""HSA page selection in fixed-grid kernels (CUDA-graph capturable): Triton, and CUDA C++ for the top-k.
 
 1. prep    (B, Hkv):    top-r channel mask of the group's mean |q| (and list), masked
                         queries, SparQ temperature per query head; resets the top-k's
@@ -19,7 +19,9 @@
                         program per chunk of pages, keys in registers: a request of one chunk
                         (most) is done there; a longer one's chunks each pick their top k
                         (the request's top k are among them), and the chunk that finishes
-                        last picks the top k of those candidates.
+                        last picks the top k of those candidates. Where the CUDA C++
+                        extension is built, csrc/hsa_topk.cu runs this step instead (same
+                        algorithm and result, select_top_pages).
 
 Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
 evicted gap), so an evicting request never scores its gap. A request whose budget covers
@@ -32,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rocketkv_vllm.kernels import cuda_ops
 from rocketkv_vllm.kernels.triton_common import (
     check_cache,
     check_group,
@@ -556,9 +559,32 @@ def _launch(
             # of 8 query heads (tests/test_kernels_compile.py), not beyond
             maxnreg=LOGIT_MAX_REGISTERS if block_d <= 128 and np2(group) <= 8 else None,
         )
-        top_pages_from_logits(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys,
-                              ticket)
+        select_top_pages(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys, ticket)
     return PageSelection(index, count), keys if keep_keys else None
+
+
+def select_top_pages(
+    logits: torch.Tensor,
+    stats: torch.Tensor,
+    seq: torch.Tensor,
+    keep: torch.Tensor,
+    gap_end: torch.Tensor,
+    top_pages: torch.Tensor,
+    page_size: int,
+    index: torch.Tensor,
+    count: torch.Tensor,
+    keys: torch.Tensor,
+    ticket: torch.Tensor | None = None,
+) -> None:
+    """hsa_select_pages' top-k step (arguments as top_pages_from_logits): the CUDA C++ kernel
+    where the extension is built (a radix pass there is one shared-memory histogram, not
+    Triton's several block-wide reductions), else the Triton one."""
+    if logits.is_cuda and cuda_ops.available():
+        chunk = min(PAGE_CHUNK, np2(logits.shape[-1]))
+        cuda_ops.top_pages_from_logits(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys,
+                                       ticket, chunk=chunk)
+    else:
+        top_pages_from_logits(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys, ticket)
 
 
 def top_pages_from_logits(
