@@ -226,6 +226,8 @@ __global__ void __launch_bounds__(kThreads) hsa_topk_kernel(
   const int n = pages.n, k = max(top_pages[b], 0);
   const int parts = (n + chunk - 1) / chunk;
   int* idx = index + bh * npv;
+  // launched as a programmatic dependent of the logits kernel: its outputs are read from here
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   if (k >= n) {  // every live page is chosen: nothing to score
     if (part != 0) return;
     const auto live_key = [&](int v) { return pages.live(v) ? 0 : -1; };
@@ -350,12 +352,21 @@ void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at:
   if (batch == 0 || hkv == 0) return;
   const c10::cuda::CUDAGuard guard(logits.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(hkv), static_cast<unsigned>(parts));
-  hsa_topk_kernel<<<grid, kThreads, 0, stream>>>(
-      seq_lens.data_ptr<int>(), keep_lens.data_ptr<int>(), gap_ends.data_ptr<int>(), top_pages.data_ptr<int>(),
+  // programmatic dependent launch: the launch and the per-request prologue overlap the end of
+  // the logits kernel (the kernel waits, griddepcontrol.wait, before reading its outputs)
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(batch), static_cast<unsigned>(hkv), static_cast<unsigned>(parts));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute dependent;
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &dependent;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(
+      &config, hsa_topk_kernel, seq_lens.data_ptr<int>(), keep_lens.data_ptr<int>(), gap_ends.data_ptr<int>(), top_pages.data_ptr<int>(),
       logits.data_ptr<float>(), stats.data_ptr<float>(), keys.data_ptr<int>(), cand_key.data_ptr<int>(),
       cand_page.data_ptr<int>(), ticket.data_ptr<int>(), index.data_ptr<int>(), count.data_ptr<int>(), npv,
       static_cast<int>(stats.size(2)), static_cast<int>(stats.size(4)), static_cast<int>(group),
-      static_cast<int>(page_size), static_cast<int>(chunk));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      static_cast<int>(page_size), static_cast<int>(chunk)));
 }

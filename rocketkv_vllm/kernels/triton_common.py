@@ -1,6 +1,7 @@
 """Helpers shared by the Triton kernels: host-side launch parameters and device functions."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -12,6 +13,18 @@ from rocketkv_vllm.kv_layout import KVLayout
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Programmatic dependent launch (sm_90+): a kernel launched with it may start while the
+    kernel before it finishes, and waits (gdc_wait) only before it reads that kernel's
+    output; the launch gap and its prologue overlap the previous kernel."""
+    return device.type == "cuda" and not interpreting() and _capability(device.index or 0)[0] >= 9
 
 
 def lowp_dot(a: torch.Tensor, b: torch.Tensor) -> bool:

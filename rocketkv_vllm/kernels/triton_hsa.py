@@ -33,12 +33,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rocketkv_vllm.kernels import cuda_ops
 from rocketkv_vllm.kernels.triton_common import (
     check_cache,
     check_group,
     contiguous_last,
+    dependent_launch,
     group_pad,
     logical_page,
     nan_to_zero,
@@ -73,8 +75,10 @@ def _hsa_prep_kernel(
     q_ptr, r_ptr, qm_ptr, temp_ptr, chan_ptr, ticket_ptr,
     s_qb, s_qh,
     G, D,
-    G_P: tl.constexpr, BLOCK_D: tl.constexpr, R_LIST: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr, R_LIST: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # the logits kernel may launch now: it waits for this one's outputs (gdc_wait)
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     nh = tl.num_programs(1).to(tl.int64)
@@ -190,6 +194,7 @@ def _hsa_logits_kernel(
     G: tl.constexpr, BS: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr,
     G_P: tl.constexpr, G_S: tl.constexpr, BLOCK_D: tl.constexpr, GW: tl.constexpr, TILE: tl.constexpr,
     R0: tl.constexpr, T0: tl.constexpr, R1: tl.constexpr, T1: tl.constexpr, R2: tl.constexpr, T2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Page bounds are dot products of one query row with TILE summary rows: computed as
     # element-wise products and row sums in fp32 (a tl.dot would pad the group to 16 rows
@@ -211,6 +216,8 @@ def _hsa_logits_kernel(
         bh = b * nh + h
         bt = bt_ptr + b * s_bt
         r = tl.load(r_ptr + b)
+        if PDL:  # launched while the prep kernel runs: its channels and queries are read below
+            gdc_wait()
         # few channels: read just those (gather_tiers), with grouped summaries only their
         # groups (one channel of a block's pages is 16 contiguous bytes at bf16 in groups of
         # 1, where a row-major page row would be read almost whole). Fewer channels take
@@ -521,6 +528,7 @@ def _launch(
     gw = layout.summary_channels(head_dim)
     (r_few, t_few), (r_mid, t_mid), (r_list, t_wide) = gather_tiers(head_dim, grouped=gw < head_dim)
     per_row = hkv * (num_pages * (group + 3) + g_p * (block_d + 1) + r_list)
+    pdl = dependent_launch(device)
     rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
     if splits is None:
         splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
@@ -545,15 +553,15 @@ def _launch(
         n = part.stop - r0
         _hsa_prep_kernel[(n, hkv)](
             query[part], r[part], qm, temp, chan, ticket, query.stride(0), query.stride(1), group, head_dim,
-            G_P=g_p, BLOCK_D=block_d, R_LIST=r_list, num_warps=4,
+            G_P=g_p, BLOCK_D=block_d, R_LIST=r_list, PDL=pdl, num_warps=4,
         )
         _hsa_logits_kernel[(n, hkv, splits)](
             kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits, stats,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
             G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d,
-            GW=gw, TILE=tile, R0=r_few, T0=t_few, R1=r_mid, T1=t_mid, R2=r_list, T2=t_wide,
-            num_warps=4,
+            GW=gw, TILE=tile, R0=r_few, T0=t_few, R1=r_mid, T1=t_mid, R2=r_list, T2=t_wide, PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
             # the tiers' branches would take it to 99 registers (groups of 1): 4 programs an
             # SM instead of 5. sm_90 compiles 96 without spills up to head_dim 128 and groups
             # of 8 query heads (tests/test_kernels_compile.py), not beyond
