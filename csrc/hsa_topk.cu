@@ -17,6 +17,8 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include "hsa_pages.cuh"
+
 #include <cstdint>
 #include <utility>
 
@@ -51,25 +53,6 @@ struct Cut {
   int threshold;
   int shift;
   int take_equal;
-};
-
-// Virtual pages (triton_common.virtual_pages / pages_in_table / logical_page / page_len).
-struct Pages {
-  int seq, keep, gap, ps, nk, tail, n;
-
-  __device__ Pages(int seq_, int keep_, int gap_, int ps_, int64_t npv) : seq(seq_), keep(keep_), gap(gap_), ps(ps_) {
-    nk = (keep + ps - 1) / ps;
-    tail = max(nk, gap / ps);
-    const int all = nk + max((seq + ps - 1) / ps - tail, 0);
-    n = static_cast<int>(min(min(static_cast<int64_t>(all), npv), static_cast<int64_t>(nk) + max(npv - tail, int64_t{0})));
-  }
-  __device__ int logical(int v) const { return v < nk ? v : tail + v - nk; }
-  __device__ bool live(int v) const {
-    const int64_t start = static_cast<int64_t>(logical(v)) * ps, end = start + ps;
-    const int64_t before_keep = max(min(end, static_cast<int64_t>(min(keep, seq))) - start, int64_t{0});
-    const int64_t after_gap = max(min(end, static_cast<int64_t>(seq)) - max(start, static_cast<int64_t>(max(gap, keep))), int64_t{0});
-    return before_keep + after_gap > 0;
-  }
 };
 
 // Histogram of key bits [lo, lo + 8) over the present keys whose bits above agree with
