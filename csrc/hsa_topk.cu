@@ -28,7 +28,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxChunk = 4096;  // a chunk's keys, or the merge's keys and pages, live in shared memory
-constexpr int kPerThreadMax = kMaxChunk / kThreads;  // keys a thread loads, all issued before any is used
+constexpr int kLoadsPerThread = kMaxChunk / kThreads;  // keys a thread loads, all issued before any is used
 constexpr int kPerThread = 8;    // consecutive keys a thread takes when writing in page order
 constexpr int kTile = kThreads * kPerThread;
 constexpr int kBins = 256;       // 8-bit radix digits
@@ -224,19 +224,19 @@ __global__ void __launch_bounds__(kThreads) hsa_topk_kernel(
   // this chunk's keys, into shared memory (and to `keys`, for hsa_page_scores)
   group_weights(stats, bh, ns, g_p, group, sh);
   const int v0 = part * chunk, here = min(chunk, n - v0);
-  float score[kPerThreadMax] = {};
+  float score[kLoadsPerThread] = {};
 #pragma unroll 4
   for (int g = 0; g < group; ++g) {
     const float* row = logits + (bh * group + g) * npv + v0;
     const float m = sh.m[g], inv = sh.inv[g];
 #pragma unroll
-    for (int j = 0; j < kPerThreadMax; ++j) {
+    for (int j = 0; j < kLoadsPerThread; ++j) {
       const int c = threadIdx.x + j * kThreads;
       if (c < here) score[j] += __expf(row[c] - m) * inv;
     }
   }
 #pragma unroll
-  for (int j = 0; j < kPerThreadMax; ++j) {
+  for (int j = 0; j < kLoadsPerThread; ++j) {
     const int c = threadIdx.x + j * kThreads;
     if (c >= chunk) break;
     const int key = c < here && pages.live(v0 + c) ? __float_as_int(score[j] == score[j] ? score[j] : 0.f) : -1;
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) hsa_topk_kernel(
   int written;
   if (total <= kMaxChunk) {
 #pragma unroll
-    for (int j = 0; j < kPerThreadMax; ++j) {
+    for (int j = 0; j < kLoadsPerThread; ++j) {
       const int i = threadIdx.x + j * kThreads;
       if (i < total) {
         sh.key[i] = __ldcg(all_key + i);

@@ -3,7 +3,7 @@
 On a CPU-only machine the Triton kernels run under the Triton interpreter
 (TRITON_INTERPRET=1, set by conftest.py before anything imports triton) with small shapes; on a
 GPU the same tests run natively with bigger shapes, plus the GPU-only tests (CUDA-graph
-capture, CUDA C++ write_kv).
+capture, CUDA C++ write_kv and top-k; on the GPU every selection test runs the CUDA top-k).
 """
 import os
 
