@@ -46,10 +46,10 @@ def run_backend(args: argparse.Namespace) -> list[dict]:
         max_model_len=max(ctx for ctx, _ in cases(args)) + WARM_STEPS + args.out + 16,
         max_num_seqs=max(batch for _, batch in cases(args)), enforce_eager=args.eager,
         gpu_memory_utilization=0.9, enable_prefix_caching=False, attention_backend=args.backend,
-        block_size=16, **extra,
+        block_size=args.block_size, **extra,
     )
     up = time.time() - started
-    kv_tokens = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks * 16
+    kv_tokens = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks * args.block_size
     generator = torch.Generator().manual_seed(0)
     rows = []
     for ctx, batch in cases(args):
@@ -71,7 +71,7 @@ def run_backend(args: argparse.Namespace) -> list[dict]:
             "mode": args.mode if args.backend.lower() == "rocketkv" else None,
             "ctx": ctx, "batch": batch, "prefill_and_warm_s": round(prefill, 3), "decode_s": round(decode, 3),
             "tpot_ms": round(1000 * decode / args.out, 3), "decode_tok_s": round(batch * args.out / decode, 1),
-            "kv_cache_tokens": kv_tokens, "engine_up_s": round(up, 1),
+            "kv_cache_tokens": kv_tokens, "engine_up_s": round(up, 1), "block_size": args.block_size,
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--mode", default="rocketkv", choices=["rocketkv", "mt"], help="the RocketKV server's mode")
     parser.add_argument("--out", type=int, default=128, help="decode tokens per request")
+    parser.add_argument("--block-size", type=int, default=16, help="vLLM's KV block size (tokens)")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--json", default=None, help="write all rows here")
     args = parser.parse_args()
@@ -96,7 +97,7 @@ def main() -> None:
     rows = []
     for backend in args.backends:
         cmd = [sys.executable, __file__, "--backend", backend, "--budget", str(args.budget), "--mode", args.mode, "--out", str(args.out),
-               "--ctx", *map(str, args.ctx), "--batch", *map(str, args.batch)] + (["--cases", *args.cases] if args.cases else []) + (["--eager"] if args.eager else [])
+               "--block-size", str(args.block_size), "--ctx", *map(str, args.ctx), "--batch", *map(str, args.batch)] + (["--cases", *args.cases] if args.cases else []) + (["--eager"] if args.eager else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         done = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         print("\n".join(json.dumps(row) for row in done), flush=True)
