@@ -209,8 +209,10 @@ __global__ void __launch_bounds__(kThreads) hsa_topk_kernel(
   const int n = pages.n, k = max(top_pages[b], 0);
   const int parts = (n + chunk - 1) / chunk;
   int* idx = index + bh * npv;
+#if __CUDA_ARCH__ >= 900
   // launched as a programmatic dependent of the logits kernel: its outputs are read from here
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   if (k >= n) {  // every live page is chosen: nothing to score
     if (part != 0) return;
     const auto live_key = [&](int v) { return pages.live(v) ? 0 : -1; };
@@ -345,7 +347,9 @@ void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at:
   dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   dependent.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &dependent;
-  config.numAttrs = 1;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, logits.device().index()));
+  config.numAttrs = major >= 9 ? 1 : 0;  // sm_90+ only
   C10_CUDA_CHECK(cudaLaunchKernelEx(
       &config, hsa_topk_kernel, seq_lens.data_ptr<int>(), keep_lens.data_ptr<int>(), gap_ends.data_ptr<int>(), top_pages.data_ptr<int>(),
       logits.data_ptr<float>(), stats.data_ptr<float>(), keys.data_ptr<int>(), cand_key.data_ptr<int>(),
