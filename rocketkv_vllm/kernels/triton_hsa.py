@@ -21,7 +21,7 @@
                         (the request's top k are among them), and the chunk that finishes
                         last picks the top k of those candidates. Where the CUDA C++
                         extension is built, csrc/hsa_topk.cu runs this step instead (same
-                        algorithm and result, select_top_pages).
+                        algorithm and result).
 
 Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
 evicted gap), so an evicting request never scores its gap. A request whose budget covers
@@ -29,6 +29,8 @@ all its live pages skips scoring and selects them all (this is how exact-attenti
 rows share the sparse path).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -548,6 +550,11 @@ def _launch(
     stats = torch.empty(rows, hkv, splits, 2, np2(group), dtype=torch.float32, device=device)
     keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
     ticket = torch.empty(rows, hkv, dtype=torch.int32, device=device)
+    # the top-k: CUDA C++ where the extension is built (a radix pass there is one shared-memory
+    # histogram, not Triton's several block-wide reductions), else Triton; same result
+    top_k = top_pages_from_logits
+    if device.type == "cuda" and cuda_ops.available():
+        top_k = functools.partial(cuda_ops.top_pages_from_logits, chunk=min(PAGE_CHUNK, np2(num_pages)))
     for r0 in range(0, batch, rows):
         part = slice(r0, min(batch, r0 + rows))
         n = part.stop - r0
@@ -567,32 +574,8 @@ def _launch(
             # of 8 query heads (tests/test_kernels_compile.py), not beyond
             maxnreg=LOGIT_MAX_REGISTERS if block_d <= 128 and np2(group) <= 8 else None,
         )
-        select_top_pages(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys, ticket)
+        top_k(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys, ticket)
     return PageSelection(index, count), keys if keep_keys else None
-
-
-def select_top_pages(
-    logits: torch.Tensor,
-    stats: torch.Tensor,
-    seq: torch.Tensor,
-    keep: torch.Tensor,
-    gap_end: torch.Tensor,
-    top_pages: torch.Tensor,
-    page_size: int,
-    index: torch.Tensor,
-    count: torch.Tensor,
-    keys: torch.Tensor,
-    ticket: torch.Tensor | None = None,
-) -> None:
-    """hsa_select_pages' top-k step (arguments as top_pages_from_logits): the CUDA C++ kernel
-    where the extension is built (a radix pass there is one shared-memory histogram, not
-    Triton's several block-wide reductions), else the Triton one."""
-    if logits.is_cuda and cuda_ops.available():
-        chunk = min(PAGE_CHUNK, np2(logits.shape[-1]))
-        cuda_ops.top_pages_from_logits(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys,
-                                       ticket, chunk=chunk)
-    else:
-        top_pages_from_logits(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys, ticket)
 
 
 def top_pages_from_logits(
