@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from rocketkv_vllm.kernels.triton_common import topk_scratch
 from rocketkv_vllm.kv_layout import KVLayout
 
 try:  # the extension registers torch.ops.rocketkv.* on import
@@ -67,11 +68,6 @@ def top_pages_from_logits(
     pages per CUDA block, a power of two <= 4096."""
     if _C is None:
         raise RuntimeError(f"rocketkv_vllm._C is not available: {_IMPORT_ERROR}")
-    batch, hkv, num_pages = index.shape
-    parts = -(-num_pages // chunk)
-    cand_key = torch.empty(batch, hkv, parts * chunk, dtype=torch.int32, device=logits.device)
-    cand_page = torch.empty_like(cand_key)
-    if ticket is None:
-        ticket = torch.zeros(batch, hkv, dtype=torch.int32, device=logits.device)
+    cand_key, cand_page, ticket = topk_scratch(index, chunk, ticket)
     torch.ops.rocketkv.hsa_topk(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys, cand_key,
                                 cand_page, ticket, chunk)

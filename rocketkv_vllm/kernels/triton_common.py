@@ -58,6 +58,18 @@ def per_request(value, batch: int, device: torch.device) -> torch.Tensor:
     return torch.full((batch,), int(value), dtype=torch.int32, device=device)
 
 
+def topk_scratch(index: torch.Tensor, chunk: int,
+                 ticket: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked top-k's scratch (Triton and CUDA C++ alike) for page lists index
+    [B, Hkv, P]: candidate keys and pages, `chunk` slots per chunk of P, and the chunks'
+    arrival tickets (zeros; `ticket` when given, already zeroed by the prep kernel)."""
+    batch, hkv, num_pages = index.shape
+    cand_key = torch.empty(batch, hkv, triton.cdiv(num_pages, chunk) * chunk, dtype=torch.int32, device=index.device)
+    if ticket is None:
+        ticket = torch.zeros(batch, hkv, dtype=torch.int32, device=index.device)
+    return cand_key, torch.empty_like(cand_key), ticket
+
+
 def contiguous_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 

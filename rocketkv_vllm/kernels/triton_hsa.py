@@ -52,6 +52,7 @@ from rocketkv_vllm.kernels.triton_common import (
     pages_in_table,
     per_request,
     summary_at,
+    topk_scratch,
     virtual_pages,
 )
 from rocketkv_vllm.kv_layout import KVLayout
@@ -600,12 +601,8 @@ def top_pages_from_logits(
     batch, hkv = index.shape[:2]
     group, num_pages = logits.shape[2:]
     chunk = min(topk_chunk(group), np2(num_pages))
-    parts = triton.cdiv(num_pages, chunk)
-    cand_key = torch.empty(batch, hkv, parts * chunk, dtype=torch.int32, device=logits.device)
-    cand_page = torch.empty_like(cand_key)
-    if ticket is None:
-        ticket = torch.zeros(batch, hkv, dtype=torch.int32, device=logits.device)
-    _hsa_topk_kernel[(batch, hkv, parts)](
+    cand_key, cand_page, ticket = topk_scratch(index, chunk, ticket)
+    _hsa_topk_kernel[(batch, hkv, triton.cdiv(num_pages, chunk))](
         seq, keep, gap_end, top_pages, logits, stats, keys, cand_key, cand_page, ticket, index, count, num_pages,
         stats.shape[2],
         G=group, PS=page_size, G_P=np2(group), CHUNK=chunk, NS_P=np2(stats.shape[2]),
