@@ -17,7 +17,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from rocketkv_vllm.kernels import triton_attention, triton_hsa, triton_snapkv, triton_write
 
-LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4, GW=128)  # GW: row-major summaries
+LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4, GW=128, PDL=True)  # GW: row-major summaries
 # the top-k at a 128K-token block table: one program per chunk of 4096 pages (a group of 8
 # query heads takes 1024-page chunks)
 TOPK_128K = dict(PS=4, W_REGS=triton_hsa.RADIX_BITS_REGISTERS, W_MEMORY=triton_hsa.RADIX_BITS_MEMORY,
@@ -32,7 +32,7 @@ def tiers(head_dim, grouped):
 
 
 KERNELS = {
-    "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, R_LIST=32), 4),
+    "hsa_prep": (triton_hsa._hsa_prep_kernel, {"q_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, R_LIST=32, PDL=True), 4),
     "hsa_logits": (triton_hsa._hsa_logits_kernel, LOGITS_TYPES, dict(LLAMA, G=4, G_S=4, **tiers(128, False)), 4),
     # channel-major summaries (an mt server's layout)
     "hsa_logits_grouped": (triton_hsa._hsa_logits_kernel, LOGITS_TYPES, dict(LLAMA, GW=1, G=4, G_S=4, **tiers(128, True)), 4),
