@@ -68,15 +68,16 @@ def run_steps(llm, requests: dict, until_decoding: int | None = None) -> tuple[d
 
 
 def tiny_llama(path: str, seed: int = 0, family: str = "Llama", **config_overrides) -> str:
-    """A 2-layer random decoder (GQA 4:1, head_dim 32) of a family (Llama, Mistral, Qwen2, Qwen3)
-    saved at path: fast engine tests, no tokenizer."""
+    """A 2-layer random decoder (GQA 4:1, head_dim 32; config_overrides change any of it) of a family
+    (Llama, Mistral, Qwen2, Qwen3) saved at path: fast engine tests, no tokenizer."""
     import torch
     import transformers
 
-    config = getattr(transformers, f"{family}Config")(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True, **config_overrides,
-    )
+    config = getattr(transformers, f"{family}Config")(**{
+        **dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=1, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True),
+        **config_overrides,
+    })
     torch.manual_seed(seed)
     model = getattr(transformers, f"{family}ForCausalLM")(config).to(torch.float32)
     model.save_pretrained(path)

@@ -11,6 +11,7 @@ from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
 from rocketkv_vllm.vllm_glue.backend import RocketKVMetadata
+from rocketkv_vllm.vllm_glue.tp_groups import selection_queries
 
 
 class RocketKVImpl(AttentionImpl):
@@ -52,6 +53,8 @@ class RocketKVImpl(AttentionImpl):
         self.layout = KVLayout(vllm_config.cache_config.block_size, self.config.page_size,
                                self.config.layout_summary_group())
         self._ops = None
+        # the queries SnapKV++ and HSA score with (the whole GQA group's when KV heads are replicated)
+        self.selection_queries = selection_queries(self.num_heads, self.num_kv_heads)
 
     def ops(self, device: torch.device):
         if self._ops is None:
@@ -102,7 +105,8 @@ class RocketKVImpl(AttentionImpl):
             block_row = meta.block_table[c.row]
             keys, _ = reference.gather_tokens(kv_cache, self.layout, block_row, c.prompt_len)
             kept = snapkv_select(
-                query[c.window_start : c.window_end], keys, c.prompt_len, c.keep, self.config.pool_kernel, self.scale,
+                self.selection_queries(query[c.window_start : c.window_end]), keys, c.prompt_len, c.keep,
+                self.config.pool_kernel, self.scale,
                 scores_fn=ops.snapkv_window_scores,
             )
             ops.compact_kept_tokens(kv_cache, self.layout, block_row, kept, c.prompt_len)
@@ -115,7 +119,8 @@ class RocketKVImpl(AttentionImpl):
             contiguous = d.token_index is None
             q = query[: d.num_rows] if contiguous else query[d.token_index]
             selection = ops.hsa_select_pages(
-                q, kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages
+                self.selection_queries(q), kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end,
+                d.top_channels, d.top_pages,
             )
             result = ops.paged_sparse_attention(
                 q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
