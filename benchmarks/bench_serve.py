@@ -33,7 +33,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, is_rocketkv, model_dir, plot_series, write_json  # noqa: E402
+from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, is_rocketkv, model_dir, plot_series, random_prompts, write_json  # noqa: E402
 
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
 SERVED_NAME = "dummy"
@@ -168,13 +168,16 @@ def wait_healthy(base: str, server: subprocess.Popen, timeout_s: float) -> float
 
 def warm_up(base: str, tokens: int, vocab: int) -> float:
     """One completion of `tokens` prompt ids (first use of every kernel, Triton compiles)."""
-    body = {"model": SERVED_NAME, "prompt": [1000 + i % (vocab - 1000) for i in range(tokens)], "max_tokens": 16,
+    body = {"model": SERVED_NAME, "prompt": random_prompts(1, tokens, vocab, seed=99)[0], "max_tokens": 16,
             "temperature": 0, "ignore_eos": True}
     request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     started = time.time()
-    with urllib.request.urlopen(request, timeout=600) as response:
-        response.read()
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"warm-up request failed: HTTP {e.code} {e.read()[:500]!r}") from e
     return time.time() - started
 
 
@@ -292,7 +295,9 @@ def main() -> None:
     for backend in args.backends:
         backends.append(run_backend(args, backend, model, work_dir, vocab, save))
     rows = save()
-    plot_serve([r for r in rows if "error" not in r], prefix)
+    measured = [r for r in rows if "error" not in r]
+    if measured:
+        plot_serve(measured, prefix)
     for row in rows:
         print(json.dumps(row), flush=True)
 
