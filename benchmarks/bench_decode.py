@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=int, default=256, help="decode tokens per request")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-steps", type=int, default=2, help="first all-decoding steps of each run left out")
-    parser.add_argument("--warmup-ctx", type=int, default=8192, help="context of the warm-up run (largest batch, 16 tokens)")
+    parser.add_argument("--warmup-ctx", type=int, default=8192, help="context of the warm-up run (batch up to 8, 16 tokens)")
     parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the roofline, TB/s (H200 4.8, H100 3.35)")
     parser.add_argument("--json", default=None, help="write all rows here")
     parser.add_argument("--plot", default=None, help="TPOT vs batch PNG (default: beside --json)")
@@ -62,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def measure_case(llm, args, backend: str, ctx: int, batch: int, vocab: int, shape: ModelShape, progress) -> dict:
+def measure_case(llm, args: argparse.Namespace, backend: str, ctx: int, batch: int, shape: ModelShape, progress) -> dict:
+    """--repeats runs of batch prompts of ctx tokens: one row of step-time statistics."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=args.out, temperature=0, ignore_eos=True, detokenize=False)
     tpot_ms, prefill_s, steps_used = [], [], []
     for repeat in range(args.repeats):
-        run = run_steps(llm, random_prompts(batch, ctx, vocab, seed=repeat), params, tag=f"{ctx}x{batch}r{repeat}", progress=progress)
+        run = run_steps(llm, random_prompts(batch, ctx, shape.vocab, seed=repeat), params, tag=f"{ctx}x{batch}r{repeat}", progress=progress)
         times = decode_step_times(run.steps, batch, skip=args.skip_steps)
         tpot_ms.append(1e3 * statistics.median(times) if times else None)
         prefill_s.append(prefill_seconds(run.requests))
@@ -106,21 +107,20 @@ def run_backend(args: argparse.Namespace) -> None:
     settings = {"engine_up_s": round(up, 1), "kv_cache_tokens": cache.num_gpu_blocks * args.block_size, "block_size": args.block_size,
                 "eager": args.eager, "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
                 "budget": args.budget if is_rocketkv(backend) else None, "mode": args.mode if is_rocketkv(backend) else None}
-    warm_batch = max(b for _, b in cases)
+    warm_batch = min(8, max(b for _, b in cases))
     run_steps(llm, random_prompts(warm_batch, min(args.warmup_ctx, min(c for c, _ in cases)), shape.vocab, seed=99),
               SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, detokenize=False), tag="warmup")
     total = sum(batch * args.out * args.repeats for _, batch in cases)
     with tqdm(total=total, desc=f"{backend} decode tokens", file=sys.stderr, dynamic_ncols=True) as bar:
         for ctx, batch in cases:
-            row = measure_case(llm, args, backend, ctx, batch, shape.vocab, shape, bar.update)
+            row = measure_case(llm, args, backend, ctx, batch, shape, bar.update)
             print(json.dumps({**row, **settings}), flush=True)
 
 
 def run_child(args: argparse.Namespace, backend: str) -> tuple[list[dict], list[str], int]:
     """One backend in its own process: its JSON rows, vLLM's CUDA-graph capture log lines, its exit code.
     The child's stderr (vLLM logs, progress bar) passes through."""
-    argv = [a for a in sys.argv[1:]]
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--backend", backend],
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--backend", backend],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout: list[bytes] = []
     reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True)

@@ -7,13 +7,14 @@
 #   bash benchmarks/gpu_bench_session.sh offline    # decode step times (8K, 32K; b1, b8) + capacity at 32K
 #   bash benchmarks/gpu_bench_session.sh long       # 128K: decode b1 + capacity (8 prompts)
 #   bash benchmarks/gpu_bench_session.sh serve128k  # vllm serve at 128K in / 256 out, 2 rates
+#   bash benchmarks/gpu_bench_session.sh bigbatch   # 64 requests of 32K decoding at once
 #
 # Results go to $OUT (the device tool brings back at most 8 files): bench_<part>.tar.gz with
 # every JSON, plot and log, plus the part's JSON files and a summary.txt beside it.
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|offline|long|serve128k}"
+part="${1:?usage: gpu_bench_session.sh serve|offline|long|serve128k|bigbatch}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -25,12 +26,12 @@ log() { echo "[$((SECONDS - started))s] $*" | tee -a "$results/summary.txt"; }
 
 case "$part" in
   serve)
-    # ~7.5 min: per backend start ~60 s, warm-up ~5 s, rate 0.3 x 10 prompts ~45 s, rate 0.6 x 12
-    # ~30 s, saturation 32 prompts ~60 s (stock holds 26 of them at once, RocketKV all 32),
-    # plus ~10 s of client start-up per rate
+    # ~7.5 min: per backend start ~60 s, warm-up ~5 s, rate 0.3 x 8 prompts ~35 s, rate 0.6 x 10
+    # ~25 s, saturation 32 prompts ~60 s (stock holds 26 of them at once, RocketKV all 32),
+    # plus ~10-15 s of client start-up per rate; --max-num-seqs 64 for both keeps graph capture short
     log "serve 32K/512"
     timeout 520 python benchmarks/bench_serve.py --input-len 32768 --output-len 512 --rates 0.3 0.6 inf \
-      --prompts 10 12 32 --budget "$BUDGET" --server-timeout 240 --bench-timeout 200 \
+      --prompts 8 10 32 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 200 \
       --json "$results/serve_32k.json" > "$results/serve_32k.txt" 2>&1
     log "exit $?"
     ;;
@@ -62,12 +63,21 @@ case "$part" in
     # ~8.5 min: per backend start ~60 s, rate 0.05 x 4 prompts ~90 s, saturation 8 prompts ~110 s
     log "serve 128K/256"
     timeout 520 python benchmarks/bench_serve.py --input-len 130000 --output-len 256 --rates 0.05 inf \
-      --prompts 4 8 --budget "$BUDGET" --server-timeout 240 --bench-timeout 230 \
+      --prompts 4 8 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 230 \
       --json "$results/serve_128k.json" > "$results/serve_128k.txt" 2>&1
     log "exit $?"
     ;;
+  bigbatch)
+    # ~6 min: 64 requests of 32K decoding (RocketKV holds all 64 after stage 1; stock holds 26, so it
+    # never has all 64 decoding and reports no TPOT, only that it ran): per backend start ~50 s,
+    # 64 prefills ~65 s, 128 decode steps
+    log "decode 32K x 64"
+    timeout 450 python benchmarks/bench_decode.py --cases 32768x64 --out 128 --repeats 1 --budget "$BUDGET" \
+      --json "$results/decode_b64.json" > "$results/decode_b64.txt" 2>&1
+    log "exit $?"
+    ;;
   *)
-    echo "unknown part $part (serve|offline|long|serve128k)" >&2
+    echo "unknown part $part (serve|offline|long|serve128k|bigbatch)" >&2
     exit 2
     ;;
 esac
