@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import STOCK_BACKEND, add_engine_args, engine_kwargs, is_rocketkv, json_rows, model_dir, plot_series, random_prompts, spread, write_json  # noqa: E402
+from bench_util import STOCK_BACKEND, add_engine_args, compare, engine_kwargs, is_rocketkv, json_rows, model_dir, plot_series, random_prompts, ratio, spread, write_json  # noqa: E402
 from engine_steps import KV_USAGE, RUNNING, Run, peak, prefill_seconds, run_steps  # noqa: E402
 from roofline import ModelShape, rocketkv_plan  # noqa: E402
 
@@ -107,6 +107,14 @@ def run_backend(args: argparse.Namespace) -> None:
             print(json.dumps(row), flush=True)
 
 
+def ratios(rows: list[dict]) -> list[dict]:
+    """RocketKV over stock per context: job throughput and peak concurrent decodes."""
+    return compare(rows, lambda r: r["ctx"], {
+        "throughput_ratio": lambda stock, ours: ratio(ours["output_tok_s"]["median"], stock["output_tok_s"]["median"]),
+        "peak_decoding_stock": lambda stock, ours: stock["peak_decoding"]["median"],
+        "peak_decoding_rocketkv": lambda stock, ours: ours["peak_decoding"]["median"]})
+
+
 def plot_capacity(rows: list[dict], path: str) -> bool:
     series: dict[str, tuple[list[float], list[float]]] = {}
     for row in sorted(rows, key=lambda r: r["ctx"]):
@@ -129,10 +137,12 @@ def main() -> None:
         if proc.returncode:
             print(f"[{backend}] exited with {proc.returncode}", file=sys.stderr)
         if args.json:  # after each backend, so a time limit keeps what finished
-            write_json(args.json, {"command": " ".join(sys.argv), "rows": rows})
+            write_json(args.json, {"command": " ".join(sys.argv), "rows": rows, "ratios": ratios(rows)})
     for row in rows:
         print(f"{row['backend']:>10} {row['ctx']:>7} x {row['prompts']:<4} {row['output_tok_s']['median']} tok/s, "
               f"peak decoding {row['peak_decoding']['median']}, fits {row['fits_at_once']}", flush=True)
+    for pair in ratios(rows):
+        print(f"{pair['key']}: RocketKV {pair['throughput_ratio']}x stock throughput", flush=True)
     if args.json:
         plot_capacity(rows, args.plot or os.path.splitext(args.json)[0] + ".png")
 

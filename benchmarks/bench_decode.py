@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import STOCK_BACKEND, add_engine_args, engine_kwargs, is_rocketkv, json_rows, model_dir, plot_series, random_prompts, spread, write_json  # noqa: E402
+from bench_util import STOCK_BACKEND, add_engine_args, compare, engine_kwargs, is_rocketkv, json_rows, model_dir, plot_series, random_prompts, ratio, spread, write_json  # noqa: E402
 from engine_steps import decode_step_times, prefill_seconds, run_steps  # noqa: E402
 from roofline import ModelShape, case_roofline  # noqa: E402
 
@@ -137,6 +137,12 @@ def run_child(args: argparse.Namespace, backend: str) -> tuple[list[dict], list[
     return json_rows(b"".join(stdout).decode(errors="replace")), graph_lines[-6:], code
 
 
+def speedups(rows: list[dict]) -> list[dict]:
+    """Stock TPOT / RocketKV TPOT per (context, batch), from the medians of the repeats."""
+    return compare(rows, lambda r: f"{r['ctx']}x{r['batch']}",
+                   {"tpot_speedup": lambda stock, ours: ratio(stock["tpot_ms"]["median"], ours["tpot_ms"]["median"])})
+
+
 def plot_decode(rows: list[dict], path: str) -> bool:
     series: dict[str, tuple[list[float], list[float]]] = {}
     for row in sorted(rows, key=lambda r: r["batch"]):
@@ -160,10 +166,12 @@ def main() -> None:
         if code:
             print(f"[{backend}] exited with {code}", file=sys.stderr)
         if args.json:  # after each backend, so a time limit keeps what finished
-            write_json(args.json, {"command": " ".join(sys.argv), "rows": rows, "cuda_graph_log": graphs})
+            write_json(args.json, {"command": " ".join(sys.argv), "rows": rows, "speedups": speedups(rows), "cuda_graph_log": graphs})
     for row in rows:
         print(f"{row['backend']:>10} {row['ctx']:>7}x{row['batch']:<4} TPOT {row['tpot_ms']['median']} ms "
               f"[{row['tpot_ms']['min']}, {row['tpot_ms']['max']}]  floor {row['roofline']['floor_ms']} ms", flush=True)
+    for pair in speedups(rows):
+        print(f"{pair['key']}: RocketKV {pair['tpot_speedup']}x stock", flush=True)
     if args.json:
         plot_decode(rows, args.plot or os.path.splitext(args.json)[0] + ".png")
 

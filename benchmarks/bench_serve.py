@@ -33,7 +33,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, is_rocketkv, model_dir, plot_series, random_prompts, write_json  # noqa: E402
+from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, compare, is_rocketkv, model_dir, plot_series, random_prompts, ratio, write_json  # noqa: E402
 
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
 SERVED_NAME = "dummy"
@@ -255,6 +255,15 @@ def run_backend(args: argparse.Namespace, backend: str, model: str, work_dir: st
     return info
 
 
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per request rate, against stock: output throughput (RocketKV / stock), TPOT p50 (stock /
+    RocketKV: > 1 is better) and TTFT p50 (RocketKV / stock: <= 1.1 is the goal)."""
+    return compare(rows, lambda r: r["rate"], {
+        "output_tok_s_ratio": lambda stock, ours: ratio(ours["output_tok_s"], stock["output_tok_s"]),
+        "tpot_p50_speedup": lambda stock, ours: ratio(stock["tpot_p50_ms"], ours["tpot_p50_ms"]),
+        "ttft_p50_ratio": lambda stock, ours: ratio(ours["ttft_p50_ms"], stock["ttft_p50_ms"])})
+
+
 def plot_serve(rows: list[dict], prefix: str) -> list[str]:
     """Output tok/s vs rate and TPOT p50 vs rate; saturation ("inf") is drawn at its achieved request rate."""
     def x_of(row: dict) -> float:
@@ -289,7 +298,7 @@ def main() -> None:
         done = backends + ([current] if current is not None and current not in backends else [])
         rows = [row for b in done for row in b["rows"]]
         write_json(args.json, {"command": " ".join(sys.argv), "input_len": args.input_len, "output_len": args.output_len,
-                               "budget": args.budget, "mode": args.mode, "backends": done, "rows": rows})
+                               "budget": args.budget, "mode": args.mode, "backends": done, "rows": rows, "ratios": ratios(rows)})
         return rows
 
     for backend in args.backends:
@@ -300,6 +309,8 @@ def main() -> None:
         plot_serve(measured, prefix)
     for row in rows:
         print(json.dumps(row), flush=True)
+    for pair in ratios(rows):
+        print(json.dumps(pair), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import os
 import shutil
 import statistics
 import tempfile
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LLAMA_8B_CONFIG = os.path.join(HERE, "llama31_8b_config.json")
@@ -111,6 +111,21 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     lo = int(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return round(numerator / denominator, 3) if numerator and denominator else None
+
+
+def compare(rows: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], Any],
+            metrics: dict[str, Callable[[dict[str, Any], dict[str, Any]], float | None]]) -> list[dict[str, Any]]:
+    """Pairs each RocketKV row with the stock row of the same key: {"key": ..., name: metric(stock, ours)}."""
+    stock = {key(r): r for r in rows if not is_rocketkv(r["backend"]) and "error" not in r}
+    pairs = []
+    for ours in rows:
+        if is_rocketkv(ours["backend"]) and "error" not in ours and key(ours) in stock:
+            pairs.append({"key": key(ours), **{name: f(stock[key(ours)], ours) for name, f in metrics.items()}})
+    return pairs
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:

@@ -257,6 +257,24 @@ def test_rate_row_reads_vllm_result_keys():
     assert row["peak_running"] == 33.0 and row["peak_kv_usage"] == 0.91 and row["peak_waiting"] is None
 
 
+def test_ratios_against_stock():
+    serve_rows = [
+        {"backend": "FLASH_ATTN", "rate": 0.5, "output_tok_s": 200.0, "tpot_p50_ms": 30.0, "ttft_p50_ms": 1000.0},
+        {"backend": "FLASH_ATTN", "rate": "inf", "output_tok_s": 400.0, "tpot_p50_ms": 60.0, "ttft_p50_ms": 9000.0},
+        {"backend": "rocketkv", "rate": "inf", "output_tok_s": 1000.0, "tpot_p50_ms": 20.0, "ttft_p50_ms": 9900.0},
+        {"backend": "rocketkv", "rate": 0.5, "error": "no result"},
+    ]
+    assert bench_serve.ratios(serve_rows) == [
+        {"key": "inf", "output_tok_s_ratio": 2.5, "tpot_p50_speedup": 3.0, "ttft_p50_ratio": 1.1}]
+    decode_rows = [{"backend": b, "ctx": 32768, "batch": 8, "tpot_ms": {"median": t}} for b, t in [("FLASH_ATTN", 18.0), ("rocketkv", 7.2)]]
+    decode_rows.append({"backend": "rocketkv", "ctx": 32768, "batch": 64, "tpot_ms": {"median": 9.0}})  # no stock row
+    assert bench_decode.speedups(decode_rows) == [{"key": "32768x8", "tpot_speedup": 2.5}]
+    capacity_rows = [{"backend": b, "ctx": 32768, "output_tok_s": {"median": t}, "peak_decoding": {"median": p}}
+                     for b, t, p in [("FLASH_ATTN", 500.0, 26), ("rocketkv", 1250.0, 32)]]
+    assert bench_capacity.ratios(capacity_rows) == [
+        {"key": 32768, "throughput_ratio": 2.5, "peak_decoding_stock": 26, "peak_decoding_rocketkv": 32}]
+
+
 # --- JSON and plots -------------------------------------------------------------------------
 
 def test_json_rows_and_write_json(tmp_path):
