@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=int, default=512, help="output tokens per request")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--gauge-every", type=float, default=0.25, help="seconds between samples of vLLM's gauges")
+    parser.add_argument("--plot-from", default=None, help="only redraw the plot of this JSON result (beside it, or at --plot)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="output tok/s PNG (default: beside --json)")
     add_engine_args(parser)
@@ -126,6 +127,10 @@ def plot_capacity(rows: list[dict], path: str) -> bool:
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot_capacity(json.load(f)["rows"], args.plot or os.path.splitext(args.plot_from)[0] + ".png")
+        return
     cases(args)  # fail early on bad sizes
     if args.backend:
         run_backend(args)

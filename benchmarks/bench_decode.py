@@ -17,6 +17,7 @@ tokens/s, prefill time, and the bytes-moved floor of one step (roofline.py) at -
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-steps", type=int, default=2, help="first all-decoding steps of each run left out")
     parser.add_argument("--warmup-ctx", type=int, default=8192, help="context of the warm-up run (batch up to 8, 16 tokens)")
     parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the roofline, TB/s (H200 4.8, H100 3.35)")
+    parser.add_argument("--plot-from", default=None, help="only redraw the plot of this JSON result (beside it, or at --plot)")
     parser.add_argument("--json", default=None, help="write all rows here")
     parser.add_argument("--plot", default=None, help="TPOT vs batch PNG (default: beside --json)")
     add_engine_args(parser)
@@ -90,8 +92,6 @@ def measure_case(llm, args: argparse.Namespace, backend: str, ctx: int, batch: i
 
 def run_backend(args: argparse.Namespace) -> None:
     """Child process: one engine, every case; prints one JSON row per case."""
-    import json
-
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
@@ -154,6 +154,10 @@ def plot_decode(rows: list[dict], path: str) -> bool:
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot_decode(json.load(f)["rows"], args.plot or os.path.splitext(args.plot_from)[0] + ".png")
+        return
     parse_cases(args)  # fail early on bad --cases
     if args.backend:
         run_backend(args)

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scrape-every", type=float, default=0.5)
     parser.add_argument("--warmup-len", type=int, default=8192, help="prompt tokens of the warm-up request (0: none)")
     parser.add_argument("--work-dir", default=None, help="raw `vllm bench serve` results and server logs (default: beside --json)")
+    parser.add_argument("--plot-from", default=None, help="only redraw the plots of this JSON result (beside it)")
     parser.add_argument("--json", default="benchmarks/results/serve.json")
     return parser
 
@@ -283,6 +284,10 @@ def plot_serve(rows: list[dict], prefix: str) -> list[str]:
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot_serve([r for r in json.load(f)["rows"] if "error" not in r], os.path.splitext(args.plot_from)[0])
+        return
     per_rate_prompts(args)  # fail early on bad sizes
     prefix = os.path.splitext(args.json)[0]
     work_dir = args.work_dir or prefix + "_raw"

@@ -302,6 +302,15 @@ def test_plots_written(tmp_path):
     assert all(open(p, "rb").read(4) == png for p in written)
 
 
+def test_plot_from_saved_json(tmp_path):
+    """The plots can be redrawn here from a GPU run's JSON (the GPU machine may lack matplotlib)."""
+    pytest.importorskip("matplotlib")
+    rows = [{"backend": "rocketkv", "ctx": 32768, "batch": 8, "tpot_ms": {"median": 7.0}}]
+    write_json(str(tmp_path / "decode.json"), {"rows": rows})
+    subprocess.run([sys.executable, os.path.join(BENCH, "bench_decode.py"), "--plot-from", str(tmp_path / "decode.json")], check=True)
+    assert (tmp_path / "decode.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_session_script_is_valid_bash():
     subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_bench_session.sh")], check=True)
 
