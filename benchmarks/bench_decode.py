@@ -119,7 +119,7 @@ def run_backend(args: argparse.Namespace) -> None:
 
 def run_child(args: argparse.Namespace, backend: str) -> tuple[list[dict], list[str], int]:
     """One backend in its own process: its JSON rows, vLLM's CUDA-graph capture log lines, its exit code.
-    The child's stderr (vLLM logs, progress bar) passes through."""
+    The child's stderr (progress bar, tracebacks) passes through."""
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--backend", backend],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout: list[bytes] = []
@@ -132,9 +132,11 @@ def run_child(args: argparse.Namespace, backend: str) -> tuple[list[dict], list[
         tail = (tail + chunk)[-400_000:]
     code = proc.wait()
     reader.join()
-    text = tail.decode(errors="replace")
+    out = b"".join(stdout).decode(errors="replace")
+    # vLLM logs to stdout by default (VLLM_LOGGING_STREAM), tracebacks go to stderr: look in both
+    text = out + "\n" + tail.decode(errors="replace")
     graph_lines = [line.strip() for line in text.splitlines() if "graph" in line.lower() and "captur" in line.lower()]
-    return json_rows(b"".join(stdout).decode(errors="replace")), graph_lines[-6:], code
+    return json_rows(out), graph_lines[-6:], code
 
 
 def speedups(rows: list[dict]) -> list[dict]:
