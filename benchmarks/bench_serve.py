@@ -33,6 +33,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from rocketkv_vllm.config import MODES  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, compare, is_rocketkv, model_dir, plot_series, random_prompts, ratio, write_json  # noqa: E402
 
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default=LLAMA_8B_CONFIG)
     parser.add_argument("--budget", type=int, default=2048)
-    parser.add_argument("--mode", default="rocketkv", choices=["rocketkv", "mt", "full"])
+    parser.add_argument("--mode", default="rocketkv", choices=MODES)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -10,6 +10,8 @@ import statistics
 import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
+from rocketkv_vllm.config import MODES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LLAMA_8B_CONFIG = os.path.join(HERE, "llama31_8b_config.json")
 STOCK_BACKEND = "FLASH_ATTN"  # vLLM's default on Hopper; the CPU's is CPU_ATTN
@@ -52,7 +54,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine settings common to the offline benchmarks."""
     parser.add_argument("--config", default=LLAMA_8B_CONFIG, help="HF config.json of the dummy-weights model (default: Llama-3.1-8B shape)")
     parser.add_argument("--budget", type=int, default=2048, help="RocketKV token budget")
-    parser.add_argument("--mode", default="rocketkv", choices=["rocketkv", "mt", "full"], help="RocketKV server mode")
+    parser.add_argument("--mode", default="rocketkv", choices=MODES, help="RocketKV server mode")
     parser.add_argument("--block-size", type=int, default=16, help="vLLM KV block size (tokens)")
     parser.add_argument("--eager", action="store_true", help="enforce_eager: no CUDA graphs")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="scheduler's max running requests")

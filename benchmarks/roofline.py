@@ -4,7 +4,7 @@ Stock (dense) attention reads every weight once per step plus K and V of every c
 of every request. RocketKV reads the weights, then per request, layer and KV head: the page
 summaries (key max and min) of the live pages, scored on r channels (the algorithm's floor;
 the implementation reads whole rows when r exceeds its gather limit: `summary_rows_bytes`),
-and K and V of the top_pages * page_size selected tokens. Live tokens are the prompt tokens
+and K and V of the selected pages' tokens (top_pages scored, plus the newest page). Live tokens are the prompt tokens
 stage 1 keeps plus those decoded so far (on average half of the output).
 """
 from __future__ import annotations
@@ -60,11 +60,11 @@ def stock_step_bytes(shape: ModelShape, ctx: int, batch: int, out: int) -> int:
 
 def rocketkv_plan(shape: ModelShape, ctx: int, out: int, budget: int, mode: str, block_size: int, page_size: int = 4):
     """The plan the backend computes for such a request (rocketkv_vllm.plan)."""
-    from rocketkv_vllm.config import RequestSettings, RocketKVConfig
+    from rocketkv_vllm.config import RocketKVConfig, request_settings
     from rocketkv_vllm.plan import plan_request
 
     config = RocketKVConfig(budget=budget, mode=mode, page_size=page_size)
-    return plan_request(RequestSettings(budget, mode), config, ctx, out, shape.head_dim, block_size), config
+    return plan_request(request_settings(None, config), config, ctx, out, shape.head_dim, block_size), config
 
 
 def rocketkv_step_bytes(shape: ModelShape, ctx: int, batch: int, out: int, budget: int, mode: str, block_size: int) -> dict:
@@ -80,7 +80,8 @@ def rocketkv_step_bytes(shape: ModelShape, ctx: int, batch: int, out: int, budge
         pages = math.ceil(live / config.page_size)
         summary = heads * pages * 2 * plan.top_channels * ELEMENT_BYTES
         summary_rows = heads * pages * 2 * row
-        attend = heads * plan.top_pages * config.page_size * 2 * row
+        pages_attended = plan.top_pages + (1 if config.attend_newest_page else 0)  # the newest page rides along
+        attend = heads * pages_attended * config.page_size * 2 * row
     weights = shape.weight_bytes()
     return {
         "total": weights + summary + attend, "summary_rows_total": weights + summary_rows + attend,
