@@ -16,6 +16,7 @@ have=$(ls "$STORE"/ray*.part 2>/dev/null | wc -l)
 if [ "$have" -lt "$n" ]; then echo "have $have of $n ray parts; carry the rest"; exit 0; fi
 cat $(for ((i = 0; i < n; i++)); do echo "$STORE/ray$i.part"; done) > "/tmp/rkv-gpu/$name"
 echo "$sum  /tmp/rkv-gpu/$name" | sha256sum -c - >/dev/null || { echo "checksum mismatch: re-stage" >&2; rm -rf "$STORE"; exit 1; }
+mkdir -p "$SITE"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "/tmp/rkv-gpu/$name"
 rm -rf "$STORE" "/tmp/rkv-gpu/$name"
 touch "$SITE/.ok"
