@@ -68,6 +68,18 @@ USED = (
              "RocketKVSpec is managed by RocketKVManager"),
 )
 
+# OpenAI request models whose vllm_xargs annotation (`str | int | float | list[...]` values,
+# XARGS_VALUE) reads JSON true as 1; on RocketKV servers they are rebuilt with bool first
+# in the union so that `"rocketkv_budget": true` reaches the validation as a bool.
+XARGS_REQUESTS = (
+    "vllm.entrypoints.openai.completion.protocol:CompletionRequest",
+    "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest",
+    "vllm.entrypoints.openai.responses.protocol:ResponsesRequest",
+    "vllm.entrypoints.speech_to_text.transcription.protocol:TranscriptionRequest",
+)
+XARGS_VALUE = str | int | float | list[str | int | float]
+XARGS_VALUE_WITH_BOOL = bool | str | int | float | list[bool | str | int | float]
+
 
 def is_patched(owner: type, attribute: str) -> bool:
     return any(p.attribute == attribute and p.resolve_owner() is owner for p in PATCHED)

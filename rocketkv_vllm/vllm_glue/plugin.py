@@ -239,11 +239,32 @@ def _validate_config_at_startup() -> None:
                 if registered != BACKEND_PATH:  # another plugin re-registered the slot after RocketKV
                     raise _slot_conflict(registered)
                 RocketKVConfig.from_additional_config(vllm_config.additional_config)
+                _keep_json_booleans()
             return vllm_config
 
         return create_engine_config
 
     _wrap(EngineArgs, "create_engine_config", make)
+
+
+def _keep_json_booleans() -> None:
+    """vllm_xargs values are declared str | int | float | list, so pydantic turns JSON true into 1
+    and `"rocketkv_budget": true` would pass as a budget of 1: put bool first in the union (the
+    API server builds its routes after the engine config, from the rebuilt models)."""
+    import importlib
+
+    from rocketkv_vllm.vllm_glue.patches import XARGS_REQUESTS, XARGS_VALUE, XARGS_VALUE_WITH_BOOL
+
+    for owner in XARGS_REQUESTS:
+        module, _, name = owner.partition(":")
+        model = getattr(importlib.import_module(module), name)
+        field = model.model_fields["vllm_xargs"]
+        if field.annotation == dict[str, XARGS_VALUE_WITH_BOOL] | None:
+            continue
+        if field.annotation != dict[str, XARGS_VALUE] | None:
+            raise AssertionError(f"{owner}.vllm_xargs changed type ({field.annotation}); see patches.XARGS_REQUESTS")
+        field.annotation = dict[str, XARGS_VALUE_WITH_BOOL] | None
+        model.model_rebuild(force=True)
 
 
 def check_request(vllm_config, params, resumable: bool = False) -> None:
