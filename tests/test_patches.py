@@ -46,3 +46,18 @@ def test_version_check_escape_hatch(monkeypatch, caplog):
 
 def test_installed_vllm_is_supported():
     patches.check_vllm_version()
+
+
+@pytest.mark.parametrize("owner", patches.XARGS_REQUESTS)
+def test_request_models_keep_json_booleans_after_the_rebuild(owner):
+    module, _, name = owner.partition(":")
+    model = getattr(__import__(module, fromlist=[name]), name)
+    annotation = model.model_fields["vllm_xargs"].annotation
+    assert annotation in (dict[str, patches.XARGS_VALUE] | None, dict[str, patches.XARGS_VALUE_WITH_BOOL] | None)
+    plugin._keep_json_booleans()
+    field = model.model_fields["vllm_xargs"]
+    from pydantic import TypeAdapter
+
+    parsed = TypeAdapter(field.annotation).validate_json('{"b": true, "i": 1, "f": 1.5, "s": "1", "l": [true, 2]}')
+    assert parsed == {"b": True, "i": 1, "f": 1.5, "s": "1", "l": [True, 2]}
+    assert type(parsed["b"]) is bool and type(parsed["i"]) is int and type(parsed["l"][0]) is bool
