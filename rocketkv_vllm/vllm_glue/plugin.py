@@ -21,7 +21,7 @@ import functools
 import logging
 
 from rocketkv_vllm.config import REQUEST_PREFIX, RocketKVConfig, request_settings
-from rocketkv_vllm.vllm_glue.patches import check_vllm_version, is_patched
+from rocketkv_vllm.vllm_glue.patches import PATCHED, check_vllm_version, is_patched
 
 logger = logging.getLogger(__name__)
 BACKEND_PATH = "rocketkv_vllm.vllm_glue.backend.RocketKVBackend"
@@ -314,3 +314,4 @@ def register() -> None:
     _publish_batch_rows()
     _no_full_graph_for_prompt_chunks()
     _registered = True
+    logger.debug("RocketKV plugin registered; patched vLLM internals: %s", ", ".join(map(str, PATCHED)))
