@@ -153,3 +153,18 @@ def test_summary_group_follows_the_server_mode_unless_set():
     for bad in (3, -8, "8", True):
         with pytest.raises(ValueError, match="summary_group"):
             RocketKVConfig(summary_group=bad)
+
+
+def test_engine_config_is_checked_at_start_up(foreign_custom_backend):
+    with pytest.raises(RuntimeError, match=foreign_custom_backend):
+        plugin.check_engine_config(_vllm_config())  # the slot was taken over after RocketKV registered
+
+
+@pytest.mark.parametrize("section,field", [({"budget": True}, "rocketkv.budget"), ({"pagesize": 8}, "rocketkv.pagesize")])
+def test_bad_server_settings_stop_start_up(section, field):
+    config = SimpleNamespace(attention_config=SimpleNamespace(backend=AttentionBackendEnum.CUSTOM),
+                             additional_config={"rocketkv": section})
+    with pytest.raises(ValueError, match=field):
+        plugin.check_engine_config(config)
+    config.attention_config.backend = AttentionBackendEnum.FLASH_ATTN  # not RocketKV's business
+    plugin.check_engine_config(config)

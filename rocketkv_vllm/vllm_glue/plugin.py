@@ -225,21 +225,28 @@ def _no_full_graph_for_prompt_chunks() -> None:
     _wrap(GPUModelRunner, "_determine_batch_execution_and_padding", make)
 
 
+def check_engine_config(vllm_config) -> None:
+    """At start-up: the CUSTOM slot still holds RocketKV, and its --additional-config section is valid."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if vllm_config.attention_config.backend != AttentionBackendEnum.CUSTOM or not _registered:
+        return
+    registered = _custom_slot_path()
+    if registered != BACKEND_PATH:  # another plugin re-registered the slot after RocketKV
+        raise _slot_conflict(registered)
+    RocketKVConfig.from_additional_config(vllm_config.additional_config)  # raises naming the field
+    _keep_json_booleans()
+
+
 def _validate_config_at_startup() -> None:
     """A bad rocketkv section of --additional-config stops `vllm serve` / LLM() before any worker starts."""
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     def make(original):
         @functools.wraps(original)
         def create_engine_config(self, *args, **kwargs):
             vllm_config = original(self, *args, **kwargs)
-            if vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM and _registered:
-                registered = _custom_slot_path()
-                if registered != BACKEND_PATH:  # another plugin re-registered the slot after RocketKV
-                    raise _slot_conflict(registered)
-                RocketKVConfig.from_additional_config(vllm_config.additional_config)
-                _keep_json_booleans()
+            check_engine_config(vllm_config)
             return vllm_config
 
         return create_engine_config
