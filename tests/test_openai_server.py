@@ -1,5 +1,6 @@
 """`vllm serve --attention-backend rocketkv` answering OpenAI clients (engine in its own process)."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +33,9 @@ def server():
         "--additional-config", '{"rocketkv": {"budget": 512}}',
     ]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # own process group: teardown ends the engine core and workers too, not only the API server
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -44,10 +47,10 @@ def server():
         except requests.ConnectionError:
             time.sleep(1)
     else:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("server did not come up in 300 s")
     yield base
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)
 
 
