@@ -8,8 +8,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 from rocketkv_vllm.kv_layout import FEW_CHANNEL_GROUP
 
-MODES = ("rocketkv", "mt", "full")
-BUDGET_KEY, MODE_KEY = "rocketkv_budget", "rocketkv_mode"
+# Serving modes, then the paper's ablations (for accuracy studies: they run slower paths).
+SERVING_MODES = ("rocketkv", "mt", "full")
+ABLATION_MODES = ("snapkv", "quest", "oracle")
+MODES = SERVING_MODES + ABLATION_MODES
+BUDGET_KEY, MODE_KEY, OUTPUT_TOKENS_KEY = "rocketkv_budget", "rocketkv_mode", "rocketkv_output_tokens"
 REQUEST_PREFIX = "rocketkv_"
 # every integer setting fits an int32 (kernel arguments, index tensors) and stays a valid JSON number
 MAX_INT = 2**31 - 1
@@ -42,11 +45,19 @@ class RocketKVConfig:
     """Server-wide defaults, from --additional-config '{"rocketkv": {...}}'.
 
     budget:       token budget t per request (KV reads per decode step, see algorithms.budget).
-    mode:         rocketkv (evict + HSA), mt (HSA only, no eviction), full (exact attention).
+    mode:         rocketkv (evict + HSA), mt (HSA only, no eviction), full (exact attention);
+                  ablations: snapkv (stage 1 alone, keeps `budget` prompt tokens, exact decode),
+                  quest (page selection on every channel), oracle (exact top-k tokens).
+    output_tokens: output length stage 1 plans for: S = prompt + min(max_tokens, output_tokens).
+                  OpenAI clients that omit max_tokens get max_model_len - prompt from vLLM;
+                  planning with that would evict far more than the same request with a
+                  small max_tokens. Tokens generated past it are kept all the same.
     window:       SnapKV++ observation window (last prompt queries).
     pool_kernel:  SnapKV++ max-pooling kernel (odd; shrunk to fit short prompts).
     page_size:    HSA page, the granularity of the stored key max/min summaries.
     top_channels: fixed r (k1) instead of the adaptive one; top_k: fixed tokens (k2) per step.
+    attend_newest_page: every decode step attends the page holding its newest tokens
+                  (ops/newest_page.py), inside the same budget; False is the paper's HSA.
     summary_group: channels per stored group of the page summaries (kv_layout), 0 for whole
                   rows; by default FEW_CHANNEL_GROUP when the server's mode is mt (its
                   scoring reads few channels), else whole rows.
@@ -54,20 +65,24 @@ class RocketKVConfig:
 
     budget: int = 2048
     mode: str = "rocketkv"
+    output_tokens: int = 512
     window: int = 32
     pool_kernel: int = 63
     page_size: int = 4
     top_channels: int | None = None
     top_k: int | None = None
+    attend_newest_page: bool = True
     summary_group: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("budget", "window", "pool_kernel", "page_size"):
+        for name in ("budget", "output_tokens", "window", "pool_kernel", "page_size"):
             _int_field(f"rocketkv.{name}", getattr(self, name), 1)
         for name in ("top_channels", "top_k"):
             if getattr(self, name) is not None:
                 _int_field(f"rocketkv.{name}", getattr(self, name), 1)
         object.__setattr__(self, "mode", _mode_field("rocketkv.mode", self.mode))
+        if not isinstance(self.attend_newest_page, bool):
+            raise ValueError(f"rocketkv.attend_newest_page must be true or false, got {self.attend_newest_page!r}")
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"rocketkv.pool_kernel must be odd, got {self.pool_kernel}")
         if self.page_size & (self.page_size - 1):
@@ -100,6 +115,7 @@ class RocketKVConfig:
 class RequestSettings:
     budget: int
     mode: str
+    output_tokens: int
 
 
 # extra_args key -> (RequestSettings field, parser raising ValueError naming the key); the
@@ -107,6 +123,7 @@ class RequestSettings:
 REQUEST_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     BUDGET_KEY: ("budget", lambda key, value: _int_field(key, value, 1)),
     MODE_KEY: ("mode", _mode_field),
+    OUTPUT_TOKENS_KEY: ("output_tokens", lambda key, value: _int_field(key, value, 1)),
 }
 
 

@@ -100,8 +100,9 @@ def test_extra_args_must_be_a_mapping(extra_args):
 
 
 # server settings: field -> (smallest valid value, whether None means "default")
-SERVER_INTS = {"budget": (1, False), "window": (1, False), "pool_kernel": (1, False), "page_size": (1, False),
-               "top_channels": (1, True), "top_k": (1, True), "summary_group": (0, True)}
+SERVER_INTS = {"budget": (1, False), "output_tokens": (1, False), "window": (1, False), "pool_kernel": (1, False),
+               "page_size": (1, False), "top_channels": (1, True), "top_k": (1, True), "summary_group": (0, True)}
+SERVER_BOOLS = ("attend_newest_page",)
 
 
 def _server(**section) -> RocketKVConfig:
@@ -109,7 +110,7 @@ def _server(**section) -> RocketKVConfig:
 
 
 def test_every_server_field_is_fuzzed():
-    assert set(SERVER_INTS) | {"mode"} == {f.name for f in dataclasses.fields(RocketKVConfig)}
+    assert set(SERVER_INTS) | set(SERVER_BOOLS) | {"mode"} == {f.name for f in dataclasses.fields(RocketKVConfig)}
 
 
 @pytest.mark.parametrize("field", sorted(SERVER_INTS))
@@ -134,6 +135,16 @@ def test_server_integer_fields(field, value):
     # accepted: a value in range (further rules: odd pool kernel, power-of-two page and group)
     assert (value is None and optional) or _valid_int(value, minimum)
     assert getattr(config, field) == value
+
+
+@fuzz
+@given(st.sampled_from(SERVER_BOOLS), json_values)
+def test_server_boolean_fields(field, value):
+    if isinstance(value, bool):
+        assert getattr(_server(**{field: value}), field) is value
+    else:
+        with pytest.raises(ValueError, match=f"rocketkv.{field}"):
+            _server(**{field: value})
 
 
 @fuzz

@@ -53,6 +53,10 @@ PATCHED = (
              "publish the request of each batch row to the metadata builder"),
     Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_determine_batch_execution_and_padding",
              "no full CUDA graph for a step that completes a prompt (SnapKV++ compaction is eager)"),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler", "__init__",
+             "window_alignment: sets need_mamba_block_aligned_split so that vLLM calls the split below"),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler", "_mamba_block_aligned_split",
+             "window_alignment: no prefill chunk ends inside the SnapKV++ observation window"),
 )
 
 # Other internals the plugin writes to or calls at registration.
