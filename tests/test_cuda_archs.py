@@ -1,5 +1,4 @@
 """The CUDA extension is used only on GPUs it was compiled for (else the Triton kernels run)."""
-import importlib.util
 import logging
 from pathlib import Path
 from types import SimpleNamespace

@@ -9,7 +9,6 @@ plugin.register()
 
 from vllm.config import AttentionConfig  # noqa: E402
 from vllm.platforms.cpu import CpuPlatform  # noqa: E402
-from vllm.platforms.interface import Platform  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
 
