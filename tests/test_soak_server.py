@@ -8,7 +8,7 @@ equal the same server's `rocketkv_mode: full` answers computed before the load.
 Afterwards: every request that was not cut off finished with its full length, no block is
 left in use, the server answers /health, and its /metrics carry the RocketKV series.
 
-CI runs ROCKETKV_SOAK_REQUESTS=160 (default); the long soak: ROCKETKV_SOAK_REQUESTS=2000.
+CI runs ROCKETKV_SOAK_REQUESTS=300 (default); the long soak: ROCKETKV_SOAK_REQUESTS=2000.
 """
 import asyncio
 import json
@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine_utils import default_model, tiny_llama
 from test_openai_server import free_port
 
-REQUESTS = int(os.environ.get("ROCKETKV_SOAK_REQUESTS", "160"))
+REQUESTS = int(os.environ.get("ROCKETKV_SOAK_REQUESTS", "300"))
 CONCURRENCY = int(os.environ.get("ROCKETKV_SOAK_CONCURRENCY", "12"))
 SEED = int(os.environ.get("ROCKETKV_SOAK_SEED", "0"))
 MAX_MODEL_LEN, VOCAB = 1024, 49152  # SmolLM2's tokenizer

@@ -20,6 +20,7 @@ from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 from vllm.v1.metrics.stats import IterationStats, MultiModalCacheStats, SchedulerStats
 
 from rocketkv_vllm.plan import RequestPlan
+from rocketkv_vllm.vllm_glue.logs import logger
 
 PREFIX = "vllm:rocketkv_"
 RATIO_BUCKETS = [1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512]
@@ -96,8 +97,9 @@ def add_stats_field() -> None:
     """
     if "rocketkv" in SchedulerStats.__dataclass_fields__:
         return
-    if "__msgspec_cache__" in SchedulerStats.__dict__:
-        raise RuntimeError("RocketKV: SchedulerStats was serialised before the plugin loaded")
+    if "__msgspec_cache__" in SchedulerStats.__dict__:  # too late for a separate engine-core process
+        logger.warning("RocketKV: the plugin loaded after vLLM first sent scheduler stats: the vllm:rocketkv_* "
+                       "series stay empty when the engine core runs in its own process")
     spec = dataclasses.field(default=None, init=False)
     spec.name, spec.type = "rocketkv", RocketKVStats | None
     spec._field_type = dataclasses._FIELD  # what dataclasses.fields() and msgspec look for

@@ -252,7 +252,8 @@ def _ship_scheduler_stats() -> None:
             if not managers:
                 return original(self, scheduler_output, model_runner_output)
             shipper = self.__dict__.setdefault("_rocketkv_stats", StatsShipper())
-            shipper.count_decode_rows(managers, scheduler_output)
+            if self.log_stats:
+                shipper.count_decode_rows(managers, scheduler_output)
             outputs = original(self, scheduler_output, model_runner_output)
             shipper.ship(managers, outputs, self.log_stats)
             return outputs
