@@ -133,3 +133,24 @@ def test_decode_reads_follow_the_plan():
     exact = RequestPlan.exact(30, HEAD_DIM)
     assert decode_reads(exact, 35, PAGE) == (36, 9, 36)
     assert compression_ratio(sparse, PAGE) == pytest.approx(101 / 20)
+
+
+def test_stats_wait_for_a_message_with_outputs():
+    """LLMEngine records only stats messages that carry request outputs: the rest wait."""
+    from types import SimpleNamespace
+
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    from rocketkv_vllm.vllm_glue.metrics import RocketKVStats, StatsShipper, add_stats_field
+
+    add_stats_field()  # what the plugin does in every process
+    manager = SimpleNamespace(stats=RocketKVStats(kv_blocks_freed=3))
+    shipper = StatsShipper()
+    idle = {0: EngineCoreOutputs(scheduler_stats=SchedulerStats())}
+    shipper.ship([manager], idle, log_stats=True)
+    assert idle[0].scheduler_stats.rocketkv is None and manager.stats.empty()
+    manager.stats.kv_blocks_freed = 2
+    busy = {0: EngineCoreOutputs(outputs=[object()], scheduler_stats=SchedulerStats())}
+    shipper.ship([manager], busy, log_stats=True)
+    assert busy[0].scheduler_stats.rocketkv.kv_blocks_freed == 5 and shipper.pending.empty()
