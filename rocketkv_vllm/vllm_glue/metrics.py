@@ -55,7 +55,7 @@ class RocketKVStats:
         self.decode_tokens_read += tokens
 
     def add(self, other: "RocketKVStats") -> None:
-        """Fold other into self (several RocketKV managers, or messages held back)."""
+        """Fold other into self (stats held back until a message with outputs)."""
         self.prompt_tokens_evicted += other.prompt_tokens_evicted
         self.kv_blocks_freed += other.kv_blocks_freed
         self.requests_by_mode = dict(Tally(self.requests_by_mode) + Tally(other.requests_by_mode))
