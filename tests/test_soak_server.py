@@ -239,6 +239,10 @@ def test_soak_under_faults(server):
     assert metrics[("vllm:rocketkv_kv_blocks_freed_total", ())] > 0
     read, live = metrics[("vllm:rocketkv_decode_tokens_read_total", ())], metrics[("vllm:rocketkv_decode_tokens_live_total", ())]
     assert 0 < read < live
+    shown = ("vllm:num_preemptions_total", "vllm:prefix_cache_hits_total")
+    print("soak metrics:", {name.removeprefix("vllm:"): value for (name, labels), value in sorted(metrics.items())
+                            if not labels and name.endswith("_total") and ("rocketkv" in name or name in shown)},
+          "requests by mode:", admitted)
 
     log = log_path.read_text()
     assert log.count("RocketKV: budget 64, mode rocketkv") == 1, "one settings line per engine"
