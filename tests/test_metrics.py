@@ -11,11 +11,12 @@ from engine_utils import free_blocks, greedy, tiny_llama, token_prompt
 from vllm import LLM
 from vllm.v1.metrics.reader import Counter, Histogram
 
-from rocketkv_vllm.config import RequestSettings, RocketKVConfig
+from rocketkv_vllm.config import RocketKVConfig, request_settings
 from rocketkv_vllm.plan import RequestPlan, plan_request
 from rocketkv_vllm.vllm_glue.metrics import compression_ratio, decode_reads
 
 BLOCK, PAGE, HEAD_DIM = 16, 4, 32
+NEWEST = RocketKVConfig().attend_newest_page  # the server's default: decode attends its newest page
 greedy = functools.partial(greedy, detokenize=False)
 CONFIG = {"budget": 64, "window": 16}
 ENGINE_ARGS = dict(
@@ -53,13 +54,14 @@ def delta(after: dict, before: dict, name: str, mode: str | None = None) -> floa
 
 def plan(prompt_len: int, max_tokens: int, budget: int, mode: str) -> RequestPlan:
     config = RocketKVConfig(**CONFIG)
-    return plan_request(RequestSettings(budget, mode), config, prompt_len, max_tokens, HEAD_DIM, BLOCK)
+    settings = request_settings({"rocketkv_budget": budget, "rocketkv_mode": mode}, config)
+    return plan_request(settings, config, prompt_len, max_tokens, HEAD_DIM, BLOCK)
 
 
 def expected_decode(p: RequestPlan, max_tokens: int) -> tuple[int, int, int, int]:
     """(steps, live, pages, tokens) summed over a request's decode rows: the first token comes
     from the prompt's last chunk, each later one from a decode row."""
-    rows = [decode_reads(p, p.prompt_len + i, PAGE) for i in range(max_tokens - 1)]
+    rows = [decode_reads(p, p.prompt_len + i, PAGE, NEWEST) for i in range(max_tokens - 1)]
     return len(rows), sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows)
 
 
@@ -88,8 +90,8 @@ def test_counters_equal_the_plans_and_the_block_pool(llm):
         assert delta(after, before, "requests", mode) == count
         assert delta(after, before, "compression_ratio", mode) == count
     ratio = after[("compression_ratio", "rocketkv")].sum - getattr(before.get(("compression_ratio", "rocketkv")), "sum", 0)
-    assert ratio == pytest.approx(sum(compression_ratio(p, PAGE) for p, r in zip(plans, REQUESTS) if r[3] == "rocketkv"))
-    assert compression_ratio(plans[0], PAGE) > 4 and compression_ratio(plans[4], PAGE) == 1
+    assert ratio == pytest.approx(sum(compression_ratio(p, PAGE, NEWEST) for p, r in zip(plans, REQUESTS) if r[3] == "rocketkv"))
+    assert compression_ratio(plans[0], PAGE, NEWEST) > 4 and compression_ratio(plans[4], PAGE, NEWEST) == 1
 
     decode = [expected_decode(p, r[1]) for p, r in zip(plans, REQUESTS)]
     for i, name in enumerate(("decode_steps", "decode_tokens_live", "decode_pages_read", "decode_tokens_read")):
@@ -126,13 +128,14 @@ def test_one_token_request_has_no_decode_row(llm):
 
 def test_decode_reads_follow_the_plan():
     sparse = RequestPlan(prompt_len=100, keep=40, sparse=True, top_channels=8, top_pages=5)
-    assert decode_reads(sparse, 100, PAGE) == (41, 5, 20)  # 40 kept + 1 new token, 5 pages of 4
-    assert decode_reads(sparse, 99, PAGE) == (100, 25, 100)  # still the prompt: exact, nothing evicted yet
+    assert decode_reads(sparse, 100, PAGE, False) == (41, 5, 20)  # 40 kept + 1 new token, 5 pages of 4
+    assert decode_reads(sparse, 100, PAGE, True) == (41, 6, 21)  # + the newest page, holding 1 token
+    assert decode_reads(sparse, 99, PAGE, True) == (100, 25, 100)  # still the prompt: exact, nothing evicted yet
     tiny = RequestPlan(prompt_len=10, keep=6, sparse=True, top_channels=8, top_pages=5)
-    assert decode_reads(tiny, 10, PAGE) == (7, 2, 7)  # fewer live pages than top_pages
+    assert decode_reads(tiny, 10, PAGE, False) == decode_reads(tiny, 10, PAGE, True) == (7, 2, 7)  # all live pages
     exact = RequestPlan.exact(30, HEAD_DIM)
-    assert decode_reads(exact, 35, PAGE) == (36, 9, 36)
-    assert compression_ratio(sparse, PAGE) == pytest.approx(101 / 20)
+    assert decode_reads(exact, 35, PAGE, True) == (36, 9, 36)
+    assert compression_ratio(sparse, PAGE, True) == pytest.approx(101 / 21)
 
 
 def test_stats_wait_for_a_message_with_outputs():

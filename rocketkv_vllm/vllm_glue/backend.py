@@ -102,6 +102,17 @@ class Compaction:
     seq_len: int  # > prompt_len only when a resumed request recomputes its outputs too
 
 
+@dataclass
+class OracleBatch:
+    """Decode rows of the `oracle` ablation (exact top-k attention, torch reference)."""
+
+    token_index: torch.Tensor  # [B] query token of each row
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    top_k: torch.Tensor
+    max_seq_len: int
+
+
 ALL_PAGES = 1 << 30  # a budget covering every page: exact attention through the sparse path
 
 
@@ -145,6 +156,7 @@ class RocketKVMetadata:
     dense: list[DenseRow]
     compactions: list[Compaction]
     decode: DecodeBatch | None
+    oracle: OracleBatch | None
     packed_dense: PackedDense | None = None  # replaces `dense` where FlashAttention is available
 
 
@@ -181,7 +193,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         query_lens = [b - a for a, b in zip(starts, starts[1:])]
         seq_lens = cm.seq_lens.cpu().tolist() if cm._seq_lens_cpu is None else cm._seq_lens_cpu.tolist()
         rows = current_rows()
-        dense, compactions, decode_rows, columns = [], [], [], []
+        dense, compactions, decode_rows, columns, oracle = [], [], [], [], []
         for i, query_len in enumerate(query_lens):
             if query_len == 0:  # finished this step, or CUDA-graph padding
                 continue
@@ -190,6 +202,9 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             plan = self._plan(rows, i, seq_len)
             prompt_len = plan.prompt_len
             completes_prompt = computed < prompt_len <= seq_len
+            if query_len == 1 and plan.oracle_tokens and computed >= plan.prompt_len:
+                oracle.append((i, starts[i], seq_len, plan.oracle_tokens))
+                continue
             if query_len == 1 and not (plan.evicts and completes_prompt):
                 compacted = plan.evicts and computed >= prompt_len
                 sparse = plan.sparse and computed >= prompt_len
@@ -207,8 +222,9 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
                 compactions.append(
                     Compaction(i, starts[i] + window_start - computed, starts[i] + prompt_len - computed, prompt_len, plan.keep, seq_len)
                 )
-        decode = self._decode_batch(cm, decode_rows, columns, pure=not dense) if decode_rows else None
-        meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)
+        decode = self._decode_batch(cm, decode_rows, columns, pure=not (dense or oracle)) if decode_rows else None
+        meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode,
+                                self._oracle_batch(cm, oracle) if oracle else None)
         if dense and flash_prefill.available(self.device, self.kv_cache_spec.dtype):
             if all(r.keep == r.gap_end for r in dense):
                 meta.packed_dense = self._pack(dense)
@@ -232,6 +248,10 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             token_index = cm.query_start_loc[index].long()
             block_table, seq_lens = cm.block_table_tensor[index], cm.seq_lens[index]
         return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3])
+
+    def _oracle_batch(self, cm: CommonAttentionMetadata, rows: list[tuple[int, int, int, int]]) -> OracleBatch:
+        row, token, seq_len, top_k = (self._to_device(torch.tensor(c)) for c in zip(*rows))
+        return OracleBatch(token.long(), cm.block_table_tensor[row], seq_len, top_k, max(r[2] for r in rows))
 
     def _pack(self, dense: list[DenseRow]) -> PackedDense:
         query_lens = [r.query_end - r.query_start for r in dense]

@@ -10,6 +10,7 @@ from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
+from rocketkv_vllm.ops.newest_page import NewestPages
 from rocketkv_vllm.vllm_glue.backend import RocketKVMetadata
 
 
@@ -51,6 +52,7 @@ class RocketKVImpl(AttentionImpl):
         self.config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
         self.layout = KVLayout(vllm_config.cache_config.block_size, self.config.page_size,
                                self.config.layout_summary_group())
+        self.newest = self.config.attend_newest_page
         self._ops = None
 
     def ops(self, device: torch.device):
@@ -109,14 +111,23 @@ class RocketKVImpl(AttentionImpl):
             if c.seq_len > c.prompt_len:
                 reference.refold_after_prompt(kv_cache, self.layout, block_row, c.prompt_len, c.seq_len)
 
+        if (o := meta.oracle) is not None:
+            out[o.token_index] = reference.oracle_decode_attention(
+                query[o.token_index], kv_cache, self.layout, o.block_table, o.seq_lens, o.top_k, o.max_seq_len, self.scale
+            )
         d = meta.decode
         if d is not None:
             # (tokens past num_rows, if any, are CUDA-graph padding that nobody reads)
             contiguous = d.token_index is None
             q = query[: d.num_rows] if contiguous else query[d.token_index]
+            # per layer, not cached on the metadata: a CUDA graph must capture these ops
+            newest = NewestPages.of(d.seq_lens, self.layout.page_size) if self.newest else None
             selection = ops.hsa_select_pages(
-                q, kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages
+                q, kv_cache, self.layout, d.block_table, newest.scored_seq_lens if newest else d.seq_lens,
+                d.keep, d.gap_end, d.top_channels, d.top_pages,
             )
+            if newest:
+                newest.append_to(selection)
             result = ops.paged_sparse_attention(
                 q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
                 self.scale, out=out[: d.num_rows] if contiguous else None,

@@ -70,7 +70,7 @@ class RocketKVManager(FullAttentionManager):
             self._plans[request.request_id] = plan
             if request.num_preemptions == 0:
                 mode = request_settings(getattr(request.sampling_params, "extra_args", None), self.rocketkv).mode
-                self.stats.admit(mode, plan, self.rocketkv.page_size)
+                self.stats.admit(mode, plan, self.rocketkv)
         if plan.evicts:
             request.skip_reading_prefix_cache = True
         return plan

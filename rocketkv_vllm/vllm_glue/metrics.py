@@ -19,6 +19,7 @@ from vllm.config import VllmConfig
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 from vllm.v1.metrics.stats import IterationStats, MultiModalCacheStats, SchedulerStats
 
+from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.plan import RequestPlan
 from rocketkv_vllm.vllm_glue.logs import logger
 
@@ -42,13 +43,14 @@ class RocketKVStats:
     decode_tokens_read: int = 0  # KV tokens they attend over
     decode_pages_read: int = 0  # pages they attend over
 
-    def admit(self, mode: str, plan: RequestPlan, page_size: int) -> None:
+    def admit(self, mode: str, plan: RequestPlan, config: RocketKVConfig) -> None:
         self.requests_by_mode[mode] = self.requests_by_mode.get(mode, 0) + 1
-        self.compression_ratios.setdefault(mode, []).append(compression_ratio(plan, page_size))
+        ratio = compression_ratio(plan, config.page_size, config.attend_newest_page)
+        self.compression_ratios.setdefault(mode, []).append(ratio)
 
-    def decode_row(self, plan: RequestPlan, computed: int, page_size: int) -> None:
+    def decode_row(self, plan: RequestPlan, computed: int, config: RocketKVConfig) -> None:
         """A one-token row of a request whose prompt is done; `computed`: tokens before it."""
-        live, pages, tokens = decode_reads(plan, computed, page_size)
+        live, pages, tokens = decode_reads(plan, computed, config.page_size, config.attend_newest_page)
         self.decode_steps += 1
         self.decode_tokens_live += live
         self.decode_pages_read += pages
@@ -70,21 +72,29 @@ class RocketKVStats:
         return self == RocketKVStats()
 
 
-def decode_reads(plan: RequestPlan, computed: int, page_size: int) -> tuple[int, int, int]:
+def decode_reads(plan: RequestPlan, computed: int, page_size: int, newest_page: bool) -> tuple[int, int, int]:
     """(live tokens, pages read, tokens read) per KV head for the decode row after `computed`
-    tokens: the metadata builder's rule (backend.py), estimated from the plan without the device.
-    The selection picks top_pages of the live pages; an exact row reads them all."""
+    tokens: the metadata builder's and impl's rule, estimated from the plan without the device.
+    A sparse row attends its top_pages best pages, plus its newest page where the server attends
+    it (ops/newest_page.py); an exact row reads every live page."""
     live = computed + 1
     if plan.evicts and computed >= plan.prompt_len:
         live -= plan.prompt_len - plan.keep
     live_pages = -(-live // page_size)
-    pages = min(plan.top_pages, live_pages) if plan.sparse and computed >= plan.prompt_len else live_pages
-    return live, pages, min(pages * page_size, live)
+    if not (plan.sparse and computed >= plan.prompt_len):
+        return live, live_pages, live
+    if not newest_page:
+        pages = min(plan.top_pages, live_pages)
+        return live, pages, min(pages * page_size, live)
+    scored = min(plan.top_pages, live_pages - 1)
+    newest_tokens = computed % page_size + 1  # the page being filled
+    return live, scored + 1, min(scored * page_size + newest_tokens, live)
 
 
-def compression_ratio(plan: RequestPlan, page_size: int) -> float:
-    """Prompt tokens over the KV tokens the request's first decode step attends to (>= 1; 1: exact)."""
-    _, _, tokens = decode_reads(plan, plan.prompt_len, page_size)
+def compression_ratio(plan: RequestPlan, page_size: int, newest_page: bool) -> float:
+    """The context at the request's first decode step over the KV tokens that step attends to
+    (>= 1; 1: exact)."""
+    _, _, tokens = decode_reads(plan, plan.prompt_len, page_size, newest_page)
     return (plan.prompt_len + 1) / tokens
 
 
@@ -198,7 +208,7 @@ class StatsShipper:
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             plan = manager.plan_of(req_id)
             if num_tokens == 1 and plan is not None and computed.get(req_id, -1) >= plan.prompt_len:
-                manager.stats.decode_row(plan, computed[req_id], manager.rocketkv.page_size)
+                manager.stats.decode_row(plan, computed[req_id], manager.rocketkv)
 
     def ship(self, managers: list, engine_core_outputs: dict, log_stats: bool) -> None:
         primary, *others = managers
