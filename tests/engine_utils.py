@@ -74,10 +74,11 @@ def tiny_llama(path: str, seed: int = 0, family: str = "Llama", **config_overrid
     import torch
     import transformers
 
-    config = getattr(transformers, f"{family}Config")(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True, **config_overrides,
-    )
+    config = getattr(transformers, f"{family}Config")(**{
+        **dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=1, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True),
+        **config_overrides,
+    })
     torch.manual_seed(seed)
     model = getattr(transformers, f"{family}ForCausalLM")(config).to(torch.float32)
     model.save_pretrained(path)

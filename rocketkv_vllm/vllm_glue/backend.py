@@ -30,6 +30,7 @@ from rocketkv_vllm.kernels import flash_prefill
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.plan import RequestPlan, plan_for_params
 from rocketkv_vllm.vllm_glue.batch_context import current_rows
+from rocketkv_vllm.vllm_glue.logs import log_settings, warn_gap_rows_on_torch_path
 
 
 class RocketKVBackend(AttentionBackend):
@@ -176,6 +177,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         )
         # keep, gap_end, top_channels, top_pages of each decode row; persistent for CUDA graphs
         self._columns = torch.zeros(4, max_rows, dtype=torch.int32, device=device)
+        log_settings(self.config, self.block_size, device, kv_cache_spec.dtype)
 
     def _plan(self, rows, i: int, seq_len: int) -> RequestPlan:
         if not rows:  # dummy batches (profiling, warm-up, graph capture): exact attention
@@ -223,8 +225,11 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         decode = self._decode_batch(cm, decode_rows, columns, pure=not (dense or oracle)) if decode_rows else None
         meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode,
                                 self._oracle_batch(cm, oracle) if oracle else None)
-        if dense and flash_prefill.available(self.device, self.kv_cache_spec.dtype) and all(r.keep == r.gap_end for r in dense):
-            meta.packed_dense = self._pack(dense)
+        if dense and flash_prefill.available(self.device, self.kv_cache_spec.dtype):
+            if all(r.keep == r.gap_end for r in dense):
+                meta.packed_dense = self._pack(dense)
+            else:
+                warn_gap_rows_on_torch_path()
         return meta
 
     def _decode_batch(self, cm: CommonAttentionMetadata, rows: list[int], columns: list[tuple[int, ...]], pure: bool) -> DecodeBatch:

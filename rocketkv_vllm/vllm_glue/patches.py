@@ -57,6 +57,10 @@ PATCHED = (
              "window_alignment: sets need_mamba_block_aligned_split so that vLLM calls the split below"),
     Internal("vllm.v1.core.sched.scheduler:Scheduler", "_mamba_block_aligned_split",
              "window_alignment: no prefill chunk ends inside the SnapKV++ observation window"),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler", "update_from_output",
+             "metrics: RocketKV's counters travel in the step's SchedulerStats"),
+    Internal("vllm.v1.metrics.loggers:StatLoggerManager", "__init__",
+             "metrics: the frontend's stat loggers gain RocketKV's vllm:rocketkv_* series"),
 )
 
 # Other internals the plugin writes to or calls at registration.

@@ -13,7 +13,9 @@ parses backend names, so each hook below is installed everywhere:
 - a one-token step that still holds a prompt chunk is not replayed as a full CUDA graph
   (the chunk that completes an evicting prompt runs SnapKV++ compaction, which is eager);
 - bad per-request settings are rejected before the request is queued (HTTP 400), and a
-  bad rocketkv section of --additional-config when the engine config is created.
+  bad rocketkv section of --additional-config when the engine config is created;
+- the scheduler ships RocketKV's counters in its SchedulerStats, and a stat logger in the
+  frontend exports them as `vllm:rocketkv_*` series (vllm_glue.metrics).
 Every hook is gated on the engine actually serving RocketKV; patches.py lists the vLLM
 internals they patch and the vLLM versions supported.
 """
@@ -168,12 +170,9 @@ def _register_kv_manager() -> None:
 def _track_requests_in_scheduler() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-    from rocketkv_vllm.vllm_glue.kv_manager import RocketKVManager
-
     def track(kv_cache_manager: KVCacheManager, request) -> None:
-        for manager in kv_cache_manager.coordinator.single_type_managers:
-            if isinstance(manager, RocketKVManager):
-                manager.track(request)
+        for manager in _rocketkv_managers(kv_cache_manager):
+            manager.track(request)
 
     def make(original):
         @functools.wraps(original)
@@ -311,6 +310,56 @@ def _validate_requests() -> None:
     _wrap(InputProcessor, "process_inputs", make)
 
 
+def _rocketkv_managers(kv_cache_manager) -> list:
+    from rocketkv_vllm.vllm_glue.kv_manager import RocketKVManager
+
+    return [m for m in kv_cache_manager.coordinator.single_type_managers if isinstance(m, RocketKVManager)]
+
+
+def _ship_scheduler_stats() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from rocketkv_vllm.vllm_glue.metrics import StatsShipper, add_stats_field
+
+    add_stats_field()
+
+    def make(original):
+        @functools.wraps(original)
+        def update_from_output(self, scheduler_output, model_runner_output):
+            managers = _rocketkv_managers(self.kv_cache_manager)
+            if not managers:
+                return original(self, scheduler_output, model_runner_output)
+            shipper = self.__dict__.setdefault("_rocketkv_stats", StatsShipper())
+            if self.log_stats:
+                shipper.count_decode_rows(managers, scheduler_output)
+            outputs = original(self, scheduler_output, model_runner_output)
+            shipper.ship(managers, outputs, self.log_stats)
+            return outputs
+
+        return update_from_output
+
+    _wrap(Scheduler, "update_from_output", make)
+
+
+def _export_metrics() -> None:
+    """The frontend's stat loggers (LLMEngine and AsyncLLM alike) gain RocketKV's, after vLLM's
+    Prometheus logger, which unregisters every `vllm:` series when it starts."""
+    from vllm.v1.metrics.loggers import StatLoggerManager
+
+    from rocketkv_vllm.vllm_glue.metrics import RocketKVStatLogger
+
+    def make(original):
+        @functools.wraps(original)
+        def init(self, vllm_config, *args, **kwargs):
+            original(self, vllm_config, *args, **kwargs)
+            if _uses_rocketkv(vllm_config):
+                self.stat_loggers.append(RocketKVStatLogger(vllm_config, self.engine_indexes))
+
+        return init
+
+    _wrap(StatLoggerManager, "__init__", make)
+
+
 def register() -> None:
     """Entry point of the `vllm.general_plugins` group."""
     global _registered
@@ -328,5 +377,7 @@ def register() -> None:
     _publish_batch_rows()
     _no_full_graph_for_prompt_chunks()
     window_alignment.install()
+    _ship_scheduler_stats()
+    _export_metrics()
     _registered = True
     logger.debug("RocketKV plugin registered; patched vLLM internals: %s", ", ".join(map(str, PATCHED)))
