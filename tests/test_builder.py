@@ -18,12 +18,12 @@ from rocketkv_vllm.vllm_glue.request_plans import PLAN_KEY, attach_plan
 
 BLOCK, HEAD_DIM, MAX_ROWS = 16, 64, 8
 CONFIG = RocketKVConfig(budget=64)
-SPEC = SimpleNamespace(head_size=HEAD_DIM, block_size=BLOCK, dtype=torch.float32)
+SPEC = SimpleNamespace(head_size=HEAD_DIM, block_size=BLOCK, dtype=torch.float32, num_kv_heads=2)
 
 
 def make_builder(max_rows: int = MAX_ROWS, max_tokens: int = 1024) -> RocketKVMetadataBuilder:
     builder = object.__new__(RocketKVMetadataBuilder)  # no VllmConfig needed for build()
-    builder._setup(CONFIG, SPEC, max_rows, max_tokens, torch.device("cpu"))
+    builder._setup(CONFIG, SPEC, max_rows, max_tokens, torch.device("cpu"), 4 * SPEC.num_kv_heads, 64)
     return builder
 
 

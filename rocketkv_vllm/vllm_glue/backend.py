@@ -28,7 +28,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.utils import CpuGpuBuffer
 
 from rocketkv_vllm.config import RocketKVConfig
-from rocketkv_vllm.kernels import flash_prefill
+from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.vllm_glue.batch_context import current_batch
 from rocketkv_vllm.vllm_glue.request_plans import (
@@ -202,19 +202,29 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # decodes first: their tokens are a prefix of the batch
-        scheduler = vllm_config.scheduler_config
+        scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
         max_rows = max(scheduler.max_num_seqs, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
         self._setup(
             RocketKVConfig.from_additional_config(vllm_config.additional_config), kv_cache_spec, max_rows,
             scheduler.max_num_batched_tokens, device,
+            vllm_config.compilation_config.static_forward_context[layer_names[0]].num_heads,  # this worker's
+            -(-model.max_model_len // kv_cache_spec.block_size),
         )
 
     def _setup(self, config: RocketKVConfig, kv_cache_spec: AttentionSpec, max_rows: int, max_tokens: int,
-               device: torch.device) -> None:
-        """Everything build() needs (tests make builders without a VllmConfig through this)."""
+               device: torch.device, num_heads: int, max_blocks: int) -> None:
+        """Everything build() needs (tests make builders without a VllmConfig through this).
+        num_heads: query heads of this worker; max_blocks: the block tables' expected width."""
         self.config, self.kv_cache_spec, self.device = config, kv_cache_spec, device
         self.head_dim, self.block_size = kv_cache_spec.head_size, kv_cache_spec.block_size
-        self.max_rows, self.max_tokens = max_rows, max_tokens
+        self.max_rows, self.max_tokens, self.num_heads = max_rows, max_tokens, num_heads
+        self.layout = KVLayout(self.block_size, config.page_size, config.layout_summary_group())
+        # the page selection's launch plans (kernels' SelectionPlanner) per block-table width,
+        # over a workspace sized here for max_rows; none on the reference path
+        self._planner_cls = get_ops(device).selection_planner
+        self._planners: dict[int, Any] = {}
+        if self._planner_cls is not None:
+            self._planner(max_blocks)
         self.plans = PlanTable(config, self.head_dim, self.block_size)
         self.flash_prefill = flash_prefill.available(device, kv_cache_spec.dtype)
         # keep, gap_end, top_channels, top_pages of each decode row; persistent for CUDA graphs
@@ -292,7 +302,20 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             device = self._decode_rows.copy_to_gpu(2 * count)
             index, token_index = device[:count], device[count : 2 * count]
             block_table, seq_lens = cm.block_table_tensor[index], cm.seq_lens[index]
-        return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3])
+        plan = None
+        if self._planner_cls is not None:
+            plan = self._planner(cm.block_table_tensor.shape[1])(num_rows)
+        return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3], plan)
+
+    def _planner(self, width: int):
+        planner = self._planners.get(width)
+        if planner is None:  # (earlier planners stay: captured CUDA graphs use their workspaces)
+            from rocketkv_vllm.kernels.triton_hsa import SelectionShape
+
+            shape = SelectionShape(self.num_heads, self.kv_cache_spec.num_kv_heads, self.head_dim, self.layout,
+                                   width * self.layout.pages_per_block, self.device)
+            planner = self._planners[width] = self._planner_cls(shape, self.max_rows)
+        return planner
 
     def _compactions(self, kinds: RowKinds, starts: np.ndarray, seq_lens: np.ndarray) -> list[Compaction]:
         rows = np.flatnonzero(kinds.compacts)

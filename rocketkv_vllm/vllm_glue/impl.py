@@ -115,7 +115,8 @@ class RocketKVImpl(AttentionImpl):
             contiguous = d.token_index is None
             q = query[: d.num_rows] if contiguous else query[d.token_index]
             selection = ops.hsa_select_pages(
-                q, kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages
+                q, kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
+                plan=d.selection,
             )
             result = ops.paged_sparse_attention(
                 q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
