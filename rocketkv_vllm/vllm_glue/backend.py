@@ -163,32 +163,33 @@ class RowKinds:
     dense: np.ndarray  # row numbers of dense rows, ascending
     compacts: np.ndarray  # [rows] bool: the dense row completes an evicting prompt
     kept: np.ndarray  # [rows] the plan's kept prompt tokens (compaction)
-    keep: np.ndarray  # [rows] live positions: p < keep or p >= gap_end
-    gap_end: np.ndarray
-    top_channels: np.ndarray
-    top_pages: np.ndarray
+    # [4, rows] keep, gap_end (live positions: p < keep or p >= gap_end), top_channels, top_pages
+    columns: np.ndarray
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.columns[0]
+
+    @property
+    def gap_end(self) -> np.ndarray:
+        return self.columns[1]
 
 
 def classify_rows(query_lens: np.ndarray, seq_lens: np.ndarray, plans: np.ndarray, head_dim: int) -> RowKinds:
     """Row kinds and decode columns of a batch from its query and sequence lengths and its
     rows' plan columns ([rows, NUM_COLUMNS], request_plans), all vectorized."""
-    prompt_len, evicts, sparse = plans[:, PROMPT_LEN], plans[:, EVICTS] != 0, plans[:, SPARSE] != 0
+    prompt_len, evicts = plans[:, PROMPT_LEN], plans[:, EVICTS] != 0
     computed = seq_lens - query_lens
     completes_prompt = (computed < prompt_len) & (prompt_len <= seq_lens)
     after_prompt = computed >= prompt_len
-    is_decode = (query_lens == 1) & ~(evicts & completes_prompt)
+    evicting_chunk = evicts & completes_prompt
+    is_decode = (query_lens == 1) & ~evicting_chunk
     is_dense = (query_lens > 0) & ~is_decode  # (rows of no query: finished, or CUDA-graph padding)
-    sparse &= after_prompt  # a prompt token attends exactly
-    return RowKinds(
-        decode=np.flatnonzero(is_decode),
-        dense=np.flatnonzero(is_dense),
-        compacts=is_dense & evicts & completes_prompt,
-        kept=plans[:, KEEP],
-        keep=np.where(evicts & after_prompt, plans[:, KEEP], prompt_len),
-        gap_end=prompt_len,
-        top_channels=np.where(sparse, plans[:, TOP_CHANNELS], head_dim),
-        top_pages=np.where(sparse, plans[:, TOP_PAGES], ALL_PAGES),
-    )
+    sparse = (plans[:, SPARSE] != 0) & after_prompt  # a prompt token attends exactly
+    columns = plans[:, [KEEP, PROMPT_LEN, TOP_CHANNELS, TOP_PAGES]].T.copy()
+    columns[0, ~(evicts & after_prompt)] = prompt_len[~(evicts & after_prompt)]
+    columns[2:, ~sparse] = ((head_dim,), (ALL_PAGES,))
+    return RowKinds(is_decode.nonzero()[0], is_dense.nonzero()[0], is_dense & evicting_chunk, plans[:, KEEP], columns)
 
 
 class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
@@ -240,24 +241,23 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> RocketKVMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
-        starts = cm.query_start_loc_cpu.numpy()[: num_reqs + 1].astype(np.int64)
+        starts = cm.query_start_loc_cpu.numpy()[: num_reqs + 1]
         query_lens = np.diff(starts)
         if cm.seq_lens_cpu_upper_bound is None:  # exact here: RocketKV refuses speculative decoding
             raise RuntimeError("RocketKV needs CommonAttentionMetadata.seq_lens_cpu_upper_bound (the host's seq_lens)")
-        seq_lens = cm.seq_lens_cpu_upper_bound.numpy()[:num_reqs].astype(np.int64)
+        seq_lens = cm.seq_lens_cpu_upper_bound.numpy()[:num_reqs]
         kinds = classify_rows(query_lens, seq_lens, self._plan_columns(query_lens, seq_lens), self.head_dim)
         if self._copied is not None:
             self._copied.synchronize()
+        rows = kinds.dense
         dense = [
             DenseRow(row, start, start + qlen, seq, keep, gap)
-            for row, start, qlen, seq, keep, gap in zip(*(a[kinds.dense].tolist() for a in (
-                np.arange(num_reqs), starts[:-1], query_lens, seq_lens, kinds.keep, kinds.gap_end)))
-        ]
+            for row, start, qlen, seq, keep, gap in zip(rows.tolist(), *(a[rows].tolist() for a in (
+                starts[:-1], query_lens, seq_lens, kinds.keep, kinds.gap_end)))
+        ] if rows.size else []
         decode = self._decode_batch(cm, kinds, starts, pure=not dense) if kinds.decode.size else None
-        meta = RocketKVMetadata(
-            cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, self._compactions(kinds, starts, seq_lens), decode,
-        )
-        rows = kinds.dense
+        compactions = self._compactions(kinds, starts, seq_lens) if dense else []
+        meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)
         if dense and self.flash_prefill and np.array_equal(kinds.keep[rows], kinds.gap_end[rows]):
             meta.packed_dense = self._pack(rows, starts, query_lens[rows], seq_lens[rows])
         if self._copied is not None:
@@ -271,13 +271,13 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             # rows without their requests: an evicting row would read its freed gap
             raise RuntimeError("RocketKV: attention metadata built outside the model runner's row hooks (plugin.py)")
         num_reqs = len(query_lens)
-        plans = np.zeros((num_reqs, NUM_COLUMNS), dtype=np.int64)
+        plans = np.zeros((num_reqs, NUM_COLUMNS), dtype=np.int32)
         if batch.dummy:  # no requests: every row attends exactly (RequestPlan.exact)
             plans[:, PROMPT_LEN] = plans[:, KEEP] = seq_lens
             plans[:, TOP_CHANNELS] = self.head_dim
             return plans
         states = batch.states[:num_reqs]
-        unknown = np.flatnonzero(query_lens[len(states):] > 0)
+        unknown = (query_lens[len(states):] > 0).nonzero()[0]
         if unknown.size:
             raise RuntimeError(f"RocketKV: batch row {len(states) + int(unknown[0])} has no request state")
         plans[: len(states)] = self.plans.columns(states)
@@ -290,9 +290,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         # a pure-decode step covers every row, CUDA-graph padding included (seq_len 0: nothing to read)
         num_rows = cm.num_reqs if pure and contiguous else count
         host = self._columns.np
+        host[:, :count] = kinds.columns[:, rows]
         host[:, count:num_rows] = ((0,), (0,), (self.head_dim,), (ALL_PAGES,))
-        for i, column in enumerate((kinds.keep, kinds.gap_end, kinds.top_channels, kinds.top_pages)):
-            host[i, :count] = column[rows]
         cols = self._columns.copy_to_gpu()[:, :num_rows]
         if contiguous:
             token_index, block_table, seq_lens = None, cm.block_table_tensor[:num_rows], cm.seq_lens[:num_rows]
@@ -318,7 +317,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         return planner
 
     def _compactions(self, kinds: RowKinds, starts: np.ndarray, seq_lens: np.ndarray) -> list[Compaction]:
-        rows = np.flatnonzero(kinds.compacts)
+        rows = kinds.compacts.nonzero()[0]
         if not rows.size:
             return []
         prompt_len, computed = kinds.gap_end[rows], seq_lens[rows] - (starts[rows + 1] - starts[rows])
@@ -331,7 +330,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
 
     def _pack(self, rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray, seq_lens: np.ndarray) -> PackedDense:
         count, tokens = rows.size, int(query_lens.sum())
-        cu = np.zeros(count + 1, dtype=np.int64)
+        cu = np.zeros(count + 1, dtype=np.int32)
         np.cumsum(query_lens, out=cu[1:])
         staged = self._packed.np
         staged[:count], staged[count : 2 * count + 1], staged[2 * count + 1 : 3 * count + 1] = rows, cu, seq_lens

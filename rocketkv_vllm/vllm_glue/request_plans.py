@@ -52,7 +52,7 @@ def checked_plan(state: Any, config: RocketKVConfig, head_dim: int, block_size: 
 
 
 def plan_columns(plan: RequestPlan) -> np.ndarray:
-    row = np.empty(NUM_COLUMNS, dtype=np.int64)
+    row = np.empty(NUM_COLUMNS, dtype=np.int32)
     row[[PROMPT_LEN, KEEP, EVICTS, SPARSE, TOP_CHANNELS, TOP_PAGES]] = (
         plan.prompt_len, plan.keep, plan.evicts, plan.sparse, plan.top_channels, plan.top_pages,
     )
@@ -68,7 +68,7 @@ class PlanTable:
         self._rows: dict[str, tuple[Any, int, np.ndarray]] = {}
 
     def columns(self, states: Sequence[Any]) -> np.ndarray:
-        """[len(states), NUM_COLUMNS] int64; raises RuntimeError on a missing state or plan."""
+        """[len(states), NUM_COLUMNS] int32; raises RuntimeError on a missing state or plan."""
         rows = self._rows
         columns = [
             cached[2] if state is not None and (cached := rows.get(state.req_id)) is not None
@@ -79,7 +79,7 @@ class PlanTable:
         if len(rows) > 4 * len(states) + 64:  # forget finished requests now and then
             live = {state.req_id for state in states}
             self._rows = {req_id: v for req_id, v in rows.items() if req_id in live}
-        return np.stack(columns) if columns else np.empty((0, NUM_COLUMNS), dtype=np.int64)
+        return np.stack(columns) if columns else np.empty((0, NUM_COLUMNS), dtype=np.int32)
 
     def _check(self, row: int, state: Any) -> np.ndarray:
         if state is None:  # guessing "exact" would read the freed gap of an evicting request
