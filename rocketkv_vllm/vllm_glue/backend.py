@@ -298,8 +298,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         else:
             staged = self._decode_rows.np
             staged[:count], staged[count : 2 * count] = rows, starts[rows]
-            device = self._decode_rows.copy_to_gpu(2 * count)
-            index, token_index = device[:count], device[count : 2 * count]
+            on_device = self._decode_rows.copy_to_gpu(2 * count)
+            index, token_index = on_device[:count], on_device[count : 2 * count]
             block_table, seq_lens = cm.block_table_tensor[index], cm.seq_lens[index]
         plan = None
         if self._planner_cls is not None:
@@ -336,8 +336,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         staged[:count], staged[count : 2 * count + 1], staged[2 * count + 1 : 3 * count + 1] = rows, cu, seq_lens
         # query token t of the packed rows: its row's first token + its offset in the row
         staged[3 * count + 1 : 3 * count + 1 + tokens] = np.repeat(starts[rows] - cu[:-1], query_lens) + np.arange(tokens)
-        device = self._packed.copy_to_gpu(3 * count + 1 + tokens)
+        on_device = self._packed.copy_to_gpu(3 * count + 1 + tokens)
         return PackedDense(
-            device[3 * count + 1 :], device[:count], device[count : 2 * count + 1], device[2 * count + 1 : 3 * count + 1],
-            int(query_lens.max()), int(seq_lens.max()),
+            on_device[3 * count + 1 :], on_device[:count], on_device[count : 2 * count + 1],
+            on_device[2 * count + 1 : 3 * count + 1], int(query_lens.max()), int(seq_lens.max()),
         )
