@@ -190,6 +190,7 @@ def main() -> None:
     graph_ms = result["graph"]["step_ms_median"]
     for mode in ("eager_unplanned", "eager_planned"):
         result[f"{mode}_over_graph"] = result[mode]["step_ms_median"] / graph_ms
+        result[mode]["host_us_per_layer"] = result[mode]["host_launch_ms_median"] * 1e3 / args.layers
     result["builder_build"] = builder_build_us(args, layers, device)
     print(json.dumps(result, indent=1))
 
