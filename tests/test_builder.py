@@ -248,3 +248,27 @@ def test_packed_dense_rows_for_flash_attention():
     assert p.token_index.tolist() == list(range(1, 138))
     with rows_of_batch(rows[:1] + rows[2:3]):  # a compacted row's dense chunk has a gap: no FA3
         assert builder.build(0, common([3, 7], [313, 7])).packed_dense is None
+
+
+def test_scheduler_attaches_its_plan_and_replans_grown_sessions():
+    from rocketkv_vllm.vllm_glue.kv_manager import RocketKVManager
+
+    manager = object.__new__(RocketKVManager)  # track() needs only these
+    manager.rocketkv, manager.head_dim, manager.block_size, manager._plans = CONFIG, HEAD_DIM, BLOCK, {}
+
+    def scheduled(prompt_len: int, mode: str):
+        params = SimpleNamespace(extra_args={"rocketkv_mode": mode}, max_tokens=16)
+        return SimpleNamespace(request_id="s", sampling_params=params, num_prompt_tokens=prompt_len)
+
+    session = scheduled(300, "mt")
+    plan = manager.track(session)
+    assert request_plans.shipped_plan(session.sampling_params) == plan == plan_for_params(
+        session.sampling_params, 300, CONFIG, HEAD_DIM, BLOCK)
+    # the session's next input: new params (no plan yet), a longer prompt
+    grown = scheduled(700, "mt")
+    assert manager.track(grown).prompt_len == 700 == request_plans.shipped_plan(grown.sampling_params).prompt_len
+    # an evicting request keeps the plan its blocks were freed by
+    evicting = scheduled(300, "rocketkv")
+    evicting.request_id = "e"
+    first = manager.track(evicting)
+    assert first.evicts and manager.track(evicting) is first and evicting.skip_reading_prefix_cache
