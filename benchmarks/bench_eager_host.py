@@ -36,6 +36,7 @@ from rocketkv_vllm.config import RocketKVConfig  # noqa: E402
 from rocketkv_vllm.kernels import get_ops  # noqa: E402
 from rocketkv_vllm.kernels.triton_hsa import SelectionPlanner, SelectionShape  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
+from rocketkv_vllm.ops.newest_page import NewestPages  # noqa: E402
 from rocketkv_vllm.plan import plan_for_params  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -88,6 +89,8 @@ class DecodeLayers:
         self.query = torch.randn(b, Q_HEADS, HEAD_DIM, dtype=dtype, device=device)
         self.new_kv = torch.randn(b, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
         self.out = torch.empty_like(self.query)
+        # the builder's per-step newest pages (ops/newest_page.py), appended per layer as the impl does
+        self.newest = NewestPages.of(self.seq, config.page_size) if config.attend_newest_page else None
         self.layers = args.layers
         self.ops = get_ops(device)
         shape = SelectionShape(Q_HEADS, KV_HEADS, HEAD_DIM, self.layout, width * self.layout.pages_per_block, device)
@@ -100,8 +103,11 @@ class DecodeLayers:
         for layer in range(self.layers):
             kv = self.kv[layer % len(self.kv)]
             ops.write_kv(kv, layout, self.new_kv, self.new_kv, self.slots)
-            selection = ops.hsa_select_pages(self.query, kv, layout, self.table, self.seq, self.keep, self.gap,
+            scored = self.newest.scored_seq_lens if self.newest else self.seq
+            selection = ops.hsa_select_pages(self.query, kv, layout, self.table, scored, self.keep, self.gap,
                                              self.top_channels, self.top_pages, plan=selection_plan)
+            if self.newest:
+                self.newest.append_to(selection)
             ops.paged_sparse_attention(self.query, kv, layout, self.table, selection.index, selection.count, self.seq,
                                        self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out)
 

@@ -7,8 +7,11 @@ from typing import Any, Mapping
 
 from rocketkv_vllm.kv_layout import FEW_CHANNEL_GROUP
 
-MODES = ("rocketkv", "mt", "full")
-BUDGET_KEY, MODE_KEY = "rocketkv_budget", "rocketkv_mode"
+# Serving modes, then the paper's ablations (for accuracy studies: they run slower paths).
+SERVING_MODES = ("rocketkv", "mt", "full")
+ABLATION_MODES = ("snapkv", "quest", "oracle")
+MODES = SERVING_MODES + ABLATION_MODES
+BUDGET_KEY, MODE_KEY, OUTPUT_TOKENS_KEY = "rocketkv_budget", "rocketkv_mode", "rocketkv_output_tokens"
 
 
 def _int_field(name: str, value: Any, minimum: int) -> int:
@@ -30,11 +33,19 @@ class RocketKVConfig:
     """Server-wide defaults, from --additional-config '{"rocketkv": {...}}'.
 
     budget:       token budget t per request (KV reads per decode step, see algorithms.budget).
-    mode:         rocketkv (evict + HSA), mt (HSA only, no eviction), full (exact attention).
+    mode:         rocketkv (evict + HSA), mt (HSA only, no eviction), full (exact attention);
+                  ablations: snapkv (stage 1 alone, keeps `budget` prompt tokens, exact decode),
+                  quest (page selection on every channel), oracle (exact top-k tokens).
+    output_tokens: output length stage 1 plans for: S = prompt + min(max_tokens, output_tokens).
+                  OpenAI clients that omit max_tokens get max_model_len - prompt from vLLM;
+                  planning with that would evict far more than the same request with a
+                  small max_tokens. Tokens generated past it are kept all the same.
     window:       SnapKV++ observation window (last prompt queries).
     pool_kernel:  SnapKV++ max-pooling kernel (odd; shrunk to fit short prompts).
     page_size:    HSA page, the granularity of the stored key max/min summaries.
     top_channels: fixed r (k1) instead of the adaptive one; top_k: fixed tokens (k2) per step.
+    attend_newest_page: every decode step attends the page holding its newest tokens
+                  (ops/newest_page.py), inside the same budget; False is the paper's HSA.
     summary_group: channels per stored group of the page summaries (kv_layout), 0 for whole
                   rows; by default FEW_CHANNEL_GROUP when the server's mode is mt (its
                   scoring reads few channels), else whole rows.
@@ -42,20 +53,24 @@ class RocketKVConfig:
 
     budget: int = 2048
     mode: str = "rocketkv"
+    output_tokens: int = 512
     window: int = 32
     pool_kernel: int = 63
     page_size: int = 4
     top_channels: int | None = None
     top_k: int | None = None
+    attend_newest_page: bool = True
     summary_group: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("budget", "window", "pool_kernel", "page_size"):
+        for name in ("budget", "output_tokens", "window", "pool_kernel", "page_size"):
             _int_field(f"rocketkv.{name}", getattr(self, name), 1)
         for name in ("top_channels", "top_k"):
             if getattr(self, name) is not None:
                 _int_field(f"rocketkv.{name}", getattr(self, name), 1)
         object.__setattr__(self, "mode", _mode_field("rocketkv.mode", self.mode))
+        if not isinstance(self.attend_newest_page, bool):
+            raise ValueError(f"rocketkv.attend_newest_page must be true or false, got {self.attend_newest_page!r}")
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"rocketkv.pool_kernel must be odd, got {self.pool_kernel}")
         if self.page_size & (self.page_size - 1):
@@ -87,14 +102,18 @@ class RocketKVConfig:
 class RequestSettings:
     budget: int
     mode: str
+    output_tokens: int
 
 
 def request_settings(extra_args: Mapping[str, Any] | None, defaults: RocketKVConfig) -> RequestSettings:
-    """A request's budget and mode: its extra_args (rocketkv_budget, rocketkv_mode) over the defaults.
+    """A request's budget, mode and planned output length: its extra_args (rocketkv_budget,
+    rocketkv_mode, rocketkv_output_tokens) over the defaults.
 
     Raises ValueError naming the offending field.
     """
     extra = extra_args or {}
     budget = _int_field(BUDGET_KEY, extra[BUDGET_KEY], 1) if BUDGET_KEY in extra else defaults.budget
     mode = _mode_field(MODE_KEY, extra[MODE_KEY]) if MODE_KEY in extra else defaults.mode
-    return RequestSettings(budget, mode)
+    output_tokens = (_int_field(OUTPUT_TOKENS_KEY, extra[OUTPUT_TOKENS_KEY], 1) if OUTPUT_TOKENS_KEY in extra
+                     else defaults.output_tokens)
+    return RequestSettings(budget, mode, output_tokens)

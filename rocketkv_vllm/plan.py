@@ -19,6 +19,8 @@ class RequestPlan:
     keep:          prompt tokens each KV head keeps after stage 1 (== prompt_len: no eviction).
     sparse:        decode uses HSA (else exact attention over every live token).
     top_channels:  r, channels scored per KV group; top_pages: pages attended per KV head.
+    oracle_tokens: > 0 only for the `oracle` ablation: decode attends the tokens with the
+                   highest exact attention (torch reference path, no CUDA graph).
     """
 
     prompt_len: int
@@ -26,6 +28,7 @@ class RequestPlan:
     sparse: bool
     top_channels: int
     top_pages: int
+    oracle_tokens: int = 0
 
     @classmethod
     def exact(cls, prompt_len: int, head_dim: int) -> "RequestPlan":
@@ -53,23 +56,29 @@ def plan_request(
     head_dim: int,
     block_size: int,
 ) -> RequestPlan:
-    if settings.mode == "full":
+    """The plan for a prompt of prompt_len tokens; stage 1 budgets for
+    min(max_new_tokens, settings.output_tokens) output tokens."""
+    mode, budget = settings.mode, settings.budget
+    if mode == "full" or budget >= prompt_len:
         return RequestPlan.exact(prompt_len, head_dim)
+    if mode == "snapkv":  # stage 1 alone: the budget is the kept prompt, read whole at decode
+        return RequestPlan(prompt_len, max(budget, min(config.window, prompt_len)), False, head_dim, 0)
+    if mode == "oracle":  # exact top-k at zero estimation cost, as the paper grants it
+        return RequestPlan(prompt_len, prompt_len, False, head_dim, 0, oracle_tokens=budget)
     split = split_budget(
         prompt_len,
-        max(0, max_new_tokens),
-        settings.budget,
+        max(0, min(max_new_tokens, settings.output_tokens)),
+        budget,
         head_dim,
         block_size,
         window=config.window,
-        evict=settings.mode == "rocketkv",
+        evict=mode == "rocketkv",
         page_size=config.page_size,
     )
-    if not split.compress:
-        return RequestPlan.exact(prompt_len, head_dim)
-    channels = min(head_dim, config.top_channels or split.top_channels)
+    channels = head_dim if mode == "quest" else min(head_dim, config.top_channels or split.top_channels)
     top_k = config.top_k or split.top_k
-    return RequestPlan(prompt_len, split.prompt_keep, True, channels, max(1, top_k // config.page_size))
+    scored_pages = top_k // config.page_size - (1 if config.attend_newest_page else 0)  # + the newest page
+    return RequestPlan(prompt_len, split.prompt_keep, True, channels, max(1, scored_pages))
 
 
 cached_plan_request = functools.lru_cache(maxsize=16384)(plan_request)
@@ -77,7 +86,9 @@ cached_plan_request = functools.lru_cache(maxsize=16384)(plan_request)
 
 def plan_for_params(params: Any, prompt_len: int, config: RocketKVConfig, head_dim: int, block_size: int) -> RequestPlan:
     """A request's plan from its SamplingParams (extra_args, max_tokens): the one call the
-    scheduler and the workers both make, so they agree on what is evicted."""
+    scheduler and the workers both make, so they agree on what is evicted.
+
+    max_tokens counts only up to the request's output_tokens setting (see RocketKVConfig)."""
     settings = request_settings(getattr(params, "extra_args", None), config)
     max_tokens = getattr(params, "max_tokens", None) or 0
     return cached_plan_request(settings, config, prompt_len, max_tokens, head_dim, block_size)

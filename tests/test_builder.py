@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rocketkv_vllm.config import RocketKVConfig
+from rocketkv_vllm.config import MODES, RocketKVConfig
+from rocketkv_vllm.ops.newest_page import NewestPages
 from rocketkv_vllm.plan import plan_for_params
 from rocketkv_vllm.vllm_glue import request_plans
 from rocketkv_vllm.vllm_glue.backend import ALL_PAGES, Compaction, DenseRow, RocketKVMetadataBuilder
@@ -158,9 +159,10 @@ def test_attached_plan_leaves_shared_extra_args_alone():
 # --- the vectorized build against the per-row rules it replaced ---------------------------
 
 def rules_of_rows(states, query_lens, seq_lens, num_reqs):
-    """The builder's row rules, one row at a time: (dense, compactions, decode rows, columns)."""
+    """The builder's row rules, one row at a time: (dense, compactions, decode rows, columns,
+    oracle rows)."""
     starts = np.concatenate([[0], np.cumsum(query_lens + [0] * (num_reqs - len(query_lens)))]).tolist()
-    dense, compactions, decode_rows, columns = [], [], [], []
+    dense, compactions, decode_rows, columns, oracle = [], [], [], [], []
     for i, query_len in enumerate(query_lens):
         if query_len == 0:
             continue
@@ -171,6 +173,9 @@ def rules_of_rows(states, query_lens, seq_lens, num_reqs):
         prompt_len = plan.prompt_len
         completes_prompt = computed < prompt_len <= seq_len
         compacted = plan.evicts and computed >= prompt_len
+        if query_len == 1 and plan.oracle_tokens and computed >= prompt_len:
+            oracle.append((i, starts[i], seq_len, plan.oracle_tokens))
+            continue
         if query_len == 1 and not (plan.evicts and completes_prompt):
             sparse = plan.sparse and computed >= prompt_len
             decode_rows.append(i)
@@ -183,14 +188,14 @@ def rules_of_rows(states, query_lens, seq_lens, num_reqs):
             window_start = max(computed, prompt_len - CONFIG.window)
             compactions.append(Compaction(i, starts[i] + window_start - computed, starts[i] + prompt_len - computed,
                                           prompt_len, plan.keep, seq_len))
-    return dense, compactions, decode_rows, columns
+    return dense, compactions, decode_rows, columns, oracle
 
 
 def random_row(rng: random.Random):
     """A request state and this step's (query_len, seq_len): decode, prompt chunk (maybe the
     completing one, maybe one token long), or a resumed request recomputing past its prompt."""
     prompt_len = rng.choice([5, 40, 130, 300, 700])
-    state = request(prompt_len, rng.choice(["rocketkv", "mt", "full"]), max_tokens=rng.choice([4, 16, 64]))
+    state = request(prompt_len, rng.choice(["rocketkv"] * 3 + ["mt"] * 2 + list(MODES)), max_tokens=rng.choice([4, 16, 64]))
     kind = rng.choice(["decode"] * 3 + ["chunk", "completing", "resumed"])
     if kind == "decode":
         seq_len = prompt_len + rng.randint(1, 50)
@@ -214,14 +219,21 @@ def test_vectorized_build_matches_the_row_rules(seed):
     cm = common(query_lens, seq_lens, num_reqs=num_reqs)
     with rows_of_batch(states):
         meta = builder.build(0, cm)
-    dense, compactions, decode_rows, columns = rules_of_rows(states, query_lens, seq_lens, num_reqs)
+    dense, compactions, decode_rows, columns, oracle = rules_of_rows(states, query_lens, seq_lens, num_reqs)
     assert meta.dense == dense and meta.compactions == compactions
+    if oracle:
+        o = meta.oracle
+        rows, tokens, seqs, top_k = (list(c) for c in zip(*oracle))
+        assert (o.token_index.tolist(), o.seq_lens.tolist(), o.top_k.tolist()) == (tokens, seqs, top_k)
+        assert o.block_table.tolist() == cm.block_table_tensor[rows].tolist() and o.max_seq_len == max(seqs)
+    else:
+        assert meta.oracle is None
     d = meta.decode
     if not decode_rows:
         assert d is None
         return
     contiguous = decode_rows == list(range(len(decode_rows)))
-    assert d.num_rows == (num_reqs if contiguous and not dense else len(decode_rows))
+    assert d.num_rows == (num_reqs if contiguous and not (dense or oracle) else len(decode_rows))
     got = torch.stack([d.keep, d.gap_end, d.top_channels, d.top_pages]).T.tolist()
     assert got[: len(decode_rows)] == [list(c) for c in columns]
     assert all(row == [0, 0, HEAD_DIM, ALL_PAGES] for row in got[len(decode_rows):])
@@ -233,6 +245,9 @@ def test_vectorized_build_matches_the_row_rules(seed):
     padded = decode_rows + list(range(len(decode_rows), d.num_rows))
     assert d.block_table.tolist() == cm.block_table_tensor[padded].tolist()
     assert d.seq_lens.tolist() == cm.seq_lens[padded].tolist()
+    newest = NewestPages.of(d.seq_lens, CONFIG.page_size)  # what the impl computed per layer
+    assert d.newest.scored_seq_lens.tolist() == newest.scored_seq_lens.tolist()
+    assert d.newest.page.tolist() == newest.page.tolist() and d.newest.live.tolist() == newest.live.tolist()
 
 
 def test_packed_dense_rows_for_flash_attention():

@@ -13,14 +13,15 @@ from typing import NamedTuple
 
 import torch
 
-from rocketkv_vllm.algorithms import attend_chosen, causal_attention, hsa_select
+from rocketkv_vllm.algorithms import attend_chosen, causal_attention, exact_topk, hsa_select, sparse_attention
 from rocketkv_vllm.kv_layout import KVLayout
 
 
 class PageSelection(NamedTuple):
     """Pages chosen per request and KV head: index [B, Hkv, W] int32 holds logical page
     numbers, ascending, in its first count [B, Hkv] entries; later entries are unspecified
-    (-1 here, anything in the kernels)."""
+    (-1 here, anything in the kernels). W exceeds the count of any request whose last live
+    page was left out of the scoring (room for ops.newest_page to add it)."""
 
     index: torch.Tensor
     count: torch.Tensor
@@ -221,7 +222,8 @@ def hsa_select_pages(
     plen = page_lengths(seq_lens, keep, gap_end, num_pages, layout.page_size)
     top_pages = torch.as_tensor(top_pages, device=query.device).clamp(max=num_pages)
     pages = hsa_select(query, kmax, kmin, plen, top_channels, top_pages).int()
-    return PageSelection(pages, (pages >= 0).sum(dim=-1, dtype=torch.int32))
+    count = (pages >= 0).sum(dim=-1, dtype=torch.int32)
+    return PageSelection(torch.nn.functional.pad(pages, (0, 1), value=-1), count)
 
 
 def paged_sparse_attention(
@@ -258,3 +260,26 @@ def paged_sparse_attention(
         return result
     out.copy_(result)
     return out
+
+
+def oracle_decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    top_k: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """The `oracle` ablation for decode queries [B, Hq, D]: per KV head, attention over the
+    top_k[b] tokens of highest exact attention (the selection HSA approximates). Requests of
+    this mode evict nothing, so every position below seq_lens[b] is live."""
+    pos = torch.arange(max_seq_len, device=kv_cache.device)
+    block = block_table[:, pos // layout.block_size].long()
+    offset = (pos % layout.block_size).expand_as(block)
+    keys = layout.keys(kv_cache)[block, :, offset]  # [B, L, Hkv, D]
+    values = layout.values(kv_cache)[block, :, offset]
+    valid = pos[None, :] < seq_lens[:, None]
+    index = exact_topk(query, keys, valid, top_k.long(), scale)
+    return sparse_attention(query, keys, values, index, scale)

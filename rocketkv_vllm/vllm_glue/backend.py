@@ -30,9 +30,10 @@ from vllm.v1.utils import CpuGpuBuffer
 from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
+from rocketkv_vllm.ops.newest_page import NewestPages
 from rocketkv_vllm.vllm_glue.batch_context import current_batch
 from rocketkv_vllm.vllm_glue.request_plans import (
-    EVICTS, KEEP, NUM_COLUMNS, PROMPT_LEN, SPARSE, TOP_CHANNELS, TOP_PAGES, PlanTable,
+    EVICTS, KEEP, NUM_COLUMNS, ORACLE_TOKENS, PROMPT_LEN, SPARSE, TOP_CHANNELS, TOP_PAGES, PlanTable,
 )
 
 
@@ -105,6 +106,17 @@ class Compaction:
     seq_len: int  # > prompt_len only when a resumed request recomputes its outputs too
 
 
+@dataclass
+class OracleBatch:
+    """Decode rows of the `oracle` ablation (exact top-k attention, torch reference)."""
+
+    token_index: torch.Tensor  # [B] query token of each row
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    top_k: torch.Tensor
+    max_seq_len: int
+
+
 ALL_PAGES = 1 << 30  # a budget covering every page: exact attention through the sparse path
 
 
@@ -130,6 +142,7 @@ class DecodeBatch:
     # the page selection's launch decisions and scratch for num_rows rows (kernels'
     # `plan_selection`), made once per step for every layer; None on the reference path
     selection: Any = None
+    newest: NewestPages | None = None  # each row's newest page (config.attend_newest_page)
 
 
 @dataclass
@@ -152,6 +165,7 @@ class RocketKVMetadata:
     dense: list[DenseRow]
     compactions: list[Compaction]
     decode: DecodeBatch | None
+    oracle: OracleBatch | None
     packed_dense: PackedDense | None = None  # replaces `dense` where FlashAttention is available
 
 
@@ -163,6 +177,8 @@ class RowKinds:
     dense: np.ndarray  # row numbers of dense rows, ascending
     compacts: np.ndarray  # [rows] bool: the dense row completes an evicting prompt
     kept: np.ndarray  # [rows] the plan's kept prompt tokens (compaction)
+    oracle: np.ndarray  # row numbers of the oracle ablation's decode rows, ascending
+    oracle_tokens: np.ndarray  # [rows]
     # [4, rows] keep, gap_end (live positions: p < keep or p >= gap_end), top_channels, top_pages
     columns: np.ndarray
 
@@ -183,13 +199,15 @@ def classify_rows(query_lens: np.ndarray, seq_lens: np.ndarray, plans: np.ndarra
     completes_prompt = (computed < prompt_len) & (prompt_len <= seq_lens)
     after_prompt = computed >= prompt_len
     evicting_chunk = evicts & completes_prompt
-    is_decode = (query_lens == 1) & ~evicting_chunk
-    is_dense = (query_lens > 0) & ~is_decode  # (rows of no query: finished, or CUDA-graph padding)
+    is_oracle = (query_lens == 1) & (plans[:, ORACLE_TOKENS] > 0) & after_prompt
+    is_decode = (query_lens == 1) & ~evicting_chunk & ~is_oracle
+    is_dense = (query_lens > 0) & ~is_decode & ~is_oracle  # (no query: finished, or CUDA-graph padding)
     sparse = (plans[:, SPARSE] != 0) & after_prompt  # a prompt token attends exactly
     columns = plans[:, [KEEP, PROMPT_LEN, TOP_CHANNELS, TOP_PAGES]].T.copy()
     columns[0, ~(evicts & after_prompt)] = prompt_len[~(evicts & after_prompt)]
     columns[2:, ~sparse] = ((head_dim,), (ALL_PAGES,))
-    return RowKinds(is_decode.nonzero()[0], is_dense.nonzero()[0], is_dense & evicting_chunk, plans[:, KEEP], columns)
+    return RowKinds(is_decode.nonzero()[0], is_dense.nonzero()[0], is_dense & evicting_chunk, plans[:, KEEP],
+                    is_oracle.nonzero()[0], plans[:, ORACLE_TOKENS], columns)
 
 
 class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
@@ -228,8 +246,11 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             self._planner(max_blocks)
         self.plans = PlanTable(config, self.head_dim, self.block_size)
         self.flash_prefill = flash_prefill.available(device, kv_cache_spec.dtype)
-        # keep, gap_end, top_channels, top_pages of each decode row; persistent for CUDA graphs
-        self._columns = CpuGpuBuffer(4, max_rows, dtype=torch.int32, device=device)
+        # keep, gap_end, top_channels, top_pages of each decode row, and its newest page
+        # (scored seq_len, page, live); persistent for CUDA graphs
+        self._columns = CpuGpuBuffer(7, max_rows, dtype=torch.int32, device=device)
+        # rows, query tokens, seq_lens and top-k of the oracle ablation's decode rows
+        self._oracle = CpuGpuBuffer(4 * max_rows, dtype=torch.int32, device=device)
         # decode rows and their query tokens, when they are not a prefix of the batch
         self._decode_rows = CpuGpuBuffer(2 * max_rows, dtype=torch.int32, device=device)
         # packed dense rows: rows, cu_seqlens_q, seq_lens, query tokens
@@ -255,9 +276,10 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             for row, start, qlen, seq, keep, gap in zip(rows.tolist(), *(a[rows].tolist() for a in (
                 starts[:-1], query_lens, seq_lens, kinds.keep, kinds.gap_end)))
         ] if rows.size else []
-        decode = self._decode_batch(cm, kinds, starts, pure=not dense) if kinds.decode.size else None
+        oracle = self._oracle_batch(cm, kinds, starts, seq_lens) if kinds.oracle.size else None
+        decode = self._decode_batch(cm, kinds, starts, seq_lens, pure=not (dense or oracle)) if kinds.decode.size else None
         compactions = self._compactions(kinds, starts, seq_lens) if dense else []
-        meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode)
+        meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode, oracle)
         if dense and self.flash_prefill and np.array_equal(kinds.keep[rows], kinds.gap_end[rows]):
             meta.packed_dense = self._pack(rows, starts, query_lens[rows], seq_lens[rows])
         if self._copied is not None:
@@ -283,16 +305,21 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         plans[: len(states)] = self.plans.columns(states)
         return plans
 
-    def _decode_batch(self, cm: CommonAttentionMetadata, kinds: RowKinds, starts: np.ndarray, pure: bool) -> DecodeBatch:
+    def _decode_batch(self, cm: CommonAttentionMetadata, kinds: RowKinds, starts: np.ndarray, seq_lens: np.ndarray,
+                      pure: bool) -> DecodeBatch:
         rows = kinds.decode
         count = rows.size
         contiguous = rows[-1] == count - 1
         # a pure-decode step covers every row, CUDA-graph padding included (seq_len 0: nothing to read)
         num_rows = cm.num_reqs if pure and contiguous else count
         host = self._columns.np
-        host[:, :count] = kinds.columns[:, rows]
-        host[:, count:num_rows] = ((0,), (0,), (self.head_dim,), (ALL_PAGES,))
+        host[:4, :count] = kinds.columns[:, rows]
+        host[:, count:num_rows] = ((0,), (0,), (self.head_dim,), (ALL_PAGES,), (0,), (0,), (0,))
+        if self.config.attend_newest_page:  # (NewestPages.of, from the host's seq_lens)
+            last = np.maximum(seq_lens[rows] - 1, 0) // self.layout.page_size
+            host[4, :count], host[5, :count], host[6, :count] = last * self.layout.page_size, last, seq_lens[rows] > 0
         cols = self._columns.copy_to_gpu()[:, :num_rows]
+        newest = NewestPages(cols[4], cols[5][:, None, None], cols[6][:, None]) if self.config.attend_newest_page else None
         if contiguous:
             token_index, block_table, seq_lens = None, cm.block_table_tensor[:num_rows], cm.seq_lens[:num_rows]
         else:
@@ -304,7 +331,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         plan = None
         if self._planner_cls is not None:
             plan = self._planner(cm.block_table_tensor.shape[1])(num_rows)
-        return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3], plan)
+        return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3], plan, newest)
 
     def _planner(self, width: int):
         planner = self._planners.get(width)
@@ -315,6 +342,17 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
                                    width * self.layout.pages_per_block, self.device)
             planner = self._planners[width] = self._planner_cls(shape, self.max_rows)
         return planner
+
+    def _oracle_batch(self, cm: CommonAttentionMetadata, kinds: RowKinds, starts: np.ndarray,
+                      seq_lens: np.ndarray) -> OracleBatch:
+        rows = kinds.oracle
+        count = rows.size
+        staged = self._oracle.np
+        for i, column in enumerate((rows, starts[rows], seq_lens[rows], kinds.oracle_tokens[rows])):
+            staged[i * count : (i + 1) * count] = column
+        on_device = self._oracle.copy_to_gpu(4 * count)
+        row, token, seq, top_k = (on_device[i * count : (i + 1) * count] for i in range(4))
+        return OracleBatch(token.long(), cm.block_table_tensor[row], seq, top_k, int(seq_lens[rows].max()))
 
     def _compactions(self, kinds: RowKinds, starts: np.ndarray, seq_lens: np.ndarray) -> list[Compaction]:
         rows = kinds.compacts.nonzero()[0]

@@ -109,15 +109,22 @@ class RocketKVImpl(AttentionImpl):
             if c.seq_len > c.prompt_len:
                 reference.refold_after_prompt(kv_cache, self.layout, block_row, c.prompt_len, c.seq_len)
 
+        if (o := meta.oracle) is not None:
+            out[o.token_index] = reference.oracle_decode_attention(
+                query[o.token_index], kv_cache, self.layout, o.block_table, o.seq_lens, o.top_k, o.max_seq_len, self.scale
+            )
         d = meta.decode
         if d is not None:
             # (tokens past num_rows, if any, are CUDA-graph padding that nobody reads)
             contiguous = d.token_index is None
             q = query[: d.num_rows] if contiguous else query[d.token_index]
+            newest = d.newest  # (the builder's, from the host's seq_lens: no ops here)
             selection = ops.hsa_select_pages(
-                q, kv_cache, self.layout, d.block_table, d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
-                plan=d.selection,
+                q, kv_cache, self.layout, d.block_table, newest.scored_seq_lens if newest else d.seq_lens,
+                d.keep, d.gap_end, d.top_channels, d.top_pages, plan=d.selection,
             )
+            if newest:
+                newest.append_to(selection)
             result = ops.paged_sparse_attention(
                 q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
                 self.scale, out=out[: d.num_rows] if contiguous else None,

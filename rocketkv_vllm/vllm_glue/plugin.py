@@ -7,6 +7,8 @@ parses backend names, so each hook below is installed everywhere:
 - the CPU platform, which otherwise always picks CPU_ATTN, honours that choice;
 - layers served by RocketKV emit RocketKVSpec, whose manager frees evicted blocks;
 - the scheduler tells that manager about each request (budget, mode, prompt length);
+- the scheduler ends no prefill chunk of an evicting prompt inside its observation window
+  (window_alignment.py);
 - the model runner publishes the request in each batch row to the metadata builder, and
   marks its dummy batches (profiling, warm-up, graph capture) as such;
 - a one-token step that still holds a prompt chunk is not replayed as a full CUDA graph
@@ -19,6 +21,7 @@ import functools
 import logging
 
 from rocketkv_vllm.config import RocketKVConfig, request_settings
+from rocketkv_vllm.vllm_glue import window_alignment
 
 logger = logging.getLogger(__name__)
 BACKEND_PATH = "rocketkv_vllm.vllm_glue.backend.RocketKVBackend"
@@ -237,10 +240,15 @@ def _validate_requests() -> None:
         @functools.wraps(original)
         def process_inputs(self, request_id, prompt, params, *args, resumable: bool = False, **kwargs):
             # a streaming-input session grows its prompt after stage 1 has evicted: refuse eviction
-            if resumable and _uses_rocketkv(self.vllm_config):
+            if _uses_rocketkv(self.vllm_config):
                 config = RocketKVConfig.from_additional_config(self.vllm_config.additional_config)
-                if request_settings(getattr(params, "extra_args", None), config).mode == "rocketkv":
+                mode = request_settings(getattr(params, "extra_args", None), config).mode
+                if resumable and mode in ("rocketkv", "snapkv"):
                     raise ValueError("streaming-input sessions need rocketkv_mode 'mt' or 'full' (eviction would drop later input)")
+                if mode == "oracle" and self.vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs():
+                    # its decode runs in torch, outside the kernels a full CUDA graph replays
+                    raise ValueError("rocketkv_mode 'oracle' (an ablation) needs a server without full CUDA graphs: "
+                                     "--enforce-eager or -cc.cudagraph_mode=PIECEWISE")
             return original(self, request_id, prompt, params, *args, resumable=resumable, **kwargs)
 
         return process_inputs
@@ -262,4 +270,5 @@ def register() -> None:
     _track_requests_in_scheduler()
     _publish_batch_rows()
     _no_full_graph_for_prompt_chunks()
+    window_alignment.install()
     _registered = True

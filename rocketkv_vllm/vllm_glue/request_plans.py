@@ -19,8 +19,8 @@ from rocketkv_vllm.plan import RequestPlan, plan_for_params
 # Not a `rocketkv_` key: users set those; this one is written by the scheduler only.
 PLAN_KEY = "_rocketkv_plan"
 # per-row plan columns of the metadata builder, in this order
-PROMPT_LEN, KEEP, EVICTS, SPARSE, TOP_CHANNELS, TOP_PAGES = range(6)
-NUM_COLUMNS = 6
+PROMPT_LEN, KEEP, EVICTS, SPARSE, TOP_CHANNELS, TOP_PAGES, ORACLE_TOKENS = range(7)
+NUM_COLUMNS = 7
 
 
 def attach_plan(params: Any, plan: RequestPlan) -> None:
@@ -53,8 +53,8 @@ def checked_plan(state: Any, config: RocketKVConfig, head_dim: int, block_size: 
 
 def plan_columns(plan: RequestPlan) -> np.ndarray:
     row = np.empty(NUM_COLUMNS, dtype=np.int32)
-    row[[PROMPT_LEN, KEEP, EVICTS, SPARSE, TOP_CHANNELS, TOP_PAGES]] = (
-        plan.prompt_len, plan.keep, plan.evicts, plan.sparse, plan.top_channels, plan.top_pages,
+    row[[PROMPT_LEN, KEEP, EVICTS, SPARSE, TOP_CHANNELS, TOP_PAGES, ORACLE_TOKENS]] = (
+        plan.prompt_len, plan.keep, plan.evicts, plan.sparse, plan.top_channels, plan.top_pages, plan.oracle_tokens,
     )
     return row
 

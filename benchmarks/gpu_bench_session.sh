@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The reduced end-to-end benchmark protocol on one H200, one part per device call (each sized
+# to finish in < 9 minutes; every script has its own `timeout` so a slow part still returns
+# what it measured). Run from the repo root after `source scripts/gpu_env.sh`:
+#
+#   bash benchmarks/gpu_bench_session.sh serve      # vllm serve + vllm bench serve, 32K in / 512 out
+#   bash benchmarks/gpu_bench_session.sh offline    # decode step times (8K, 32K; b1, b8) + capacity at 32K
+#   bash benchmarks/gpu_bench_session.sh long       # 128K: decode b1 + capacity (8 prompts)
+#   bash benchmarks/gpu_bench_session.sh serve128k  # vllm serve at 128K in / 256 out, 2 rates
+#   bash benchmarks/gpu_bench_session.sh bigbatch   # 64 requests of 32K decoding at once
+#
+# Results go to $OUT (the device tool brings back at most 8 files): bench_<part>.tar.gz with
+# every JSON, plot and log, plus the part's JSON files and a summary.txt beside it.
+# Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
+# 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
+set -uo pipefail
+part="${1:?usage: gpu_bench_session.sh serve|offline|long|serve128k|bigbatch}"
+OUT="${OUT:?set OUT (the device tool does)}"
+BUDGET="${BUDGET:-2048}"
+work="$(mktemp -d /tmp/bench-session-XXXX)"
+results="$work/results"
+mkdir -p "$results"
+export VLLM_WORKER_MULTIPROC_METHOD=spawn
+started=$SECONDS
+log() { echo "[$((SECONDS - started))s] $*" | tee -a "$results/summary.txt"; }
+
+case "$part" in
+  serve)
+    # ~7.5 min: per backend start ~60 s, warm-up ~5 s, rate 0.3 x 8 prompts ~35 s, rate 0.6 x 10
+    # ~25 s, saturation 32 prompts ~60 s (stock holds 26 of them at once, RocketKV all 32),
+    # plus ~10-15 s of client start-up per rate; --max-num-seqs 64 for both keeps graph capture short
+    log "serve 32K/512"
+    timeout 520 python benchmarks/bench_serve.py --input-len 32768 --output-len 512 --rates 0.3 0.6 inf \
+      --prompts 8 10 32 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 200 \
+      --json "$results/serve_32k.json" > "$results/serve_32k.txt" 2>&1
+    log "exit $?"
+    ;;
+  offline)
+    # ~7 min: decode per backend start ~50 s + 3 repeats of 8192x1, 32768x1, 32768x8 at 256 out ~55 s;
+    # capacity per backend start ~50 s + 32 x 32K prompts, 512 out ~45-60 s
+    log "decode 8K/32K"
+    timeout 260 python benchmarks/bench_decode.py --cases 8192x1 32768x1 32768x8 --out 256 --repeats 3 \
+      --budget "$BUDGET" --json "$results/decode.json" > "$results/decode.txt" 2>&1
+    log "exit $?"
+    log "capacity 32K"
+    timeout 250 python benchmarks/bench_capacity.py --ctx 32768 --prompts 32 --out 512 --budget "$BUDGET" \
+      --json "$results/capacity_32k.json" > "$results/capacity_32k.txt" 2>&1
+    log "exit $?"
+    ;;
+  long)
+    # ~8 min: decode 130000x1, 3 repeats (~10 s prefill + 256 steps each) per backend ~90 s;
+    # capacity 8 x 130K prompts, 256 out: prefill ~80 s per backend (stock holds 6 at once)
+    log "decode 128K"
+    timeout 200 python benchmarks/bench_decode.py --cases 130000x1 --out 256 --repeats 3 --warmup-ctx 8192 \
+      --budget "$BUDGET" --json "$results/decode_128k.json" > "$results/decode_128k.txt" 2>&1
+    log "exit $?"
+    log "capacity 128K"
+    timeout 300 python benchmarks/bench_capacity.py --ctx 130000 --prompts 8 --out 256 --budget "$BUDGET" \
+      --json "$results/capacity_128k.json" > "$results/capacity_128k.txt" 2>&1
+    log "exit $?"
+    ;;
+  serve128k)
+    # ~8.5 min: per backend start ~60 s, rate 0.05 x 4 prompts ~90 s, saturation 8 prompts ~110 s
+    log "serve 128K/256"
+    timeout 520 python benchmarks/bench_serve.py --input-len 130000 --output-len 256 --rates 0.05 inf \
+      --prompts 4 8 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 230 \
+      --json "$results/serve_128k.json" > "$results/serve_128k.txt" 2>&1
+    log "exit $?"
+    ;;
+  bigbatch)
+    # ~6 min: 64 requests of 32K decoding (RocketKV holds all 64 after stage 1; stock holds 26, so it
+    # never has all 64 decoding and reports no TPOT, only that it ran): per backend start ~50 s,
+    # 64 prefills ~65 s, 128 decode steps
+    log "decode 32K x 64"
+    timeout 450 python benchmarks/bench_decode.py --cases 32768x64 --out 128 --repeats 1 --budget "$BUDGET" \
+      --json "$results/decode_b64.json" > "$results/decode_b64.txt" 2>&1
+    log "exit $?"
+    ;;
+  *)
+    echo "unknown part $part (serve|offline|long|serve128k|bigbatch)" >&2
+    exit 2
+    ;;
+esac
+
+# what comes back: one archive of everything, the JSONs and the summary (<= 8 files)
+for f in "$results"/*.txt; do  # each script ends with its summary lines
+  [ "$f" != "$results/summary.txt" ] && { echo "== $(basename "$f")"; tail -n 8 "$f"; } >> "$results/summary.txt"
+done
+tar -C "$work" -czf "$OUT/bench_$part.tar.gz" results
+cp "$results"/*.json "$results/summary.txt" "$OUT"/ 2>/dev/null
+ls -la "$OUT"
+rm -rf "$work"

@@ -1,0 +1,75 @@
+"""The per-request plan: the output length stage 1 budgets for, the ablation modes, chunk alignment."""
+import pytest
+
+from rocketkv_vllm.config import RocketKVConfig, request_settings
+from rocketkv_vllm.plan import plan_for_params, plan_request
+from rocketkv_vllm.vllm_glue.window_alignment import aligned_chunk
+
+
+class Params:
+    def __init__(self, max_tokens, **extra):
+        self.max_tokens = max_tokens
+        self.extra_args = extra or None
+
+
+def plan(config, prompt_len, max_tokens, **extra):
+    return plan_for_params(Params(max_tokens, **extra), prompt_len, config, head_dim=64, block_size=16)
+
+
+def test_omitted_max_tokens_plans_like_the_output_tokens_setting():
+    # vLLM's OpenAI layer turns an omitted max_tokens into max_model_len - prompt
+    config = RocketKVConfig(budget=256, output_tokens=300)
+    from_server_default = plan(config, 4000, 32768 - 4000)
+    assert from_server_default == plan(config, 4000, 300)
+    assert from_server_default.keep > plan(RocketKVConfig(budget=256, output_tokens=30000), 4000, 32768 - 4000).keep
+
+
+def test_small_max_tokens_still_plans_with_itself():
+    config = RocketKVConfig(budget=256, output_tokens=512)
+    assert plan(config, 4000, 16) != plan(config, 4000, 512)
+    assert plan(config, 4000, 16).keep > plan(config, 4000, 512).keep
+
+
+def test_request_overrides_output_tokens():
+    config = RocketKVConfig(budget=256)
+    assert plan(config, 4000, 10**6, rocketkv_output_tokens=100) == plan(config, 4000, 100)
+    with pytest.raises(ValueError, match="rocketkv_output_tokens"):
+        request_settings({"rocketkv_output_tokens": 0}, config)
+
+
+@pytest.mark.parametrize("budget", [128, 1024])
+def test_ablation_plans_at_equal_budget(budget):
+    config = RocketKVConfig(budget=budget)
+    snap = plan(config, 4000, 128, rocketkv_mode="snapkv")
+    assert (snap.keep, snap.sparse, snap.oracle_tokens) == (budget, False, 0)
+    oracle = plan(config, 4000, 128, rocketkv_mode="oracle")
+    assert (oracle.keep, oracle.sparse, oracle.oracle_tokens) == (4000, False, budget)
+    quest, mt = plan(config, 4000, 128, rocketkv_mode="quest"), plan(config, 4000, 128, rocketkv_mode="mt")
+    assert quest.keep == mt.keep == 4000 and quest.sparse and mt.sparse
+    assert quest.top_channels == 64 >= mt.top_channels and quest.top_pages == mt.top_pages == budget // 2 // 4 - 1  # + the newest page
+
+
+@pytest.mark.parametrize("mode", ["rocketkv", "mt", "snapkv", "quest", "oracle"])
+def test_budget_covering_the_prompt_is_exact_in_every_mode(mode):
+    p = plan(RocketKVConfig(budget=4000), 4000, 128, rocketkv_mode=mode)
+    assert (p.keep, p.sparse, p.oracle_tokens) == (4000, False, 0)
+
+
+def test_snapkv_never_keeps_less_than_the_window():
+    assert plan(RocketKVConfig(budget=8, window=32), 4000, 16, rocketkv_mode="snapkv").keep == 32
+
+
+@pytest.mark.parametrize(
+    "start,n,prompt,window,expected",
+    [
+        (0, 256, 1000, 32, 256),      # far from the window
+        (768, 216, 1000, 32, 200),    # would end inside [968, 1000): ends at 968
+        (768, 232, 1000, 32, 232),    # completes the prompt: whole window inside
+        (768, 240, 1000, 32, 240),    # runs past the prompt (resumed request): unchanged
+        (968, 10, 1000, 32, 10),      # starts at the window: the final chunks
+        (700, 268, 1000, 32, 268),    # ends exactly where the window begins
+        (0, 5, 20, 32, 5),            # prompt shorter than the window
+    ],
+)
+def test_chunks_never_end_inside_the_observation_window(start, n, prompt, window, expected):
+    assert aligned_chunk(start, n, prompt, window) == expected
