@@ -88,11 +88,12 @@ def top_pages_from_logits(
     ticket: torch.Tensor | None = None,
     *,
     chunk: int,
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """triton_hsa.top_pages_from_logits in CUDA C++ (same arguments and results); chunk:
     pages per CUDA block, a power of two <= 4096."""
     if _C is None:
         raise RuntimeError(f"rocketkv_vllm._C is not available: {_IMPORT_ERROR}")
-    cand_key, cand_page, ticket = topk_scratch(index, chunk, ticket)
+    cand_key, cand_page, ticket = topk_scratch(index, chunk, ticket, candidates)
     torch.ops.rocketkv.hsa_topk(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys, cand_key,
                                 cand_page, ticket, chunk)

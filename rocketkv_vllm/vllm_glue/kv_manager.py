@@ -18,6 +18,7 @@ from rocketkv_vllm.config import RocketKVConfig, request_settings
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.plan import RequestPlan, plan_for_params
 from rocketkv_vllm.vllm_glue.metrics import RocketKVStats
+from rocketkv_vllm.vllm_glue.request_plans import PLAN_KEY, attach_plan
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -63,14 +64,20 @@ class RocketKVManager(FullAttentionManager):
         self.stats = RocketKVStats()
 
     def track(self, request: "Request") -> RequestPlan:
-        """Plan the request (once per admission) and keep evicting requests off the prefix cache."""
+        """Plan the request (once per admission), attach the plan for the workers to check
+        (request_plans) and keep evicting requests off the prefix cache."""
         plan = self._plans.get(request.request_id)
-        if plan is None:
-            plan = plan_for_params(request.sampling_params, request.num_prompt_tokens, self.rocketkv, self.head_dim, self.block_size)
+        params = request.sampling_params
+        # a streaming session's next input grows the prompt (sessions never evict): plan anew
+        replan = plan is None or (not plan.evicts and plan.prompt_len != request.num_prompt_tokens)
+        if replan:
+            plan = plan_for_params(params, request.num_prompt_tokens, self.rocketkv, self.head_dim, self.block_size)
             self._plans[request.request_id] = plan
             if request.num_preemptions == 0:
-                mode = request_settings(getattr(request.sampling_params, "extra_args", None), self.rocketkv).mode
+                mode = request_settings(getattr(params, "extra_args", None), self.rocketkv).mode
                 self.stats.admit(mode, plan, self.rocketkv)
+        if params is not None and (replan or PLAN_KEY not in (params.extra_args or {})):
+            attach_plan(params, plan)
         if plan.evicts:
             request.skip_reading_prefix_cache = True
         return plan

@@ -51,6 +51,8 @@ PATCHED = (
              "tell RocketKVManager each request's budget, mode and prompt length"),
     Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_build_attention_metadata",
              "publish the request of each batch row to the metadata builder"),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_dummy_run",
+             "mark profiling, warm-up and capture batches as dummy (no request rows): exact attention"),
     Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_determine_batch_execution_and_padding",
              "no full CUDA graph for a step that completes a prompt (SnapKV++ compaction is eager)"),
     Internal("vllm.v1.core.sched.scheduler:Scheduler", "__init__",

@@ -9,7 +9,8 @@ parses backend names, so each hook below is installed everywhere:
 - the scheduler tells that manager about each request (budget, mode, prompt length);
 - the scheduler ends no prefill chunk of an evicting prompt inside its observation window
   (window_alignment.py);
-- the model runner publishes the request in each batch row to the metadata builder;
+- the model runner publishes the request in each batch row to the metadata builder, and
+  marks its dummy batches (profiling, warm-up, graph capture) as such;
 - a one-token step that still holds a prompt chunk is not replayed as a full CUDA graph
   (the chunk that completes an evicting prompt runs SnapKV++ compaction, which is eager);
 - bad per-request settings are rejected before the request is queued (HTTP 400), and a
@@ -189,12 +190,14 @@ def _track_requests_in_scheduler() -> None:
 def _publish_batch_rows() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from rocketkv_vllm.vllm_glue.batch_context import rows_of_batch
+    from rocketkv_vllm.vllm_glue.batch_context import current_batch, dummy_batch, rows_of_batch
 
     def make(original):
         @functools.wraps(original)
         def build(self, *args, **kwargs):
-            if not _uses_rocketkv(self.vllm_config):
+            batch = current_batch()
+            # stock backends need no rows; a dummy run's rows hold no requests
+            if not _uses_rocketkv(self.vllm_config) or (batch is not None and batch.dummy):
                 return original(self, *args, **kwargs)
             rows = [self.requests.get(req_id) for req_id in self.input_batch.req_ids]
             with rows_of_batch(rows):
@@ -202,7 +205,20 @@ def _publish_batch_rows() -> None:
 
         return build
 
+    def make_dummy(original):
+        # profiling, warm-up, graph capture, idle data-parallel ranks: the input batch may
+        # still list the last step's requests, but none of them is in these rows
+        @functools.wraps(original)
+        def dummy_run(self, *args, **kwargs):
+            if not _uses_rocketkv(self.vllm_config):
+                return original(self, *args, **kwargs)
+            with dummy_batch():
+                return original(self, *args, **kwargs)
+
+        return dummy_run
+
     _wrap(GPUModelRunner, "_build_attention_metadata", make)
+    _wrap(GPUModelRunner, "_dummy_run", make_dummy)
 
 
 def holds_prompt_chunk(input_batch, num_reqs: int) -> bool:
