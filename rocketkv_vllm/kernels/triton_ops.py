@@ -8,12 +8,20 @@ On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 must be 
 before this module is imported).
 """
 from rocketkv_vllm.kernels.triton_attention import paged_sparse_attention
-from rocketkv_vllm.kernels.triton_hsa import PageSelection, hsa_page_scores, hsa_select_pages
+from rocketkv_vllm.kernels.triton_hsa import (
+    PageSelection,
+    SelectionPlanner,
+    SelectionShape,
+    hsa_page_scores,
+    hsa_select_pages,
+)
 from rocketkv_vllm.kernels.triton_snapkv import compact_kept_tokens, snapkv_window_scores
 from rocketkv_vllm.kernels.triton_write import write_kv
 
 __all__ = [
     "PageSelection",
+    "SelectionPlanner",
+    "SelectionShape",
     "compact_kept_tokens",
     "hsa_page_scores",
     "hsa_select_pages",

@@ -211,9 +211,12 @@ def hsa_select_pages(
     gap_end: torch.Tensor,
     top_channels: torch.Tensor,
     top_pages: torch.Tensor,
+    *,
+    plan: object = None,
 ) -> PageSelection:
     """HSA over the paged cache: per request and KV head, the top_pages live pages with the
-    highest approximate attention (every live page when top_pages covers them)."""
+    highest approximate attention (every live page when top_pages covers them). `plan`, the
+    kernels' launch plan, is accepted for a common signature and not needed here."""
     num_pages = max(1, -(-int(seq_lens.max().item()) // layout.page_size))
     kmax, kmin = gather_page_summaries(kv_cache, layout, block_table, num_pages)
     plen = page_lengths(seq_lens, keep, gap_end, num_pages, layout.page_size)

@@ -12,8 +12,9 @@ The impl (forward pass) lives in impl.py. Row kinds in a step:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import (
@@ -24,12 +25,18 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.utils import CpuGpuBuffer
 
 from rocketkv_vllm.config import RocketKVConfig
-from rocketkv_vllm.kernels import flash_prefill
+from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
-from rocketkv_vllm.plan import RequestPlan, plan_for_params
-from rocketkv_vllm.vllm_glue.batch_context import current_rows
+from rocketkv_vllm.ops.newest_page import NewestPages
+from rocketkv_vllm.vllm_glue.batch_context import current_batch
+from rocketkv_vllm.vllm_glue.request_plans import (
+    EVICTS, KEEP, NUM_COLUMNS, ORACLE_TOKENS, PROMPT_LEN, SPARSE, TOP_CHANNELS, TOP_PAGES, PlanTable,
+)
+from rocketkv_vllm.vllm_glue.logs import log_settings, warn_gap_rows_on_torch_path
+from rocketkv_vllm.vllm_glue.tp_groups import selection_num_heads
 
 
 class RocketKVBackend(AttentionBackend):
@@ -115,6 +122,7 @@ class OracleBatch:
 ALL_PAGES = 1 << 30  # a budget covering every page: exact attention through the sparse path
 
 
+
 @dataclass
 class DecodeBatch:
     """Decode rows, prepared once per step for every layer (int32 device tensors).
@@ -133,6 +141,10 @@ class DecodeBatch:
     gap_end: torch.Tensor
     top_channels: torch.Tensor
     top_pages: torch.Tensor
+    # the page selection's launch decisions and scratch for num_rows rows (kernels'
+    # `plan_selection`), made once per step for every layer; None on the reference path
+    selection: Any = None
+    newest: NewestPages | None = None  # each row's newest page (config.attend_newest_page)
 
 
 @dataclass
@@ -159,113 +171,219 @@ class RocketKVMetadata:
     packed_dense: PackedDense | None = None  # replaces `dense` where FlashAttention is available
 
 
+@dataclass(frozen=True)
+class RowKinds:
+    """A step's rows classified from host arrays (numpy, one entry per batch row)."""
+
+    decode: np.ndarray  # row numbers of decode rows, ascending
+    dense: np.ndarray  # row numbers of dense rows, ascending
+    compacts: np.ndarray  # [rows] bool: the dense row completes an evicting prompt
+    kept: np.ndarray  # [rows] the plan's kept prompt tokens (compaction)
+    oracle: np.ndarray  # row numbers of the oracle ablation's decode rows, ascending
+    oracle_tokens: np.ndarray  # [rows]
+    # [4, rows] keep, gap_end (live positions: p < keep or p >= gap_end), top_channels, top_pages
+    columns: np.ndarray
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.columns[0]
+
+    @property
+    def gap_end(self) -> np.ndarray:
+        return self.columns[1]
+
+
+def classify_rows(query_lens: np.ndarray, seq_lens: np.ndarray, plans: np.ndarray, head_dim: int) -> RowKinds:
+    """Row kinds and decode columns of a batch from its query and sequence lengths and its
+    rows' plan columns ([rows, NUM_COLUMNS], request_plans), all vectorized."""
+    prompt_len, evicts = plans[:, PROMPT_LEN], plans[:, EVICTS] != 0
+    computed = seq_lens - query_lens
+    completes_prompt = (computed < prompt_len) & (prompt_len <= seq_lens)
+    after_prompt = computed >= prompt_len
+    evicting_chunk = evicts & completes_prompt
+    is_oracle = (query_lens == 1) & (plans[:, ORACLE_TOKENS] > 0) & after_prompt
+    is_decode = (query_lens == 1) & ~evicting_chunk & ~is_oracle
+    is_dense = (query_lens > 0) & ~is_decode & ~is_oracle  # (no query: finished, or CUDA-graph padding)
+    sparse = (plans[:, SPARSE] != 0) & after_prompt  # a prompt token attends exactly
+    columns = plans[:, [KEEP, PROMPT_LEN, TOP_CHANNELS, TOP_PAGES]].T.copy()
+    columns[0, ~(evicts & after_prompt)] = prompt_len[~(evicts & after_prompt)]
+    columns[2:, ~sparse] = ((head_dim,), (ALL_PAGES,))
+    return RowKinds(is_decode.nonzero()[0], is_dense.nonzero()[0], is_dense & evicting_chunk, plans[:, KEEP],
+                    is_oracle.nonzero()[0], plans[:, ORACLE_TOKENS], columns)
+
+
 class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
+    """Per step: classifies the rows (numpy, no per-row Python), stages every host-made
+    int32 array in persistent pinned buffers (one copy each to the device) and makes the
+    page selection's launch plan once for all layers."""
+
     # pure-decode steps run the fixed-shape decode kernels only: vLLM captures them whole
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
-        self.head_dim = kv_cache_spec.head_size
-        self.block_size = kv_cache_spec.block_size
-        self.device = device
         self._init_reorder_batch_threshold(1)  # decodes first: their tokens are a prefix of the batch
-        max_rows = max(
-            vllm_config.scheduler_config.max_num_seqs,
-            vllm_config.compilation_config.max_cudagraph_capture_size or 0,
+        scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
+        max_rows = max(scheduler.max_num_seqs, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+        self._setup(
+            RocketKVConfig.from_additional_config(vllm_config.additional_config), kv_cache_spec, max_rows,
+            scheduler.max_num_batched_tokens, device,
+            # the query heads a selection scores with: this worker's, or a replicated KV head's whole group
+            selection_num_heads(vllm_config.compilation_config.static_forward_context[layer_names[0]].num_heads,
+                                vllm_config),
+            -(-model.max_model_len // kv_cache_spec.block_size),
         )
-        # keep, gap_end, top_channels, top_pages of each decode row; persistent for CUDA graphs
-        self._columns = torch.zeros(4, max_rows, dtype=torch.int32, device=device)
+        log_settings(self.config, self.block_size, device, kv_cache_spec.dtype)
 
-    def _plan(self, rows, i: int, seq_len: int) -> RequestPlan:
-        if not rows:  # dummy batches (profiling, warm-up, graph capture): exact attention
-            return RequestPlan.exact(seq_len, self.head_dim)
-        state = rows[i] if i < len(rows) else None
-        if state is None:  # guessing "exact" would read the freed gap of an evicting request
-            raise RuntimeError(f"RocketKV: batch row {i} has no request state")
-        return plan_for_params(state.sampling_params, state.num_prompt_tokens, self.config, self.head_dim, self.block_size)
+    def _setup(self, config: RocketKVConfig, kv_cache_spec: AttentionSpec, max_rows: int, max_tokens: int,
+               device: torch.device, num_heads: int, max_blocks: int) -> None:
+        """Everything build() needs (tests make builders without a VllmConfig through this).
+        num_heads: query heads a page selection scores with; max_blocks: the block tables' expected width."""
+        self.config, self.kv_cache_spec, self.device = config, kv_cache_spec, device
+        self.head_dim, self.block_size = kv_cache_spec.head_size, kv_cache_spec.block_size
+        self.max_rows, self.max_tokens, self.num_heads = max_rows, max_tokens, num_heads
+        self.layout = KVLayout(self.block_size, config.page_size, config.layout_summary_group())
+        # the page selection's launch plans (kernels' SelectionPlanner) per block-table width,
+        # over a workspace sized here for max_rows; none on the reference path
+        self._planner_cls = get_ops(device).selection_planner
+        self._planners: dict[int, Any] = {}
+        if self._planner_cls is not None:
+            self._planner(max_blocks)
+        self.plans = PlanTable(config, self.head_dim, self.block_size)
+        self.flash_prefill = flash_prefill.available(device, kv_cache_spec.dtype)
+        # keep, gap_end, top_channels, top_pages of each decode row, and its newest page
+        # (scored seq_len, page, live); persistent for CUDA graphs
+        self._columns = CpuGpuBuffer(7, max_rows, dtype=torch.int32, device=device)
+        # rows, query tokens, seq_lens and top-k of the oracle ablation's decode rows
+        self._oracle = CpuGpuBuffer(4 * max_rows, dtype=torch.int32, device=device)
+        # decode rows and their query tokens, when they are not a prefix of the batch
+        self._decode_rows = CpuGpuBuffer(2 * max_rows, dtype=torch.int32, device=device)
+        # packed dense rows: rows, cu_seqlens_q, seq_lens, query tokens
+        self._packed = CpuGpuBuffer(3 * max_rows + 1 + max_tokens, dtype=torch.int32, device=device)
+        # a pinned buffer is rewritten only once the copy from it ran (vLLM's input preparation
+        # waits the same way; this also covers builds outside the model runner)
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> RocketKVMetadata:
         cm = common_attn_metadata
-        starts = cm.query_start_loc_cpu.tolist()
-        query_lens = [b - a for a, b in zip(starts, starts[1:])]
-        seq_lens = cm.seq_lens.cpu().tolist() if cm._seq_lens_cpu is None else cm._seq_lens_cpu.tolist()
-        rows = current_rows()
-        dense, compactions, decode_rows, columns, oracle = [], [], [], [], []
-        for i, query_len in enumerate(query_lens):
-            if query_len == 0:  # finished this step, or CUDA-graph padding
-                continue
-            seq_len = seq_lens[i]
-            computed = seq_len - query_len
-            plan = self._plan(rows, i, seq_len)
-            prompt_len = plan.prompt_len
-            completes_prompt = computed < prompt_len <= seq_len
-            if query_len == 1 and plan.oracle_tokens and computed >= plan.prompt_len:
-                oracle.append((i, starts[i], seq_len, plan.oracle_tokens))
-                continue
-            if query_len == 1 and not (plan.evicts and completes_prompt):
-                compacted = plan.evicts and computed >= prompt_len
-                sparse = plan.sparse and computed >= prompt_len
-                decode_rows.append(i)
-                columns.append((
-                    plan.keep if compacted else prompt_len, prompt_len,
-                    plan.top_channels if sparse else self.head_dim, plan.top_pages if sparse else ALL_PAGES,
-                ))
-                continue
-            compacted = plan.evicts and computed >= prompt_len
-            keep, gap_end = (plan.keep, prompt_len) if compacted else (prompt_len, prompt_len)
-            dense.append(DenseRow(i, starts[i], starts[i] + query_len, seq_len, keep, gap_end))
-            if plan.evicts and completes_prompt:
-                window_start = max(computed, prompt_len - self.config.window)
-                compactions.append(
-                    Compaction(i, starts[i] + window_start - computed, starts[i] + prompt_len - computed, prompt_len, plan.keep, seq_len)
-                )
-        decode = self._decode_batch(cm, decode_rows, columns, pure=not (dense or oracle)) if decode_rows else None
-        meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode,
-                                self._oracle_batch(cm, oracle) if oracle else None)
-        if dense and flash_prefill.available(self.device, self.kv_cache_spec.dtype) and all(r.keep == r.gap_end for r in dense):
-            meta.packed_dense = self._pack(dense)
+        num_reqs = cm.num_reqs
+        starts = cm.query_start_loc_cpu.numpy()[: num_reqs + 1]
+        query_lens = np.diff(starts)
+        if cm.seq_lens_cpu_upper_bound is None:  # exact here: RocketKV refuses speculative decoding
+            raise RuntimeError("RocketKV needs CommonAttentionMetadata.seq_lens_cpu_upper_bound (the host's seq_lens)")
+        seq_lens = cm.seq_lens_cpu_upper_bound.numpy()[:num_reqs]
+        kinds = classify_rows(query_lens, seq_lens, self._plan_columns(query_lens, seq_lens), self.head_dim)
+        if self._copied is not None:
+            self._copied.synchronize()
+        rows = kinds.dense
+        dense = [
+            DenseRow(row, start, start + qlen, seq, keep, gap)
+            for row, start, qlen, seq, keep, gap in zip(rows.tolist(), *(a[rows].tolist() for a in (
+                starts[:-1], query_lens, seq_lens, kinds.keep, kinds.gap_end)))
+        ] if rows.size else []
+        oracle = self._oracle_batch(cm, kinds, starts, seq_lens) if kinds.oracle.size else None
+        decode = self._decode_batch(cm, kinds, starts, seq_lens, pure=not (dense or oracle)) if kinds.decode.size else None
+        compactions = self._compactions(kinds, starts, seq_lens) if dense else []
+        meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode, oracle)
+        if dense and self.flash_prefill:
+            if np.array_equal(kinds.keep[rows], kinds.gap_end[rows]):
+                meta.packed_dense = self._pack(rows, starts, query_lens[rows], seq_lens[rows])
+            else:
+                warn_gap_rows_on_torch_path()
+        if self._copied is not None:
+            self._copied.record()
         return meta
 
-    def _decode_batch(self, cm: CommonAttentionMetadata, rows: list[int], columns: list[tuple[int, ...]], pure: bool) -> DecodeBatch:
-        contiguous = rows == list(range(len(rows)))
+    def _plan_columns(self, query_lens: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
+        """[rows, NUM_COLUMNS] plan columns of the batch's rows."""
+        batch = current_batch()
+        if batch is None:
+            # rows without their requests: an evicting row would read its freed gap
+            raise RuntimeError("RocketKV: attention metadata built outside the model runner's row hooks (plugin.py)")
+        num_reqs = len(query_lens)
+        plans = np.zeros((num_reqs, NUM_COLUMNS), dtype=np.int32)
+        if batch.dummy:  # no requests: every row attends exactly (RequestPlan.exact)
+            plans[:, PROMPT_LEN] = plans[:, KEEP] = seq_lens
+            plans[:, TOP_CHANNELS] = self.head_dim
+            return plans
+        states = batch.states[:num_reqs]
+        unknown = (query_lens[len(states):] > 0).nonzero()[0]
+        if unknown.size:
+            raise RuntimeError(f"RocketKV: batch row {len(states) + int(unknown[0])} has no request state")
+        plans[: len(states)] = self.plans.columns(states)
+        return plans
+
+    def _decode_batch(self, cm: CommonAttentionMetadata, kinds: RowKinds, starts: np.ndarray, seq_lens: np.ndarray,
+                      pure: bool) -> DecodeBatch:
+        rows = kinds.decode
+        count = rows.size
+        contiguous = rows[-1] == count - 1
         # a pure-decode step covers every row, CUDA-graph padding included (seq_len 0: nothing to read)
-        num_rows = cm.num_reqs if pure and contiguous else len(rows)
-        values = torch.zeros(4, num_rows, dtype=torch.int32)
-        values[2], values[3] = self.head_dim, ALL_PAGES
-        values[:, : len(rows)] = torch.tensor(columns, dtype=torch.int32).T
-        cols = self._columns[:, :num_rows]
-        cols.copy_(self._staged(values), non_blocking=True)
+        num_rows = cm.num_reqs if pure and contiguous else count
+        host = self._columns.np
+        host[:4, :count] = kinds.columns[:, rows]
+        host[:, count:num_rows] = ((0,), (0,), (self.head_dim,), (ALL_PAGES,), (0,), (0,), (0,))
+        if self.config.attend_newest_page:  # (NewestPages.of, from the host's seq_lens)
+            last = np.maximum(seq_lens[rows] - 1, 0) // self.layout.page_size
+            host[4, :count], host[5, :count], host[6, :count] = last * self.layout.page_size, last, seq_lens[rows] > 0
+        cols = self._columns.copy_to_gpu()[:, :num_rows]
+        newest = NewestPages(cols[4], cols[5][:, None, None], cols[6][:, None]) if self.config.attend_newest_page else None
         if contiguous:
             token_index, block_table, seq_lens = None, cm.block_table_tensor[:num_rows], cm.seq_lens[:num_rows]
         else:
-            index = self._to_device(torch.tensor(rows))
-            token_index = cm.query_start_loc[index].long()
+            staged = self._decode_rows.np
+            staged[:count], staged[count : 2 * count] = rows, starts[rows]
+            on_device = self._decode_rows.copy_to_gpu(2 * count)
+            index, token_index = on_device[:count], on_device[count : 2 * count]
             block_table, seq_lens = cm.block_table_tensor[index], cm.seq_lens[index]
-        return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3])
+        plan = None
+        if self._planner_cls is not None:
+            plan = self._planner(cm.block_table_tensor.shape[1])(num_rows)
+        return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3], plan, newest)
 
-    def _oracle_batch(self, cm: CommonAttentionMetadata, rows: list[tuple[int, int, int, int]]) -> OracleBatch:
-        row, token, seq_len, top_k = (self._to_device(torch.tensor(c)) for c in zip(*rows))
-        return OracleBatch(token.long(), cm.block_table_tensor[row], seq_len, top_k, max(r[2] for r in rows))
+    def _planner(self, width: int):
+        planner = self._planners.get(width)
+        if planner is None:  # (earlier planners stay: captured CUDA graphs use their workspaces)
+            from rocketkv_vllm.kernels.triton_hsa import SelectionShape
 
-    def _pack(self, dense: list[DenseRow]) -> PackedDense:
-        query_lens = [r.query_end - r.query_start for r in dense]
-        token_index = torch.cat([torch.arange(r.query_start, r.query_end) for r in dense])
-        cu = torch.zeros(len(dense) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(query_lens).cumsum(0)
+            shape = SelectionShape(self.num_heads, self.kv_cache_spec.num_kv_heads, self.head_dim, self.layout,
+                                   width * self.layout.pages_per_block, self.device)
+            planner = self._planners[width] = self._planner_cls(shape, self.max_rows)
+        return planner
 
-        dev = self._to_device
+    def _oracle_batch(self, cm: CommonAttentionMetadata, kinds: RowKinds, starts: np.ndarray,
+                      seq_lens: np.ndarray) -> OracleBatch:
+        rows = kinds.oracle
+        count = rows.size
+        staged = self._oracle.np
+        for i, column in enumerate((rows, starts[rows], seq_lens[rows], kinds.oracle_tokens[rows])):
+            staged[i * count : (i + 1) * count] = column
+        on_device = self._oracle.copy_to_gpu(4 * count)
+        row, token, seq, top_k = (on_device[i * count : (i + 1) * count] for i in range(4))
+        return OracleBatch(token.long(), cm.block_table_tensor[row], seq, top_k, int(seq_lens[rows].max()))
+
+    def _compactions(self, kinds: RowKinds, starts: np.ndarray, seq_lens: np.ndarray) -> list[Compaction]:
+        rows = kinds.compacts.nonzero()[0]
+        if not rows.size:
+            return []
+        prompt_len, computed = kinds.gap_end[rows], seq_lens[rows] - (starts[rows + 1] - starts[rows])
+        window_start = np.maximum(computed, prompt_len - self.config.window)
+        return [
+            Compaction(row, start + ws - c, start + p - c, p, k, seq)
+            for row, start, ws, c, p, k, seq in zip(*(a.tolist() for a in (
+                rows, starts[rows], window_start, computed, prompt_len, kinds.kept[rows], seq_lens[rows])))
+        ]
+
+    def _pack(self, rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray, seq_lens: np.ndarray) -> PackedDense:
+        count, tokens = rows.size, int(query_lens.sum())
+        cu = np.zeros(count + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=cu[1:])
+        staged = self._packed.np
+        staged[:count], staged[count : 2 * count + 1], staged[2 * count + 1 : 3 * count + 1] = rows, cu, seq_lens
+        # query token t of the packed rows: its row's first token + its offset in the row
+        staged[3 * count + 1 : 3 * count + 1 + tokens] = np.repeat(starts[rows] - cu[:-1], query_lens) + np.arange(tokens)
+        on_device = self._packed.copy_to_gpu(3 * count + 1 + tokens)
         return PackedDense(
-            dev(token_index), dev(torch.tensor([r.row for r in dense])), dev(cu),
-            dev(torch.tensor([r.seq_len for r in dense], dtype=torch.int32)), max(query_lens), max(r.seq_len for r in dense),
+            on_device[3 * count + 1 :], on_device[:count], on_device[count : 2 * count + 1],
+            on_device[2 * count + 1 : 3 * count + 1], int(query_lens.max()), int(seq_lens.max()),
         )
-
-    def _staged(self, host: torch.Tensor) -> torch.Tensor:
-        """host in pinned memory on CUDA, so that copies from it need not block the host: a
-        copy from pageable memory waits for the GPU to drain the stream, serialising every
-        step's preparation with the previous step. torch's pinned allocator keeps the block
-        until the copy ran."""
-        return host.pin_memory() if self.device.type == "cuda" else host
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        return self._staged(host).to(self.device, non_blocking=True)

@@ -10,7 +10,6 @@ from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
-from rocketkv_vllm.ops.newest_page import NewestPages
 from rocketkv_vllm.vllm_glue.backend import RocketKVMetadata
 from rocketkv_vllm.vllm_glue.tp_groups import selection_queries
 
@@ -53,10 +52,9 @@ class RocketKVImpl(AttentionImpl):
         self.config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
         self.layout = KVLayout(vllm_config.cache_config.block_size, self.config.page_size,
                                self.config.layout_summary_group())
-        self.newest = self.config.attend_newest_page
         self._ops = None
         # the queries SnapKV++ and HSA score with (the whole GQA group's when KV heads are replicated)
-        self.selection_queries = selection_queries(self.num_heads, self.num_kv_heads)
+        self.selection_queries = selection_queries(self.num_heads, self.num_kv_heads, vllm_config)
 
     def ops(self, device: torch.device):
         if self._ops is None:
@@ -124,11 +122,11 @@ class RocketKVImpl(AttentionImpl):
             # (tokens past num_rows, if any, are CUDA-graph padding that nobody reads)
             contiguous = d.token_index is None
             q = query[: d.num_rows] if contiguous else query[d.token_index]
-            # per layer, not cached on the metadata: a CUDA graph must capture these ops
-            newest = NewestPages.of(d.seq_lens, self.layout.page_size) if self.newest else None
+            newest = d.newest  # (the builder's, from the host's seq_lens: no ops here)
             selection = ops.hsa_select_pages(
                 self.selection_queries(q), kv_cache, self.layout, d.block_table,
                 newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
+                plan=d.selection,
             )
             if newest:
                 newest.append_to(selection)

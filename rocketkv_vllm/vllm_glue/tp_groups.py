@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from vllm.config import get_current_vllm_config
+from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size, get_tp_group
 
 
@@ -47,14 +47,24 @@ def _own_queries(query: torch.Tensor) -> torch.Tensor:
     return query
 
 
-def selection_queries(num_heads: int, num_kv_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _group_heads(num_heads: int, vllm_config: VllmConfig) -> slice | None:
+    return replicated_group_heads(num_heads, get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(),
+                                  vllm_config.model_config.get_total_num_kv_heads())
+
+
+def selection_queries(num_heads: int, num_kv_heads: int,
+                      vllm_config: VllmConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     """What an attention layer built in a vLLM worker (num_heads, num_kv_heads: this rank's) selects
     with: its own queries, or its KV head's full group where KV heads are replicated."""
-    tp_size = get_tensor_model_parallel_world_size()
-    total_num_kv_heads = get_current_vllm_config().model_config.get_total_num_kv_heads()
-    heads = replicated_group_heads(num_heads, tp_size, get_tensor_model_parallel_rank(), total_num_kv_heads)
+    heads = _group_heads(num_heads, vllm_config)
     if heads is None:
         return _own_queries
     if num_kv_heads != 1:
         raise ValueError(f"a rank with replicated KV heads holds one KV head, this one {num_kv_heads}")
     return FullGroupQueries(heads)
+
+
+def selection_num_heads(num_heads: int, vllm_config: VllmConfig) -> int:
+    """How many query heads the page selections of a layer with this rank's num_heads score with."""
+    heads = _group_heads(num_heads, vllm_config)
+    return num_heads if heads is None else heads.stop - heads.start

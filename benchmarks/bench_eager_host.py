@@ -1,0 +1,205 @@
+"""Decode attention of a whole step (every layer) launched eagerly vs replayed as a CUDA graph.
+
+A step outside a full CUDA graph (mixed prefill+decode steps, uncaptured batch sizes,
+--enforce-eager) launches each layer's decode attention from Python: write_kv, the page
+selection (prep, logits, top-k) and the split-K attention. This times, on one pure-decode
+batch of a Llama-3.1-8B shape (Hq 32, Hkv 8, D 128, 32 layers, each its own KV cache):
+
+- eager_unplanned: every layer plans its page selection and allocates its scratch (as
+  before the builder's launch plan);
+- eager_planned:   the selection planned once per step (the metadata builder's
+  SelectionPlanner: host decisions made once, scratch from a workspace allocated once);
+- graph:           eager_planned captured once and replayed (the full-CUDA-graph path);
+- builder_build:   (when vLLM is importable) the metadata builder's build() of this batch.
+
+CUDA events time each repeat of --steps steps; per mode: median and spread (min, max) of the
+per-step milliseconds over --repeats repeats, and the host's launch time per step (Python,
+no synchronisation). JSON on stdout.
+
+    python benchmarks/bench_eager_host.py --batch 3 --context 131072 --layers 32 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rocketkv_vllm.config import RocketKVConfig  # noqa: E402
+from rocketkv_vllm.kernels import get_ops  # noqa: E402
+from rocketkv_vllm.kernels.triton_hsa import SelectionPlanner, SelectionShape  # noqa: E402
+from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
+from rocketkv_vllm.ops.newest_page import NewestPages  # noqa: E402
+from rocketkv_vllm.plan import plan_for_params  # noqa: E402
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=3)
+    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--mode", default="rocketkv", choices=["rocketkv", "mt", "full"])
+    p.add_argument("--max-tokens", type=int, default=256, help="the requests' max_tokens (their plan depends on it)")
+    p.add_argument("--max-model-len", type=int, default=0, help="block-table width (default: context + max_tokens)")
+    p.add_argument("--max-rows", type=int, default=256, help="the builder's max_num_seqs (workspace size)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shared-cache", action="store_true", help="one KV cache for every layer (less GPU memory)")
+    return p.parse_args()
+
+
+class DecodeLayers:
+    """The decode half of RocketKVImpl.forward for every layer of a pure-decode step."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        config = RocketKVConfig(budget=args.budget, mode=args.mode)
+        self.layout = KVLayout(args.block_size, config.page_size, config.layout_summary_group())
+        b, ctx = args.batch, args.context
+        max_len = args.max_model_len or ctx + args.max_tokens
+        width = -(-max_len // args.block_size)
+        blocks = -(-(ctx + 1) // args.block_size)
+        dtype = torch.bfloat16
+        caches = 1 if args.shared_cache else args.layers
+        self.kv = [torch.randn(self.layout.cache_shape(b * blocks + 1, KV_HEADS, HEAD_DIM), dtype=dtype, device=device)
+                   for _ in range(caches)]
+        table = torch.zeros(b, width, dtype=torch.int32, device=device)
+        table[:, :blocks] = torch.randperm(b * blocks, device=device).int().view(b, blocks) + 1
+        self.table = table
+        plan = plan_for_params(SimpleNamespace(extra_args=None, max_tokens=args.max_tokens), ctx, config, HEAD_DIM,
+                               args.block_size)
+        self.plan = plan
+        full = lambda v: torch.full((b,), v, dtype=torch.int32, device=device)  # noqa: E731
+        self.seq = full(ctx + 1)
+        self.keep, self.gap = full(plan.keep if plan.evicts else ctx), full(ctx)
+        self.top_channels = full(plan.top_channels if plan.sparse else HEAD_DIM)
+        self.top_pages = full(plan.top_pages if plan.sparse else 1 << 30)
+        pos = self.seq.long() - 1
+        self.slots = table.gather(1, (pos // args.block_size)[:, None].int())[:, 0].long() * args.block_size + pos % args.block_size
+        self.query = torch.randn(b, Q_HEADS, HEAD_DIM, dtype=dtype, device=device)
+        self.new_kv = torch.randn(b, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+        self.out = torch.empty_like(self.query)
+        # the builder's per-step newest pages (ops/newest_page.py), appended per layer as the impl does
+        self.newest = NewestPages.of(self.seq, config.page_size) if config.attend_newest_page else None
+        self.layers = args.layers
+        self.ops = get_ops(device)
+        shape = SelectionShape(Q_HEADS, KV_HEADS, HEAD_DIM, self.layout, width * self.layout.pages_per_block, device)
+        self.planner = SelectionPlanner(shape, max(args.max_rows, b))
+        self.batch = b
+
+    def step(self, planned: bool) -> None:
+        ops, layout = self.ops, self.layout
+        selection_plan = self.planner(self.batch) if planned else None  # once per step (the builder)
+        for layer in range(self.layers):
+            kv = self.kv[layer % len(self.kv)]
+            ops.write_kv(kv, layout, self.new_kv, self.new_kv, self.slots)
+            scored = self.newest.scored_seq_lens if self.newest else self.seq
+            selection = ops.hsa_select_pages(self.query, kv, layout, self.table, scored, self.keep, self.gap,
+                                             self.top_channels, self.top_pages, plan=selection_plan)
+            if self.newest:
+                self.newest.append_to(selection)
+            ops.paged_sparse_attention(self.query, kv, layout, self.table, selection.index, selection.count, self.seq,
+                                       self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out)
+
+
+def timed(run, steps: int, repeats: int) -> dict:
+    """Per-step ms (CUDA events) and host launch ms per step, over repeats of `steps` steps."""
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    device_ms, host_ms = [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run()
+        host = time.perf_counter() - t0
+        end.record()
+        end.synchronize()
+        device_ms.append(start.elapsed_time(end) / steps)
+        host_ms.append(host * 1e3 / steps)
+    return {
+        "step_ms_median": statistics.median(device_ms), "step_ms_min": min(device_ms), "step_ms_max": max(device_ms),
+        "host_launch_ms_median": statistics.median(host_ms), "step_ms": device_ms,
+    }
+
+
+def builder_build_us(args: argparse.Namespace, layers: DecodeLayers, device: torch.device) -> dict | None:
+    """The metadata builder's build() of this batch (needs vLLM; None without it)."""
+    try:
+        from rocketkv_vllm.vllm_glue.backend import RocketKVMetadataBuilder
+        from rocketkv_vllm.vllm_glue.batch_context import rows_of_batch
+        from rocketkv_vllm.vllm_glue.request_plans import attach_plan
+    except ImportError as exc:
+        return {"skipped": f"vLLM not importable: {exc}"}
+    config = RocketKVConfig(budget=args.budget, mode=args.mode)
+    spec = SimpleNamespace(head_size=HEAD_DIM, block_size=args.block_size, dtype=torch.bfloat16, num_kv_heads=KV_HEADS)
+    builder = object.__new__(RocketKVMetadataBuilder)
+    builder._setup(config, spec, max(args.max_rows, args.batch), 8192, device, Q_HEADS, layers.table.shape[1])
+    states = []
+    for i in range(args.batch):
+        params = SimpleNamespace(extra_args=None, max_tokens=args.max_tokens)
+        attach_plan(params, layers.plan)
+        states.append(SimpleNamespace(req_id=f"r{i}", sampling_params=params, num_prompt_tokens=args.context))
+    b = args.batch
+    starts = torch.arange(b + 1, dtype=torch.int32)
+    cm = SimpleNamespace(
+        query_start_loc_cpu=starts, query_start_loc=starts.to(device), seq_lens=layers.seq,
+        seq_lens_cpu_upper_bound=torch.full((b,), args.context + 1, dtype=torch.int32), num_reqs=b, num_actual_tokens=b,
+        block_table_tensor=layers.table, slot_mapping=layers.slots,
+    )
+    with rows_of_batch(states):
+        for _ in range(10):
+            builder.build(0, cm)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for _ in range(100):
+                builder.build(0, cm)
+            times.append((time.perf_counter() - t0) * 1e4)
+    torch.cuda.synchronize()
+    return {"build_us_median": statistics.median(times), "build_us_min": min(times), "build_us_max": max(times)}
+
+
+def main() -> None:
+    args = parse()
+    device = torch.device("cuda")
+    layers = DecodeLayers(args, device)
+    result = {
+        "batch": args.batch, "context": args.context, "layers": args.layers, "mode": args.mode, "budget": args.budget,
+        "plan": {"keep": layers.plan.keep, "top_channels": layers.plan.top_channels, "top_pages": layers.plan.top_pages},
+        "ops_backend": layers.ops.backend, "gpu": torch.cuda.get_device_name(device),
+        "workspace_mib": layers.planner.workspace.nbytes() / 2**20, "steps": args.steps, "repeats": args.repeats,
+    }
+    result["eager_unplanned"] = timed(lambda: layers.step(planned=False), args.steps, args.repeats)
+    result["eager_planned"] = timed(lambda: layers.step(planned=True), args.steps, args.repeats)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the default stream before capture (torch's advice)
+        layers.step(planned=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layers.step(planned=True)
+    result["graph"] = timed(graph.replay, args.steps, args.repeats)
+    graph_ms = result["graph"]["step_ms_median"]
+    for mode in ("eager_unplanned", "eager_planned"):
+        result[f"{mode}_over_graph"] = result[mode]["step_ms_median"] / graph_ms
+        result[mode]["host_us_per_layer"] = result[mode]["host_launch_ms_median"] * 1e3 / args.layers
+    result["builder_build"] = builder_build_us(args, layers, device)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

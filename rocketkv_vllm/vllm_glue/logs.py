@@ -1,0 +1,74 @@
+"""RocketKV's log lines: the effective settings once per engine, a warning where a path falls back.
+
+Nothing here logs per token or per step: warnings raised from the step loop are `_once`.
+"""
+from __future__ import annotations
+
+import torch
+from vllm.logger import init_logger
+
+from rocketkv_vllm.config import RocketKVConfig
+
+logger = init_logger("vllm.rocketkv")  # under vLLM's logger: its handler, format and VLLM_LOGGING_LEVEL
+
+KERNELS = {
+    "reference": "torch reference",
+    "triton": "Triton",
+    "triton+cuda": "CUDA C++ (write_kv, HSA top-k) + Triton",
+}
+
+
+def kernels_in_use(ops_backend: str, device: torch.device) -> str:
+    """How get_ops(device).backend runs: Triton on CPU is the interpreter (tests)."""
+    name = KERNELS.get(ops_backend, ops_backend)
+    return f"{name} (interpreter)" if ops_backend == "triton" and device.type != "cuda" else name
+
+
+def get_ops_backend(device: torch.device) -> str:
+    from rocketkv_vllm.kernels import get_ops
+
+    return get_ops(device).backend
+
+
+def summary_layout(group: int) -> str:
+    return "whole rows" if group == 0 else f"channel-major, groups of {group} channel{'s' if group > 1 else ''}"
+
+
+def settings_line(config: RocketKVConfig, block_size: int, kernels: str, flash_prefill: bool) -> str:
+    return (
+        f"RocketKV: budget {config.budget}, mode {config.mode}, page size {config.page_size}, block size {block_size}, "
+        f"summaries {summary_layout(config.layout_summary_group())}, window {config.window}, "
+        f"kernels {kernels}, dense prefill {'FlashAttention' if flash_prefill else 'torch reference'}"
+    )
+
+
+def log_settings(config: RocketKVConfig, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """The start-up line (first rank only; one line for all layers and kernel groups)."""
+    from rocketkv_vllm.kernels import cuda_ops, flash_prefill
+
+    flash = flash_prefill.available(device, dtype)
+    kernels = kernels_in_use(get_ops_backend(device), device)
+    logger.info_once(settings_line(config, block_size, kernels, flash), scope="global")
+    if device.type == "cuda" and not cuda_ops.available():
+        warn_cuda_extension_missing(cuda_ops.import_error() or "not usable on this GPU")
+    if device.type == "cuda" and not flash:
+        logger.warning_once(
+            "RocketKV: vLLM's FlashAttention is not available for %s caches: prefill attention runs the torch "
+            "reference path (slow, memory-hungry at long context)", str(dtype).removeprefix("torch."), scope="global",
+        )
+
+
+def warn_gap_rows_on_torch_path() -> None:
+    """A prefill chunk over a compacted request (recomputed after preemption) has a gap that
+    FlashAttention's paged call cannot skip: every dense row of such a step runs in torch."""
+    logger.warning_once(
+        "RocketKV: prefill chunks of preempted, already compacted requests run the torch dense path "
+        "(slower, GB-scale transients at long context); a smaller load avoids preemption", scope="global",
+    )
+
+
+def warn_cuda_extension_missing(reason: object) -> None:
+    logger.warning_once(
+        "RocketKV: the CUDA C++ kernels (rocketkv_vllm._C) are not available (%s): write_kv and the HSA "
+        "top-k run as Triton kernels (slower); reinstall with nvcc present to build them", str(reason), scope="global",
+    )
