@@ -16,6 +16,7 @@ from rocketkv_vllm.vllm_glue import request_plans
 from rocketkv_vllm.vllm_glue.backend import ALL_PAGES, Compaction, DenseRow, RocketKVMetadataBuilder
 from rocketkv_vllm.vllm_glue.batch_context import dummy_batch, rows_of_batch
 from rocketkv_vllm.vllm_glue.request_plans import PLAN_KEY, attach_plan
+from rocketkv_vllm.vllm_glue.metrics import RocketKVStats
 
 BLOCK, HEAD_DIM, MAX_ROWS = 16, 64, 8
 CONFIG = RocketKVConfig(budget=64)
@@ -270,10 +271,11 @@ def test_scheduler_attaches_its_plan_and_replans_grown_sessions():
 
     manager = object.__new__(RocketKVManager)  # track() needs only these
     manager.rocketkv, manager.head_dim, manager.block_size, manager._plans = CONFIG, HEAD_DIM, BLOCK, {}
+    manager.stats = RocketKVStats()
 
     def scheduled(prompt_len: int, mode: str):
         params = SimpleNamespace(extra_args={"rocketkv_mode": mode}, max_tokens=16)
-        return SimpleNamespace(request_id="s", sampling_params=params, num_prompt_tokens=prompt_len)
+        return SimpleNamespace(request_id="s", sampling_params=params, num_prompt_tokens=prompt_len, num_preemptions=0)
 
     session = scheduled(300, "mt")
     plan = manager.track(session)
