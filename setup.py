@@ -63,6 +63,8 @@ setup(
     # installed by scripts/install.sh, whose distribution name differs.
     install_requires=["torch==2.11.0"],
     extras_require={"gpu": ["vllm==0.26.0"], "test": ["pytest", "hypothesis", "openai", "gguf"],
+                    # the accuracy harness (python -m rocketkv_vllm.eval): word lists, plots
+                    "eval": ["wonderwords==3.0.1", "matplotlib"],
                     # vLLM's Ray executor and Ray Data's LLM processor (the Ray release pinned to vLLM 0.26)
                     "ray": ["ray[data]==2.58.1"]},
     entry_points={"vllm.general_plugins": ["rocketkv = rocketkv_vllm.vllm_glue.plugin:register"]},
