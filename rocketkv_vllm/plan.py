@@ -6,11 +6,22 @@ the GPU, so both sides must compute it from the same inputs.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from rocketkv_vllm.algorithms import split_budget
 from rocketkv_vllm.config import RequestSettings, RocketKVConfig, request_settings
+
+logger = logging.getLogger("vllm.rocketkv")  # vLLM's handler and format
+_clamps_logged: set[str] = set()
+
+
+def warn_clamped(reason: str, detail: str) -> None:
+    """One WARNING per kind of clamp and process (plans are made per request, on every rank)."""
+    if reason not in _clamps_logged:
+        _clamps_logged.add(reason)
+        logger.warning("RocketKV clamped a request's plan: %s (%s); later plans clamped so are not logged", reason, detail)
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,8 @@ def plan_request(
     if mode == "full" or budget >= prompt_len:
         return RequestPlan.exact(prompt_len, head_dim)
     if mode == "snapkv":  # stage 1 alone: the budget is the kept prompt, read whole at decode
+        if budget < config.window:
+            warn_clamped("snapkv keeps at least the observation window", f"budget {budget} < window {config.window}")
         return RequestPlan(prompt_len, max(budget, min(config.window, prompt_len)), False, head_dim, 0)
     if mode == "oracle":  # exact top-k at zero estimation cost, as the paper grants it
         return RequestPlan(prompt_len, prompt_len, False, head_dim, 0, oracle_tokens=budget)
@@ -75,9 +88,16 @@ def plan_request(
         evict=mode == "rocketkv",
         page_size=config.page_size,
     )
+    if split.keep_floored:
+        warn_clamped("stage 1 keeps at least max(window, budget) prompt tokens",
+                     f"prompt {prompt_len}, budget {budget}, output {min(max_new_tokens, settings.output_tokens)}")
+    if config.top_channels and config.top_channels > head_dim:
+        warn_clamped("top_channels is capped at the head size", f"{config.top_channels} > {head_dim}")
     channels = head_dim if mode == "quest" else min(head_dim, config.top_channels or split.top_channels)
     top_k = config.top_k or split.top_k
     scored_pages = top_k // config.page_size - (1 if config.attend_newest_page else 0)  # + the newest page
+    if scored_pages < 1:
+        warn_clamped("decode scores at least one page besides the newest", f"{top_k} tokens < 2 pages of {config.page_size}")
     return RequestPlan(prompt_len, split.prompt_keep, True, channels, max(1, scored_pages))
 
 

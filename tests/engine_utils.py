@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -100,10 +102,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Server:
+    base: str  # http://127.0.0.1:PORT
+    proc: subprocess.Popen
+    log_path: str  # the server's stdout and stderr
+
+
 @contextlib.contextmanager
-def openai_server(model: str, *args: str, timeout_s: float = 300):
-    """`vllm serve model args...` on a free local port (engine in its own process); yields its base URL."""
-    import subprocess
+def openai_server(model: str, *args: str, timeout_s: float = 300, log_path: str | None = None):
+    """`vllm serve model args...` on a free local port, engine in its own process; yields a Server.
+
+    The server runs in its own process group, so teardown ends its engine core and workers too.
+    """
+    import signal
+    import tempfile
     import time
 
     import pytest
@@ -111,26 +124,28 @@ def openai_server(model: str, *args: str, timeout_s: float = 300):
 
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    log_path = log_path or tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"), stdout=log,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         deadline = time.time() + timeout_s
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stderr.read()[-3000:]}")
+                pytest.fail(f"server exited: {open(log_path).read()[-3000:]}")
             try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                if requests.get(f"{server.base}/health", timeout=2).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
             if time.time() > deadline:
                 pytest.fail(f"server did not come up in {timeout_s} s")
             time.sleep(1)
-        yield base
+        yield server
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)

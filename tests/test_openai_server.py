@@ -1,57 +1,25 @@
 """`vllm serve --attention-backend rocketkv` answering OpenAI clients (engine in its own process)."""
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import openai
 import pytest
 import requests
 
-from engine_utils import default_model, passkey_prompt
+from engine_utils import default_model, free_port, openai_server, passkey_prompt
 
 PASSKEY = 52913
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    cmd = [
-        # `python -m vllm.entrypoints.cli.main` is the `vllm` console script itself
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", default_model(),
-        "--attention-backend", "rocketkv", "--host", "127.0.0.1", "--port", str(port),
+    with openai_server(
+        default_model(), "--attention-backend", "rocketkv",
         "--dtype", "float32", "--max-model-len", "2048", "--block-size", "16", "--enforce-eager",
         "--kv-cache-memory-bytes", str(128 << 20), "--max-num-seqs", "4",
         "--additional-config", '{"rocketkv": {"budget": 512}}',
-    ]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    # own process group: teardown ends the engine core and workers too, not only the API server
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read()[-3000:]}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("server did not come up in 300 s")
-    yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
+    ) as running:
+        yield running.base
 
 
 @pytest.fixture(scope="module")

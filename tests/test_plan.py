@@ -73,3 +73,28 @@ def test_snapkv_never_keeps_less_than_the_window():
 )
 def test_chunks_never_end_inside_the_observation_window(start, n, prompt, window, expected):
     assert aligned_chunk(start, n, prompt, window) == expected
+
+
+def test_a_clamped_plan_warns_once():
+    import logging
+
+    import rocketkv_vllm.plan as plan_module
+
+    plan_module._clamps_logged.clear()
+    caught: list[logging.LogRecord] = []
+    handler = logging.Handler()  # on the logger itself: vLLM's logging config may stop propagation
+    handler.emit = caught.append
+    plan_module.logger.addHandler(handler)
+    try:
+        config = RocketKVConfig(budget=64, output_tokens=100000)
+        for prompt_len in (4000, 4001):  # the formula's keep falls below the budget: raised to it
+            assert plan(config, prompt_len, 10**6).keep == 64
+        plan(RocketKVConfig(budget=8, top_k=4), 4000, 16)  # fewer than two pages: one scored page
+        messages = [r.getMessage() for r in caught]
+        assert sum("at least max(window, budget)" in m for m in messages) == 1
+        assert sum("at least one page besides the newest" in m for m in messages) == 1
+        caught.clear()
+        plan(RocketKVConfig(budget=256), 4000, 128)
+        assert not caught
+    finally:
+        plan_module.logger.removeHandler(handler)

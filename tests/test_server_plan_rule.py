@@ -17,8 +17,8 @@ def client():
         default_model(), "--attention-backend", "rocketkv", "--dtype", "float32", "--max-model-len", "2048",
         "--block-size", "16", "--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20), "--max-num-seqs", "2",
         "--additional-config", json.dumps(settings),
-    ) as base:
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+    ) as running:
+        yield openai.OpenAI(base_url=f"{running.base}/v1", api_key="none")
 
 
 def completion(client, **kwargs):

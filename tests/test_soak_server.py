@@ -15,8 +15,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,8 +23,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_utils import default_model, tiny_llama
-from test_openai_server import free_port
+from engine_utils import default_model, openai_server, tiny_llama
 
 REQUESTS = int(os.environ.get("ROCKETKV_SOAK_REQUESTS", "300"))
 CONCURRENCY = int(os.environ.get("ROCKETKV_SOAK_CONCURRENCY", "12"))
@@ -42,39 +39,16 @@ def server(tmp_path_factory):
     tiny_llama(path, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(default_model(), name), path)
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", path, "--served-model-name", "tiny",
-        "--attention-backend", "rocketkv", "--host", "127.0.0.1", "--port", str(port),
+    log_path = tmp_path_factory.mktemp("log") / "server.log"
+    with openai_server(
+        path, "--served-model-name", "tiny", "--attention-backend", "rocketkv",
         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "16", "--enforce-eager",
         # ~100 blocks of 16 tokens: a dozen concurrent requests of up to 700 tokens preempt each other
         "--kv-cache-memory-bytes", str(1 << 20), "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
         "--additional-config", '{"rocketkv": {"budget": 64, "window": 16}}',
-    ]
-    log_path = tmp_path_factory.mktemp("log") / "server.log"
-    log = open(log_path, "w")
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 900  # minutes on a loaded 2-core machine
-        while time.time() < deadline:
-            assert proc.poll() is None, f"server exited: {log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            pytest.fail("server did not come up in 900 s")
-        yield base, proc, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        timeout_s=900, log_path=str(log_path),  # minutes on a loaded 2-core machine
+    ) as running:
+        yield running.base, running.proc, log_path
 
 
 @dataclass

@@ -21,6 +21,7 @@ class BudgetSplit:
     page_size:     tokens per HSA page (power of two dividing the KV block size).
     top_channels:  r, head-dim channels used for approximate page scores.
     top_k:         tokens attended per KV head at each decode step (whole pages).
+    keep_floored:  the formula's prompt_keep fell below max(window, budget) and was raised to it.
     """
 
     compress: bool
@@ -28,6 +29,7 @@ class BudgetSplit:
     page_size: int
     top_channels: int
     top_k: int
+    keep_floored: bool = False
 
 
 def _check_positive_int(name: str, value: object, allow_zero: bool = False) -> int:
@@ -84,9 +86,12 @@ def split_budget(
     compression = max(1.0, total / budget)
     alpha = min(0.2 + 0.06 * math.log2(compression), 0.8) if evict else 0.0
     stage1_cap = total / compression**alpha
+    floored = False
     if evict:
         floor = min(prompt_len, max(window, budget))
-        prompt_keep = min(prompt_len, max(floor, round(stage1_cap) - max_new_tokens))
+        formula_keep = round(stage1_cap) - max_new_tokens
+        prompt_keep = min(prompt_len, max(floor, formula_keep))
+        floored = formula_keep < floor
     else:
         prompt_keep = prompt_len
 
@@ -97,4 +102,4 @@ def split_budget(
         raise ValueError(f"page_size must be a power of two dividing block_size ({block_size}), got {page_size}")
     channels = min(head_dim, max(1, round(head_dim * page / stage2_compression)))
     top_k = max(page, (budget // 2) // page * page)
-    return BudgetSplit(True, prompt_keep, page, channels, top_k)
+    return BudgetSplit(True, prompt_keep, page, channels, top_k, floored)
