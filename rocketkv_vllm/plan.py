@@ -108,7 +108,11 @@ def plan_for_params(params: Any, prompt_len: int, config: RocketKVConfig, head_d
     """A request's plan from its SamplingParams (extra_args, max_tokens): the one call the
     scheduler and the workers both make, so they agree on what is evicted.
 
-    max_tokens counts only up to the request's output_tokens setting (see RocketKVConfig)."""
+    max_tokens counts only up to the request's output_tokens setting (see RocketKVConfig); a
+    request without one (vLLM's OpenAI server leaves it unset when the client omits it) is
+    planned for output_tokens."""
     settings = request_settings(getattr(params, "extra_args", None), config)
-    max_tokens = getattr(params, "max_tokens", None) or 0
+    max_tokens = getattr(params, "max_tokens", None)
+    if max_tokens is None:
+        max_tokens = settings.output_tokens
     return cached_plan_request(settings, config, prompt_len, max_tokens, head_dim, block_size)

@@ -20,7 +20,7 @@ def test_omitted_max_tokens_plans_like_the_output_tokens_setting():
     # vLLM's OpenAI layer turns an omitted max_tokens into max_model_len - prompt
     config = RocketKVConfig(budget=256, output_tokens=300)
     from_server_default = plan(config, 4000, 32768 - 4000)
-    assert from_server_default == plan(config, 4000, 300)
+    assert from_server_default == plan(config, 4000, 300) == plan(config, 4000, None)  # None: left unset
     assert from_server_default.keep > plan(RocketKVConfig(budget=256, output_tokens=30000), 4000, 32768 - 4000).keep
 
 

@@ -1,5 +1,5 @@
-"""Through `vllm serve`: a request that omits max_tokens is planned as one asking for the
-server's output_tokens, not for the rest of the context that vLLM fills in."""
+"""Through `vllm serve`: a chat request that omits max_tokens (vLLM then allows the rest of the
+context) is planned as one asking for the server's output_tokens."""
 import json
 
 import openai
@@ -21,17 +21,19 @@ def client():
         yield openai.OpenAI(base_url=f"{running.base}/v1", api_key="none")
 
 
-def completion(client, **kwargs):
-    out = client.completions.create(model=client.models.list().data[0].id, prompt=passkey_prompt(52913, 22),
-                                    temperature=0, logprobs=3, stop=["\n", "."], **kwargs)
-    return out.choices[0].text, out.choices[0].logprobs.top_logprobs
+def chat(client, **kwargs):
+    out = client.chat.completions.create(
+        model=client.models.list().data[0].id, temperature=0, logprobs=True, top_logprobs=3, stop=["\n", "."],
+        messages=[{"role": "user", "content": passkey_prompt(52913, 22)}], **kwargs)
+    choice = out.choices[0]
+    return choice.message.content, [(t.token, t.logprob) for t in choice.logprobs.content]
 
 
 def test_omitted_max_tokens_plans_for_output_tokens(client):
-    omitted = completion(client)
-    assert "52913" in omitted[0].replace(" ", "")
+    omitted = chat(client)
+    assert len(omitted[1]) > 1
     # the same plan: bit-identical log-probabilities, not just the same greedy text
-    assert completion(client, max_tokens=OUTPUT_TOKENS) == omitted
-    assert completion(client, max_tokens=1500) == omitted
+    assert chat(client, max_tokens=OUTPUT_TOKENS) == omitted
+    assert chat(client, max_tokens=700) == omitted
     # a request asking for fewer tokens than that plans for fewer: stage 1 keeps more
-    assert completion(client, max_tokens=12)[1] != omitted[1]
+    assert chat(client, max_tokens=12)[1] != omitted[1][:12]
