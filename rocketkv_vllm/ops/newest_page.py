@@ -8,7 +8,8 @@ benchmarks/results/accuracy/). Quest keeps this page always; so does RocketKV he
 selection scores the pages before it with one page less, and the newest page is appended
 (it has the highest page number, so the list stays ascending).
 
-A few tensor ops per layer and no host sync, so CUDA graphs capture them with the kernels.
+The metadata builder fills these columns once per step from the host's sequence lengths
+(persistent buffers, so CUDA graphs replay them); each layer then appends with two tensor ops.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class NewestPages:
 
     @classmethod
     def of(cls, seq_lens: torch.Tensor, page_size: int) -> "NewestPages":
+        """From device seq_lens: the definition the builder's host computation is tested against."""
         last = (seq_lens - 1).clamp(min=0)
         return cls(last // page_size * page_size, (last // page_size).to(torch.int32)[:, None, None],
                    (seq_lens > 0).to(torch.int32)[:, None])
