@@ -11,18 +11,14 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from rocketkv_vllm.config import MODES
 from rocketkv_vllm.eval.tasks import Sample, make_samples, score
-
-# method -> rocketkv_mode; "full" runs once (no budget). mt is HSA alone in this
-# implementation (nothing evicted), i.e. the paper's "HSA only" ablation as well.
-METHOD_MODES = {
-    "full": "full", "rocketkv": "rocketkv", "mt": "mt", "snapkv": "snapkv", "quest": "quest", "oracle": "oracle",
-}
-ABLATIONS = ("snapkv", "quest", "oracle")
-
 
 @dataclass(frozen=True)
 class Config:
+    """A method (a rocketkv_mode; mt is HSA alone here, nothing evicted: the paper's "HSA
+    only" ablation too) at a budget; "full" runs once, without one."""
+
     method: str
     budget: int | None
 
@@ -31,7 +27,7 @@ class Config:
         return self.method if self.budget is None else f"{self.method}@{self.budget}"
 
     def extra_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"rocketkv_mode": METHOD_MODES[self.method]}
+        args: dict[str, Any] = {"rocketkv_mode": self.method}
         if self.budget is not None:
             args["rocketkv_budget"] = self.budget
         return args
@@ -40,8 +36,8 @@ class Config:
 def configs(methods: Iterable[str], budgets: Iterable[int]) -> list[Config]:
     out = []
     for method in methods:
-        if method not in METHOD_MODES:
-            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHOD_MODES)}")
+        if method not in MODES:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(MODES)}")
         out += [Config(method, None)] if method == "full" else [Config(method, b) for b in budgets]
     return out
 
@@ -88,9 +84,8 @@ def summary(rows: list[Row]) -> dict[str, dict[str, float]]:
     return {m: {b: round(statistics.fmean(v), 2) for b, v in by.items()} for m, by in acc.items()}
 
 
-def markdown_table(rows: list[Row], tasks: list[str] | None = None) -> str:
-    """Methods x budgets, the score averaged over tasks and lengths (and one column per task
-    averaged over budgets when `tasks` is given is left to the JSON)."""
+def markdown_table(rows: list[Row]) -> str:
+    """Methods x budgets, the score averaged over tasks and lengths (per-task scores: the JSON)."""
     table = summary(rows)
     budgets = sorted({b for by in table.values() for b in by if b != "-"}, key=int)
     lines = ["| method | " + " | ".join(budgets or ["-"]) + " |", "|---" * (1 + max(1, len(budgets))) + "|"]
