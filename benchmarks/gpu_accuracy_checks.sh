@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# Accuracy on the GPU machine, after staging vLLM and SmolLM2 there (shared/gpu/README.md),
-# results in $1: the bf16 engine checks against stock FLASH_ATTN (FA3 prefill, CUDA/Triton
-# decode, full CUDA graphs), then the accuracy harness in full (every task, method, budget).
+# Accuracy and engine checks on the GPU machine in one device call, lanes in parallel (each
+# SmolLM2 engine uses a sliver of the H200): the bf16 engine test against stock FLASH_ATTN then
+# the Ray checks (issue: beyond one GPU), and the accuracy harness at 2K and 4K tokens.
+# Eval lanes fix their KV size (kv_cache_memory_bytes) so vLLM's start-up memory profiling of
+# one engine is not upset by another engine's allocations. Before it (shared/gpu/README.md):
+# vLLM, SmolLM2 and Ray staged; `.whl` (wonderwords) carried.
 #   source scripts/gpu_env.sh && bash benchmarks/gpu_accuracy_checks.sh $OUT
 set -uo pipefail
 out="${1:?usage: gpu_accuracy_checks.sh OUT_DIR}"
 model="${MODEL:-/tmp/rkv-gpu/models/SmolLM2-135M-Instruct}"
 mkdir -p "$out" .models
 ln -sfn "$model" .models/SmolLM2-135M-Instruct  # where the engine tests look for it
+python3 -m pip install -q --no-index --no-deps --target /tmp/rkv-gpu/site .whl/*.whl 2>/dev/null
 export VLLM_WORKER_MULTIPROC_METHOD=spawn ROCKETKV_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt"
-{ timeout "${TEST_LIMIT:-200}" python -m pytest -q -rA tests/test_gpu_bf16.py tests/test_newest_page.py 2>&1 | tail -n 40; } > "$out/pytest_bf16.txt"
-timeout "${EVAL_LIMIT:-330}" python -m rocketkv_vllm.eval --model "$model" --dtype bfloat16 --no-progress \
-  --samples "${SAMPLES:-20}" --lengths ${LENGTHS:-2048 4096 7168} --out "$out/accuracy_smollm2_h200.json" \
-  > "$out/eval.log" 2>&1
-echo "eval exit $?" >> "$out/eval.log"
+kv='{"kv_cache_memory_bytes": 12000000000}'
+
+checks() {
+  timeout "${BF16_LIMIT:-250}" python -m pytest -q -p no:logging --tb=short tests/test_gpu_bf16.py > "$out/pytest_bf16.txt" 2>&1
+  echo "exit $?" >> "$out/pytest_bf16.txt"
+  RAY_EXECUTOR_LIMIT=150 RAY_DATA_LIMIT=170 bash benchmarks/gpu_ray_checks.sh "$model" > "$out/ray_checks.txt" 2>&1
+}
+
+evaluate() {  # NAME LENGTH PAGE SAMPLES METHODS BUDGETS
+  timeout "${EVAL_LIMIT:-550}" python -m rocketkv_vllm.eval --model "$model" --dtype bfloat16 --no-progress \
+    --lengths "$2" --samples "$4" --methods $5 --budgets $6 --engine-args "$kv" \
+    --rocketkv-config "{\"page_size\": $3}" --out "$out/$1.json" > "$out/$1.log" 2>&1
+  echo "eval exit $?" >> "$out/$1.log"
+}
+
+checks &
+evaluate accuracy_2k_page2 2048 2 20 "full rocketkv mt quest" "128 256 512 1024 2048" &
+evaluate accuracy_4k_page2 4096 2 16 "full rocketkv mt snapkv quest" "128 256 512 1024 2048" &
+evaluate accuracy_4k_page4 4096 4 16 "rocketkv mt" "128 256 512 1024" &
+wait
