@@ -81,14 +81,20 @@ def build(args: argparse.Namespace):
     )
 
 
-def check(rows: list[dict], args: argparse.Namespace) -> list[str]:
+def answer(tokens: list[int], eos: int) -> list[int]:
+    """The tokens up to the first end of sequence: with ignore_eos the model goes on past it,
+    where near-ties make bf16 runs of two attention kernels part ways."""
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def check(rows: list[dict], args: argparse.Namespace, eos: int) -> list[str]:
     failures = [f"row {r['prompt_id']}/{r['setting']}: {len(r['tokens'])} tokens" for r in rows
                 if len(r["tokens"]) != args.max_tokens]
     by_key = {(r["prompt_id"], r["setting"]): r["tokens"] for r in rows}
     if len(by_key) != args.rows * len(SETTINGS):
         failures.append(f"{len(by_key)} rows came back, expected {args.rows * len(SETTINGS)}")
     for i in range(args.rows):
-        if by_key.get((i, "covering budget")) != by_key.get((i, "full")):
+        if answer(by_key.get((i, "covering budget"), []), eos) != answer(by_key.get((i, "full"), []), eos):
             failures.append(f"prompt {i}: a budget covering the prompt differs from exact attention")
     return failures
 
@@ -107,10 +113,12 @@ def main() -> int:
         print(f"prompt {r['prompt_id']} ({r['prompt_tokens']} tokens), {r['setting']}: {r['text']!r}")
     if not args.check:
         return 0
-    failures = check(rows, args)
+    from transformers import AutoTokenizer
+
+    failures = check(rows, args, AutoTokenizer.from_pretrained(args.model).eos_token_id)
     for failure in failures:
         print("FAIL:", failure)
-    print("FAIL: ray data batch" if failures else f"PASS: ray data batch ({len(rows)} rows, covering budget == exact attention)")
+    print("FAIL: ray data batch" if failures else f"PASS: ray data batch ({len(rows)} rows, covering budget == exact attention up to end of sequence)")
     return 1 if failures else 0
 
 
