@@ -68,7 +68,7 @@ class RocketKVConfig:
     output_tokens: int = 512
     window: int = 32
     pool_kernel: int = 63
-    page_size: int = 4
+    page_size: int = 2
     top_channels: int | None = None
     top_k: int | None = None
     attend_newest_page: bool = True

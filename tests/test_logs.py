@@ -25,7 +25,7 @@ def records():
 
 def test_settings_line_names_every_effective_setting():
     line = logs.settings_line(RocketKVConfig(budget=512, mode="mt"), 16, "Triton", flash_prefill=True)
-    assert line == ("RocketKV: budget 512, mode mt, page size 4, block size 16, summaries channel-major, groups of "
+    assert line == ("RocketKV: budget 512, mode mt, page size 2, block size 16, summaries channel-major, groups of "
                     "1 channel, window 32, kernels Triton, dense prefill FlashAttention")
     assert "summaries whole rows" in logs.settings_line(RocketKVConfig(), 16, "Triton", flash_prefill=False)
     assert "groups of 8 channels" in logs.settings_line(RocketKVConfig(summary_group=8), 16, "x", flash_prefill=False)

@@ -46,7 +46,7 @@ def test_ablation_plans_at_equal_budget(budget):
     assert (oracle.keep, oracle.sparse, oracle.oracle_tokens) == (4000, False, budget)
     quest, mt = plan(config, 4000, 128, rocketkv_mode="quest"), plan(config, 4000, 128, rocketkv_mode="mt")
     assert quest.keep == mt.keep == 4000 and quest.sparse and mt.sparse
-    assert quest.top_channels == 64 >= mt.top_channels and quest.top_pages == mt.top_pages == budget // 2 // 4 - 1  # + the newest page
+    assert quest.top_channels == 64 >= mt.top_channels and quest.top_pages == mt.top_pages == budget // 2 // config.page_size - 1  # + the newest page
 
 
 @pytest.mark.parametrize("mode", ["rocketkv", "mt", "snapkv", "quest", "oracle"])

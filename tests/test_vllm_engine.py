@@ -33,10 +33,10 @@ PROMPTS = [token_prompt(600, 1), token_prompt(37, 2), token_prompt(300, 3)]
 
 
 def test_kv_blocks_include_page_summaries(llm):
-    # page 4 in 16-token blocks: 4 max rows + 4 min rows per 32 K/V rows -> 1.25x a plain block
+    # page 2 (the default) in 16-token blocks: 8 max rows + 8 min rows per 32 K/V rows -> 1.5x a plain block
     spec = scheduler(llm).kv_cache_manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec
     assert type(spec).__name__ == "RocketKVSpec"
-    assert spec.page_size_bytes * 4 == spec.block_size * 2 * spec.num_kv_heads * spec.head_size * 4 * 5
+    assert spec.page_size_bytes * 2 == spec.block_size * 2 * spec.num_kv_heads * spec.head_size * 4 * 3
 
 
 @pytest.mark.parametrize("mode", ["rocketkv", "mt"])
