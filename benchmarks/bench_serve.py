@@ -283,12 +283,13 @@ def plot_serve(rows: list[dict], prefix: str) -> list[str]:
     return written
 
 
-def main() -> None:
+def main() -> int:
+    """Exit status 1 when a backend failed (its error is in the JSON), so scripts see it."""
     args = build_parser().parse_args()
     if args.plot_from:
         with open(args.plot_from) as f:
             plot_serve([r for r in json.load(f)["rows"] if "error" not in r], os.path.splitext(args.plot_from)[0])
-        return
+        return 0
     per_rate_prompts(args)  # fail early on bad sizes
     prefix = os.path.splitext(args.json)[0]
     work_dir = args.work_dir or prefix + "_raw"
@@ -317,7 +318,11 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     for pair in ratios(rows):
         print(json.dumps(pair), flush=True)
+    failed = [b["backend"] for b in backends if "error" in b or any("error" in r for r in b["rows"])]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
