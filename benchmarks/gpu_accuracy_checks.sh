@@ -6,8 +6,11 @@
 # one engine is not upset by another engine's allocations. Before it (shared/gpu/README.md):
 # vLLM, SmolLM2 and Ray staged; `.whl` (wonderwords) carried.
 #   source scripts/gpu_env.sh && bash benchmarks/gpu_accuracy_checks.sh $OUT
+# A device call brings back at most 8 files: everything goes into one archive in OUT_DIR, with the
+# markdown tables and the check outputs beside it.
 set -uo pipefail
-out="${1:?usage: gpu_accuracy_checks.sh OUT_DIR}"
+dest="${1:?usage: gpu_accuracy_checks.sh OUT_DIR}"
+out="$(mktemp -d /tmp/accuracy-checks-XXXX)"
 model="${MODEL:-/tmp/rkv-gpu/models/SmolLM2-135M-Instruct}"
 mkdir -p "$out" .models
 ln -sfn "$model" .models/SmolLM2-135M-Instruct  # where the engine tests look for it
@@ -30,7 +33,11 @@ evaluate() {  # NAME LENGTH PAGE SAMPLES METHODS BUDGETS
 }
 
 checks &
-evaluate accuracy_2k_page2 2048 2 20 "full rocketkv mt quest" "128 256 512 1024 2048" &
-evaluate accuracy_4k_page2 4096 2 16 "full rocketkv mt snapkv quest" "128 256 512 1024 2048" &
-evaluate accuracy_4k_page4 4096 4 16 "rocketkv mt" "128 256 512 1024" &
+# session 10 ran 2K (full rocketkv mt quest) and 4K (+ snapkv) with 2-token pages; next: 7K, and 4K
+# with 4-token pages for the page-size comparison
+evaluate accuracy_7k_page2 7168 2 12 "full rocketkv mt snapkv quest" "128 256 512 1024 2048" &
+evaluate accuracy_4k_page4 4096 4 16 "full rocketkv mt quest" "128 256 512 1024 2048" &
 wait
+tar -C "$out" -czf "$dest/gpu_accuracy_checks.tar.gz" .
+cp "$out"/*.md "$out/pytest_bf16.txt" "$out/ray_checks.txt" "$dest"/ 2>/dev/null
+ls "$dest"
