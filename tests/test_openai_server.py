@@ -16,7 +16,7 @@ def server():
     with openai_server(
         default_model(), "--attention-backend", "rocketkv",
         "--dtype", "float32", "--max-model-len", "2048", "--block-size", "16", "--enforce-eager",
-        "--kv-cache-memory-bytes", str(128 << 20), "--max-num-seqs", "4",
+        "--kv-cache-memory-bytes", str(160 << 20), "--max-num-seqs", "4",
         "--additional-config", '{"rocketkv": {"budget": 512}}',
     ) as running:
         yield running.base

@@ -89,7 +89,7 @@ def test_a_clamped_plan_warns_once():
         config = RocketKVConfig(budget=64, output_tokens=100000)
         for prompt_len in (4000, 4001):  # the formula's keep falls below the budget: raised to it
             assert plan(config, prompt_len, 10**6).keep == 64
-        plan(RocketKVConfig(budget=8, top_k=4), 4000, 16)  # fewer than two pages: one scored page
+        plan(RocketKVConfig(budget=8, top_k=4, page_size=4), 4000, 16)  # fewer than two pages: one scored page
         messages = [r.getMessage() for r in caught]
         assert sum("at least max(window, budget)" in m for m in messages) == 1
         assert sum("at least one page besides the newest" in m for m in messages) == 1

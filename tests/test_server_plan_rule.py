@@ -15,7 +15,7 @@ def client():
     settings = {"rocketkv": {"budget": 256, "output_tokens": OUTPUT_TOKENS}}
     with openai_server(
         default_model(), "--attention-backend", "rocketkv", "--dtype", "float32", "--max-model-len", "2048",
-        "--block-size", "16", "--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20), "--max-num-seqs", "2",
+        "--block-size", "16", "--enforce-eager", "--kv-cache-memory-bytes", str(160 << 20), "--max-num-seqs", "2",
         "--additional-config", json.dumps(settings),
     ) as running:
         yield openai.OpenAI(base_url=f"{running.base}/v1", api_key="none")

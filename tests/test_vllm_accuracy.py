@@ -13,7 +13,7 @@ from engine_utils import default_model, greedy, passkey_prompt, token_ids
 from vllm import LLM
 
 ENGINE_ARGS = dict(
-    dtype="float32", enforce_eager=True, max_model_len=2048, block_size=16, kv_cache_memory_bytes=128 << 20,
+    dtype="float32", enforce_eager=True, max_model_len=2048, block_size=16, kv_cache_memory_bytes=160 << 20,
     max_num_batched_tokens=256, max_num_seqs=4,
 )
 PASSKEY = 71432
