@@ -9,6 +9,9 @@ batch of a Llama-3.1-8B shape (Hq 32, Hkv 8, D 128, 32 layers, each its own KV c
   before the builder's launch plan);
 - eager_planned:   the selection planned once per step (the metadata builder's
   SelectionPlanner: host decisions made once, scratch from a workspace allocated once);
+- layer_graphs:    each layer's selection + attention replayed from its own graph over
+                   fixed-address rows padded to a power of two, queries copied in and the
+                   output out (the impl's path for steps without a full graph, layer_graphs.py);
 - graph:           eager_planned captured once and replayed (the full-CUDA-graph path);
 - builder_build:   (when vLLM is importable) the metadata builder's build() of this batch.
 
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rocketkv_vllm.config import RocketKVConfig  # noqa: E402
 from rocketkv_vllm.kernels import get_ops  # noqa: E402
+from rocketkv_vllm.kernels.layer_graphs import LayerGraphs, padded_rows  # noqa: E402
 from rocketkv_vllm.kernels.triton_hsa import SelectionPlanner, SelectionShape  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 from rocketkv_vllm.ops.newest_page import NewestPages  # noqa: E402
@@ -96,6 +100,44 @@ class DecodeLayers:
         shape = SelectionShape(Q_HEADS, KV_HEADS, HEAD_DIM, self.layout, width * self.layout.pages_per_block, device)
         self.planner = SelectionPlanner(shape, max(args.max_rows, b))
         self.batch = b
+
+    def padded_inputs(self, max_rows: int) -> None:
+        """Fixed-address copies of the batch padded to a power of two rows (seq_len 0 beyond
+        it), as the metadata builder's GraphRows are, and a graph store per layer."""
+        b, rows = self.batch, padded_rows(self.batch, max_rows)
+
+        def pad(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+            padded = torch.full((rows, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            padded[:b] = t
+            return padded
+
+        self.graph_rows = rows
+        self.padded = SimpleNamespace(
+            query=pad(self.query), out=pad(self.out), table=pad(self.table), seq=pad(self.seq), keep=pad(self.keep),
+            gap=pad(self.gap), top_channels=pad(self.top_channels, HEAD_DIM), top_pages=pad(self.top_pages, 1 << 30),
+            newest=NewestPages.of(pad(self.seq), self.layout.page_size) if self.newest else None, plan=self.planner(rows),
+        )
+        self.graphs = [LayerGraphs() for _ in range(self.layers)]
+
+    def _select_and_attend(self, kv: torch.Tensor, p: SimpleNamespace) -> None:
+        scored = p.newest.scored_seq_lens if p.newest else p.seq
+        selection = self.ops.hsa_select_pages(p.query, kv, self.layout, p.table, scored, p.keep, p.gap,
+                                              p.top_channels, p.top_pages, plan=p.plan)
+        if p.newest:
+            p.newest.append_to(selection)
+        self.ops.paged_sparse_attention(p.query, kv, self.layout, p.table, selection.index, selection.count, p.seq,
+                                        p.keep, p.gap, 1.0 / HEAD_DIM ** 0.5, out=p.out)
+
+    def step_layer_graphs(self) -> None:
+        """The impl's path for a step without a full graph: write_kv, then per layer copy the
+        queries in, replay the layer's graph, copy the output out."""
+        p, b = self.padded, self.batch
+        for layer in range(self.layers):
+            kv = self.kv[layer % len(self.kv)]
+            self.ops.write_kv(kv, self.layout, self.new_kv, self.new_kv, self.slots)
+            p.query[:b].copy_(self.query)
+            self.graphs[layer].replay((self.graph_rows, kv.data_ptr()), lambda: self._select_and_attend(kv, p), kv.device)
+            self.out.copy_(p.out[:b])
 
     def step(self, planned: bool) -> None:
         ops, layout = self.ops, self.layout
@@ -184,6 +226,9 @@ def main() -> None:
     }
     result["eager_unplanned"] = timed(lambda: layers.step(planned=False), args.steps, args.repeats)
     result["eager_planned"] = timed(lambda: layers.step(planned=True), args.steps, args.repeats)
+    layers.padded_inputs(max(args.max_rows, args.batch))
+    result["layer_graphs"] = timed(layers.step_layer_graphs, args.steps, args.repeats)
+    result["layer_graphs_rows"] = layers.graph_rows
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up off the default stream before capture (torch's advice)
@@ -194,7 +239,7 @@ def main() -> None:
         layers.step(planned=True)
     result["graph"] = timed(graph.replay, args.steps, args.repeats)
     graph_ms = result["graph"]["step_ms_median"]
-    for mode in ("eager_unplanned", "eager_planned"):
+    for mode in ("eager_unplanned", "eager_planned", "layer_graphs"):
         result[f"{mode}_over_graph"] = result[mode]["step_ms_median"] / graph_ms
         result[mode]["host_us_per_layer"] = result[mode]["host_launch_ms_median"] * 1e3 / args.layers
     result["builder_build"] = builder_build_us(args, layers, device)

@@ -62,6 +62,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="fixed KV pool size (CPU tests)")
+    parser.add_argument("--rocketkv-config", type=json.loads, default={},
+                        help='more RocketKV server settings, JSON (e.g. \'{"decode_graphs": false}\')')
 
 
 def engine_kwargs(args: argparse.Namespace, backend: str, max_model_len: int, max_num_seqs: int) -> dict[str, Any]:
@@ -83,7 +85,7 @@ def engine_kwargs(args: argparse.Namespace, backend: str, max_model_len: int, ma
 
 
 def rocketkv_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"budget": args.budget, "mode": args.mode}
+    return {"budget": args.budget, "mode": args.mode, **getattr(args, "rocketkv_config", {})}
 
 
 def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:

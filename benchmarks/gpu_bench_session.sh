@@ -8,13 +8,14 @@
 #   bash benchmarks/gpu_bench_session.sh long       # 128K: decode b1 + capacity (8 prompts)
 #   bash benchmarks/gpu_bench_session.sh serve128k  # vllm serve at 128K in / 256 out, 2 rates
 #   bash benchmarks/gpu_bench_session.sh bigbatch   # 64 requests of 32K decoding at once
+#   bash benchmarks/gpu_bench_session.sh eager      # steps without a full graph: per-layer graphs
 #
 # Results go to $OUT (the device tool brings back at most 8 files): bench_<part>.tar.gz with
 # every JSON, plot and log, plus the part's JSON files and a summary.txt beside it.
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|offline|long|serve128k|bigbatch}"
+part="${1:?usage: gpu_bench_session.sh serve|offline|long|serve128k|bigbatch|eager}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -67,6 +68,20 @@ case "$part" in
       --json "$results/serve_128k.json" > "$results/serve_128k.txt" 2>&1
     log "exit $?"
     ;;
+  eager)
+    # ~5.5 min: steps without a full CUDA graph. Decode attention of a whole step (32 layers,
+    # 130K x 3) launched eagerly, replayed from per-layer graphs, and as one graph (~1 min);
+    # then end to end at max_num_seqs 3, where batch 3 is not a captured size: per backend
+    # start ~50 s + 3 repeats of 3 x 130K prefills (~30 s each) and 256 decode steps
+    log "eager host"
+    timeout 150 python benchmarks/bench_eager_host.py --batch 3 --context 131072 --layers 32 --repeats 3 \
+      > "$results/eager_host.json" 2> "$results/eager_host.txt"
+    log "exit $?"
+    log "decode 130K x 3, uncaptured batch size"
+    timeout 420 python benchmarks/bench_decode.py --cases 130000x3 --max-num-seqs 3 --out 256 --repeats 3 \
+      --budget "$BUDGET" --json "$results/decode_uncaptured.json" > "$results/decode_uncaptured.txt" 2>&1
+    log "exit $?"
+    ;;
   bigbatch)
     # ~6 min: 64 requests of 32K decoding (RocketKV holds all 64 after stage 1; stock holds 26, so it
     # never has all 64 decoding and reports no TPOT, only that it ran): per backend start ~50 s,
@@ -77,7 +92,7 @@ case "$part" in
     log "exit $?"
     ;;
   *)
-    echo "unknown part $part (serve|offline|long|serve128k|bigbatch)" >&2
+    echo "unknown part $part (serve|offline|long|serve128k|bigbatch|eager)" >&2
     exit 2
     ;;
 esac

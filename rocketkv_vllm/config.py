@@ -61,6 +61,10 @@ class RocketKVConfig:
     summary_group: channels per stored group of the page summaries (kv_layout), 0 for whole
                   rows; by default FEW_CHANNEL_GROUP when the server's mode is mt (its
                   scoring reads few channels), else whole rows.
+    decode_graphs: steps that vLLM runs without a full CUDA graph (prefill chunks beside
+                  decodes, uncaptured batch sizes, --enforce-eager) replay each layer's decode
+                  attention as a CUDA graph captured per padded row count (kernels/layer_graphs.py);
+                  False launches its kernels from Python.
     """
 
     budget: int = 2048
@@ -73,6 +77,7 @@ class RocketKVConfig:
     top_k: int | None = None
     attend_newest_page: bool = True
     summary_group: int | None = None
+    decode_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("budget", "output_tokens", "window", "pool_kernel", "page_size"):
@@ -81,8 +86,9 @@ class RocketKVConfig:
             if getattr(self, name) is not None:
                 _int_field(f"rocketkv.{name}", getattr(self, name), 1)
         object.__setattr__(self, "mode", _mode_field("rocketkv.mode", self.mode))
-        if not isinstance(self.attend_newest_page, bool):
-            raise ValueError(f"rocketkv.attend_newest_page must be true or false, got {self.attend_newest_page!r}")
+        for name in ("attend_newest_page", "decode_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"rocketkv.{name} must be true or false, got {getattr(self, name)!r}")
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"rocketkv.pool_kernel must be odd, got {self.pool_kernel}")
         if self.page_size & (self.page_size - 1):

@@ -29,6 +29,7 @@ from vllm.v1.utils import CpuGpuBuffer
 
 from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import flash_prefill, get_ops
+from rocketkv_vllm.kernels.layer_graphs import padded_rows
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.newest_page import NewestPages
 from rocketkv_vllm.vllm_glue.batch_context import current_batch
@@ -145,6 +146,19 @@ class DecodeBatch:
     # `plan_selection`), made once per step for every layer; None on the reference path
     selection: Any = None
     newest: NewestPages | None = None  # each row's newest page (config.attend_newest_page)
+    graph: "GraphRows | None" = None  # the same rows for the impl's per-layer CUDA graphs
+
+
+@dataclass
+class GraphRows:
+    """The decode rows padded to `batch.num_rows` (kernels/layer_graphs.padded_rows) for
+    steps that vLLM runs without a full CUDA graph: every tensor is a fixed-address view (the
+    builder's block-table copy, columns and query/output buffers), padding rows have seq_len 0,
+    so each layer captures one graph per padded size and replays it whatever the step holds."""
+
+    batch: DecodeBatch  # contiguous rows 0..num_rows-1 of the buffers below
+    query: torch.Tensor  # [num_rows, Hq, D]: a step copies its decode queries into the first rows
+    output: torch.Tensor  # [num_rows, Hq, D]: and its decode outputs out of them
 
 
 @dataclass
@@ -251,9 +265,14 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             self._planner(max_blocks)
         self.plans = PlanTable(config, self.head_dim, self.block_size)
         self.flash_prefill = flash_prefill.available(device, kv_cache_spec.dtype)
-        # keep, gap_end, top_channels, top_pages of each decode row, and its newest page
-        # (scored seq_len, page, live); persistent for CUDA graphs
-        self._columns = CpuGpuBuffer(7, max_rows, dtype=torch.int32, device=device)
+        # keep, gap_end, top_channels, top_pages of each decode row, its newest page
+        # (scored seq_len, page, live) and its seq_len; persistent for CUDA graphs
+        self._columns = CpuGpuBuffer(8, max_rows, dtype=torch.int32, device=device)
+        # the decode rows' block-table rows and query/output buffers of the per-layer graphs
+        self._graph_tables: dict[int, torch.Tensor] = {}
+        self._graph_io: tuple[torch.Tensor, torch.Tensor] | None = None
+        if config.decode_graphs and device.type == "cuda":
+            self.allocate_graph_buffers(kv_cache_spec.dtype)
         # rows, query tokens, seq_lens and top-k of the oracle ablation's decode rows
         self._oracle = CpuGpuBuffer(4 * max_rows, dtype=torch.int32, device=device)
         # decode rows and their query tokens, when they are not a prefix of the batch
@@ -263,6 +282,13 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         # a pinned buffer is rewritten only once the copy from it ran (vLLM's input preparation
         # waits the same way; this also covers builds outside the model runner)
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
+
+    def allocate_graph_buffers(self, dtype: torch.dtype) -> None:
+        """Query and output rows for the per-layer decode graphs (GraphRows); on CUDA with
+        config.decode_graphs, and in tests on any device."""
+        shape = (self.max_rows, self.num_heads, self.head_dim)
+        self._graph_io = (torch.zeros(shape, dtype=dtype, device=self.device),
+                          torch.zeros(shape, dtype=dtype, device=self.device))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> RocketKVMetadata:
         cm = common_attn_metadata
@@ -320,26 +346,56 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         contiguous = rows[-1] == count - 1
         # a pure-decode step covers every row, CUDA-graph padding included (seq_len 0: nothing to read)
         num_rows = cm.num_reqs if pure and contiguous else count
+        graph_rows = padded_rows(num_rows, self.max_rows) if self._graph_io is not None else 0
         host = self._columns.np
         host[:4, :count] = kinds.columns[:, rows]
-        host[:, count:num_rows] = ((0,), (0,), (self.head_dim,), (ALL_PAGES,), (0,), (0,), (0,))
+        host[7, :count] = seq_lens[rows]
+        host[:, count : max(num_rows, graph_rows)] = (
+            (0,), (0,), (self.head_dim,), (ALL_PAGES,), (0,), (0,), (0,), (0,))
         if self.config.attend_newest_page:  # (NewestPages.of, from the host's seq_lens)
             last = np.maximum(seq_lens[rows] - 1, 0) // self.layout.page_size
             host[4, :count], host[5, :count], host[6, :count] = last * self.layout.page_size, last, seq_lens[rows] > 0
-        cols = self._columns.copy_to_gpu()[:, :num_rows]
-        newest = NewestPages(cols[4], cols[5][:, None, None], cols[6][:, None]) if self.config.attend_newest_page else None
+        all_cols = self._columns.copy_to_gpu()
+        cols = all_cols[:, :num_rows]
         if contiguous:
-            token_index, block_table, seq_lens = None, cm.block_table_tensor[:num_rows], cm.seq_lens[:num_rows]
+            token_index, index = None, None
+            block_table, seq_lens_rows = cm.block_table_tensor[:num_rows], cm.seq_lens[:num_rows]
         else:
             staged = self._decode_rows.np
             staged[:count], staged[count : 2 * count] = rows, starts[rows]
             on_device = self._decode_rows.copy_to_gpu(2 * count)
             index, token_index = on_device[:count], on_device[count : 2 * count]
-            block_table, seq_lens = cm.block_table_tensor[index], cm.seq_lens[index]
-        plan = None
-        if self._planner_cls is not None:
-            plan = self._planner(cm.block_table_tensor.shape[1])(num_rows)
-        return DecodeBatch(token_index, num_rows, block_table, seq_lens, cols[0], cols[1], cols[2], cols[3], plan, newest)
+            block_table, seq_lens_rows = cm.block_table_tensor[index], cm.seq_lens[index]
+        width = cm.block_table_tensor.shape[1]
+        decode = DecodeBatch(token_index, num_rows, block_table, seq_lens_rows, *cols[:4],
+                             self._plan(width, num_rows), self._newest(cols))
+        if graph_rows:
+            decode.graph = self._graph_rows(cm.block_table_tensor, index, count, graph_rows, all_cols[:, :graph_rows])
+        return decode
+
+    def _newest(self, cols: torch.Tensor) -> NewestPages | None:
+        return NewestPages(cols[4], cols[5][:, None, None], cols[6][:, None]) if self.config.attend_newest_page else None
+
+    def _plan(self, width: int, rows: int):
+        return self._planner(width)(rows) if self._planner_cls is not None else None
+
+    def _graph_rows(self, block_table: torch.Tensor, index: torch.Tensor | None, count: int, graph_rows: int,
+                    cols: torch.Tensor) -> GraphRows:
+        """The decode rows as GraphRows: their block-table rows copied into a persistent table
+        (one device copy a step), the rest of it unread (seq_len 0)."""
+        width = block_table.shape[1]
+        table = self._graph_tables.get(width)
+        if table is None:
+            table = self._graph_tables[width] = torch.zeros(self.max_rows, width, dtype=block_table.dtype,
+                                                            device=block_table.device)
+        if index is None:
+            table[:count].copy_(block_table[:count], non_blocking=True)
+        else:
+            torch.index_select(block_table, 0, index, out=table[:count])
+        batch = DecodeBatch(None, graph_rows, table[:graph_rows], cols[7], *cols[:4], self._plan(width, graph_rows),
+                            self._newest(cols))
+        query, output = self._graph_io
+        return GraphRows(batch, query[:graph_rows], output[:graph_rows])
 
     def _planner(self, width: int):
         planner = self._planners.get(width)

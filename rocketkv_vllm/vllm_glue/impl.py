@@ -10,8 +10,9 @@ from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
-from rocketkv_vllm.vllm_glue.backend import RocketKVMetadata
-from rocketkv_vllm.vllm_glue.tp_groups import selection_queries
+from rocketkv_vllm.kernels.layer_graphs import LayerGraphs
+from rocketkv_vllm.vllm_glue.backend import DecodeBatch, GraphRows, RocketKVMetadata
+from rocketkv_vllm.vllm_glue.tp_groups import FullGroupQueries, selection_queries
 
 
 class RocketKVImpl(AttentionImpl):
@@ -55,11 +56,40 @@ class RocketKVImpl(AttentionImpl):
         self._ops = None
         # the queries SnapKV++ and HSA score with (the whole GQA group's when KV heads are replicated)
         self.selection_queries = selection_queries(self.num_heads, self.num_kv_heads, vllm_config)
+        # per-layer decode graphs (layer_graphs.py), except where selecting gathers queries
+        # across ranks (a collective: only vLLM's own graphs capture those)
+        gathers = isinstance(self.selection_queries, FullGroupQueries)
+        self._graphs = LayerGraphs() if self.config.decode_graphs and not gathers else None
 
     def ops(self, device: torch.device):
         if self._ops is None:
             self._ops = get_ops(device)
         return self._ops
+
+    def _decode(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, d: DecodeBatch,
+                out: torch.Tensor | None) -> torch.Tensor:
+        """HSA page selection, the newest page appended, sparse attention: [rows, Hq, D]."""
+        newest = d.newest  # (the builder's, from the host's seq_lens: no ops here)
+        selection = ops.hsa_select_pages(
+            self.selection_queries(q), kv_cache, self.layout, d.block_table,
+            newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
+            plan=d.selection,
+        )
+        if newest:
+            newest.append_to(selection)
+        return ops.paged_sparse_attention(
+            q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
+            self.scale, out=out,
+        )
+
+    def _decode_in_graph(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, rows: GraphRows) -> torch.Tensor:
+        """_decode over the padded GraphRows, replayed from this layer's graph of their size."""
+        n = q.shape[0]
+        rows.query[:n].copy_(q)
+        key = (rows.batch.num_rows, rows.batch.block_table.data_ptr(), rows.query.data_ptr(), kv_cache.data_ptr())
+        self._graphs.replay(key, lambda: self._decode(ops, rows.query, kv_cache, rows.batch, rows.output),
+                            kv_cache.device)
+        return rows.output[:n]
 
     def do_kv_cache_update(
         self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -120,20 +150,15 @@ class RocketKVImpl(AttentionImpl):
         d = meta.decode
         if d is not None:
             # (tokens past num_rows, if any, are CUDA-graph padding that nobody reads)
-            contiguous = d.token_index is None
-            q = query[: d.num_rows] if contiguous else query[d.token_index]
-            newest = d.newest  # (the builder's, from the host's seq_lens: no ops here)
-            selection = ops.hsa_select_pages(
-                self.selection_queries(q), kv_cache, self.layout, d.block_table,
-                newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
-                plan=d.selection,
-            )
-            if newest:
-                newest.append_to(selection)
-            result = ops.paged_sparse_attention(
-                q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
-                self.scale, out=out[: d.num_rows] if contiguous else None,
-            )
-            if not contiguous:
+            q = query[: d.num_rows] if d.token_index is None else query[d.token_index]
+            # (inside vLLM's own capture of a full graph, launch directly: graphs do not nest)
+            capturing = kv_cache.is_cuda and torch.cuda.is_current_stream_capturing()
+            if d.graph is not None and self._graphs is not None and not capturing:
+                result = self._decode_in_graph(ops, q, kv_cache, d.graph)
+            else:
+                result = self._decode(ops, q, kv_cache, d, out[: d.num_rows] if d.token_index is None else None)
+            if d.token_index is not None:
                 out[d.token_index] = result
+            elif result.data_ptr() != out.data_ptr():
+                out[: d.num_rows] = result
         return output

@@ -1,0 +1,179 @@
+"""Steps that vLLM runs without a full CUDA graph replay each layer's decode attention from a
+graph captured per padded row count (kernels/layer_graphs.py, the builder's GraphRows).
+
+The builder's padded rows are checked on the host; the impl's forward over them must give the
+direct launch's output, step after step with fresh queries and across row counts. On CPU the
+graph is a stand-in that runs the captured body each time (reference ops); on a GPU the real
+graphs replay the Triton/CUDA kernels.
+"""
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rocketkv_vllm.config import RocketKVConfig
+from rocketkv_vllm.kernels import get_ops
+from rocketkv_vllm.kernels.layer_graphs import LayerGraphs, padded_rows
+from rocketkv_vllm.ops import reference as R
+from rocketkv_vllm.plan import plan_for_params
+from rocketkv_vllm.vllm_glue.backend import ALL_PAGES, RocketKVMetadataBuilder
+from rocketkv_vllm.vllm_glue.batch_context import rows_of_batch
+from rocketkv_vllm.vllm_glue.impl import RocketKVImpl
+from rocketkv_vllm.vllm_glue.request_plans import attach_plan
+from rocketkv_vllm.vllm_glue.tp_groups import selection_queries  # noqa: F401  (the impl's own-queries default)
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+BLOCK, HEADS, KV_HEADS, HEAD_DIM, MAX_ROWS, WIDTH = 16, 8, 2, 64, 8, 40
+CONFIG = RocketKVConfig(budget=64)
+
+
+def test_padded_rows_are_powers_of_two_up_to_the_maximum():
+    assert [padded_rows(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert padded_rows(5, 6) == 6 and padded_rows(300, 512) == 512
+
+
+def make_builder() -> RocketKVMetadataBuilder:
+    spec = SimpleNamespace(head_size=HEAD_DIM, block_size=BLOCK, dtype=DTYPE, num_kv_heads=KV_HEADS)
+    builder = object.__new__(RocketKVMetadataBuilder)
+    builder._setup(CONFIG, spec, MAX_ROWS, 1024, DEV, HEADS, WIDTH)
+    builder.flash_prefill = False  # (the dense rows' path is not what this file checks)
+    if builder._graph_io is None:  # CPU: the host side of the graph rows all the same
+        builder.allocate_graph_buffers(DTYPE)
+    return builder
+
+
+def request(prompt_len: int, mode: str):
+    params = SimpleNamespace(extra_args={"rocketkv_mode": mode}, max_tokens=16)
+    attach_plan(params, plan_for_params(params, prompt_len, CONFIG, HEAD_DIM, BLOCK))
+    return SimpleNamespace(req_id=f"r{random.random()}", sampling_params=params, num_prompt_tokens=prompt_len)
+
+
+def common(query_lens, seq_lens, table):
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    return SimpleNamespace(
+        query_start_loc_cpu=starts, query_start_loc=starts.to(DEV), seq_lens=seq.to(DEV), seq_lens_cpu_upper_bound=seq,
+        num_reqs=len(query_lens), num_actual_tokens=int(starts[-1]), block_table_tensor=table[: len(query_lens)],
+        slot_mapping=torch.zeros(int(starts[-1]), dtype=torch.int64, device=DEV),
+    )
+
+
+def test_graph_rows_are_fixed_views_padded_with_empty_rows():
+    builder = make_builder()
+    table = torch.arange(MAX_ROWS * WIDTH, dtype=torch.int32, device=DEV).view(MAX_ROWS, WIDTH)
+    states = [request(300, "rocketkv"), request(90, "full"), request(200, "mt")]
+    with rows_of_batch(states):
+        mixed = builder.build(0, common([1, 90, 1], [310, 90, 205], table)).decode  # decode rows 0 and 2
+        g = mixed.graph
+        assert g.batch.block_table.tolist() == table[[0, 2]].tolist()
+        assert g.batch.seq_lens.tolist() == [310, 205]
+        prefix = builder.build(0, common([1, 1, 1], [311, 91, 206], table)).decode
+    h = prefix.graph
+    assert (mixed.num_rows, g.batch.num_rows, prefix.num_rows, h.batch.num_rows) == (2, 2, 3, 4)
+    assert h.batch.seq_lens.tolist() == [311, 91, 206, 0]  # the padding row reads nothing
+    assert [int(h.batch.top_channels[3]), int(h.batch.top_pages[3])] == [HEAD_DIM, ALL_PAGES]
+    assert h.batch.block_table.tolist()[:3] == table[:3].tolist()
+    # every size's views start at the same addresses: one graph per size replays any step
+    for name in ("block_table", "seq_lens", "keep", "gap_end", "top_channels", "top_pages"):
+        assert getattr(g.batch, name).data_ptr() == getattr(h.batch, name).data_ptr(), name
+    assert g.query.data_ptr() == h.query.data_ptr() and g.output.data_ptr() == h.output.data_ptr()
+    assert h.query.shape == (4, HEADS, HEAD_DIM)
+
+
+def test_no_graph_rows_without_the_setting():
+    spec = SimpleNamespace(head_size=HEAD_DIM, block_size=BLOCK, dtype=DTYPE, num_kv_heads=KV_HEADS)
+    builder = object.__new__(RocketKVMetadataBuilder)
+    builder._setup(RocketKVConfig(budget=64, decode_graphs=False), spec, MAX_ROWS, 1024, DEV, HEADS, WIDTH)
+    table = torch.zeros(MAX_ROWS, WIDTH, dtype=torch.int32, device=DEV)
+    with rows_of_batch([request(300, "rocketkv")]):
+        assert builder.build(0, common([1], [310], table)).decode.graph is None
+
+
+class RunEachTime:
+    """The CPU stand-in for LayerGraphs: runs the body at every replay."""
+
+    def __init__(self) -> None:
+        self.keys = set()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def replay(self, key, body, device) -> None:
+        self.keys.add(key)
+        body()
+
+
+def make_impl(builder, graphs) -> RocketKVImpl:
+    impl = object.__new__(RocketKVImpl)  # (no vLLM config needed past __init__)
+    impl.num_heads, impl.head_size, impl.num_kv_heads, impl.scale = HEADS, HEAD_DIM, KV_HEADS, HEAD_DIM ** -0.5
+    impl.config, impl.layout, impl._ops, impl._graphs = CONFIG, builder.layout, None, graphs
+    impl.selection_queries = lambda q: q
+    return impl
+
+
+def filled_cache(layout, lengths):
+    """A cache holding random tokens for requests of these lengths, and their block table."""
+    blocks = [-(-n // BLOCK) + 1 for n in lengths]
+    kv = torch.zeros(layout.cache_shape(sum(blocks) + 1, KV_HEADS, HEAD_DIM), dtype=DTYPE, device=DEV)
+    table = torch.zeros(MAX_ROWS, WIDTH, dtype=torch.int32, device=DEV)
+    perm = torch.randperm(sum(blocks)) + 1
+    used = 0
+    for i, (n, nb) in enumerate(zip(lengths, blocks)):
+        table[i, :nb] = perm[used : used + nb].to(DEV, torch.int32)
+        used += nb
+        pos = torch.arange(n, device=DEV)
+        slots = table[i, pos // BLOCK].long() * BLOCK + pos % BLOCK
+        R.write_kv(kv, layout, torch.randn(n, KV_HEADS, HEAD_DIM, device=DEV), torch.randn(n, KV_HEADS, HEAD_DIM, device=DEV),
+                   slots)
+    return kv, table
+
+
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 1, 1, 1, 1], [1, 30, 1], [1, 1, 30]], ids=str)
+def test_forward_over_graph_rows_equals_the_direct_launch(query_lens):
+    torch.manual_seed(len(query_lens) + query_lens[1])
+    builder = make_builder()
+    lengths = [300, 200, 120, 260, 90][: len(query_lens)]
+    seq_lens = [n if q > 1 else n + 1 for n, q in zip(lengths, query_lens)]
+    kv, table = filled_cache(builder.layout, seq_lens)
+    modes = ["rocketkv", "full", "mt", "rocketkv", "mt"]
+    states = [request(n, m) if q == 1 else request(n, "full") for n, m, q in zip(lengths, modes, query_lens)]
+    graphs = LayerGraphs() if CUDA else RunEachTime()
+    with_graphs, direct = make_impl(builder, graphs), make_impl(builder, None)
+    tokens = sum(query_lens)
+    for step in range(3):  # fresh queries each step: a replay must read them, not the captured ones
+        with rows_of_batch(states):
+            meta = builder.build(0, common(query_lens, seq_lens, table))
+        query = torch.randn(tokens, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
+        outs = []
+        for impl in (with_graphs, direct):
+            out = torch.full((tokens, HEADS * HEAD_DIM), float("nan"), device=DEV, dtype=DTYPE)
+            impl.forward(None, query, None, None, kv, meta, out)
+            outs.append(out)
+        assert meta.decode.graph is not None
+        assert not outs[0].isnan().any()
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-2 if CUDA else 1e-5, atol=1e-2 if CUDA else 1e-5)
+    assert len(graphs) == 1  # one padded size, captured once
+
+
+@pytest.mark.gpu
+def test_graph_rows_replay_after_another_size_ran():
+    """Two sizes' graphs share one memory pool: replaying one after the other stays exact."""
+    torch.manual_seed(7)
+    builder = make_builder()
+    seq_lens = [300, 200, 120, 260, 90]
+    kv, table = filled_cache(builder.layout, seq_lens)
+    states = [request(n - 1, "rocketkv") for n in seq_lens]
+    graphs = LayerGraphs()
+    with_graphs, direct = make_impl(builder, graphs), make_impl(builder, None)
+    for rows in (5, 2, 5, 1, 2):
+        with rows_of_batch(states[:rows]):
+            meta = builder.build(0, common([1] * rows, seq_lens[:rows], table))
+        query = torch.randn(rows, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
+        outs = [torch.empty(rows, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE) for _ in range(2)]
+        with_graphs.forward(None, query, None, None, kv, meta, outs[0])
+        direct.forward(None, query, None, None, kv, meta, outs[1])
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-2, atol=1e-2)
+    assert len(graphs) == 3  # 8, 2 and 1 rows
