@@ -110,7 +110,7 @@ def bench_command(args: argparse.Namespace, model: str, rate: float, prompts: in
                   "--random-range-ratio", "0", "--num-prompts", str(prompts), "--request-rate", str(rate),
                   "--seed", str(args.seed), "--temperature", "0", "--ignore-eos",
                   "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-                  "--save-result", "--result-dir", result_dir, "--result-filename", result_file]
+                  "--save-result", "--save-detailed", "--result-dir", result_dir, "--result-filename", result_file]
 
 
 def gauge_values(text: str) -> dict[str, float]:
@@ -199,7 +199,17 @@ def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[
         "max_concurrent_requests_client": result.get("max_concurrent_requests"),
         "peak_running": peaks.get(RUNNING), "peak_waiting": peaks.get(WAITING),
         "peak_kv_usage": round(peaks[KV_USAGE], 4) if KV_USAGE in peaks else None,
+        "errors": failure_reasons(result),
     }
+
+
+def failure_reasons(result: dict) -> dict[str, int]:
+    """Failed requests by error text (from --save-detailed), so a run with failures says why."""
+    reasons: dict[str, int] = {}
+    for error in result.get("errors") or []:
+        if error:
+            reasons[error[:300]] = reasons.get(error[:300], 0) + 1
+    return reasons
 
 
 def run_backend(args: argparse.Namespace, backend: str, model: str, work_dir: str, vocab: int, save) -> dict:

@@ -27,12 +27,12 @@ log() { echo "[$((SECONDS - started))s] $*" | tee -a "$results/summary.txt"; }
 
 case "$part" in
   serve)
-    # ~7.5 min: per backend start ~60 s, warm-up ~5 s, rate 0.3 x 8 prompts ~35 s, rate 0.6 x 10
-    # ~25 s, saturation 32 prompts ~60 s (stock holds 26 of them at once, RocketKV all 32),
-    # plus ~10-15 s of client start-up per rate; --max-num-seqs 64 for both keeps graph capture short
+    # ~8 min: per backend start ~60 s, warm-up ~5 s, rate 0.5 x 8 prompts ~40 s, saturation 32
+    # prompts ~90 s (stock holds 16 of them at once, RocketKV all 32), plus ~15 s of client
+    # start-up per rate; --max-num-seqs 64 for both keeps graph capture short
     log "serve 32K/512"
-    timeout 520 python benchmarks/bench_serve.py --input-len 32768 --output-len 512 --rates 0.3 0.6 inf \
-      --prompts 8 10 32 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 200 \
+    timeout 570 python benchmarks/bench_serve.py --input-len 32768 --output-len 512 --rates 0.5 inf \
+      --prompts 8 32 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 240 \
       --json "$results/serve_32k.json" > "$results/serve_32k.txt" 2>&1
     log "exit $?"
     ;;
@@ -69,14 +69,10 @@ case "$part" in
     log "exit $?"
     ;;
   eager)
-    # ~5.5 min: steps without a full CUDA graph. Decode attention of a whole step (32 layers,
-    # 130K x 3) launched eagerly, replayed from per-layer graphs, and as one graph (~1 min);
-    # then end to end at max_num_seqs 3, where batch 3 is not a captured size: per backend
-    # start ~50 s + 3 repeats of 3 x 130K prefills (~30 s each) and 256 decode steps
-    log "eager host"
-    timeout 150 python benchmarks/bench_eager_host.py --batch 3 --context 131072 --layers 32 --repeats 3 \
-      > "$results/eager_host.json" 2> "$results/eager_host.txt"
-    log "exit $?"
+    # ~5.5 min: a batch size without a full CUDA graph (max_num_seqs 3: batch 3 is not captured),
+    # so every decode step replays the per-layer graphs (benchmarks/gpu_session_checks.sh times
+    # the attention alone): per backend start ~50 s + 3 repeats of 3 x 130K prefills (~30 s
+    # each) and 256 decode steps
     log "decode 130K x 3, uncaptured batch size"
     timeout 420 python benchmarks/bench_decode.py --cases 130000x3 --max-num-seqs 3 --out 256 --repeats 3 \
       --budget "$BUDGET" --json "$results/decode_uncaptured.json" > "$results/decode_uncaptured.txt" 2>&1

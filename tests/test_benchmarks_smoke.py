@@ -107,6 +107,16 @@ def test_serve_commands_parse_with_vllm_026_parsers():
     assert (parsed.dataset_name, parsed.random_input_len, parsed.random_output_len, parsed.num_prompts) == ("random", 32768, 512, 40)
     assert math.isinf(parsed.request_rate) and parsed.seed == 0 and parsed.save_result and parsed.ignore_eos
     assert parsed.metric_percentiles == "50,99" and "tpot" in parsed.percentile_metrics
+    assert parsed.save_detailed  # (the per-request errors that failure_reasons counts)
+
+
+def test_serve_row_counts_failures_by_reason():
+    result = {"completed": 3, "failed": 2, "output_throughput": 10.0,
+              "errors": ["", "Never received a valid chunk", "", "Never received a valid chunk", ""]}
+    row = bench_serve.rate_row("rocketkv", math.inf, 5, result, {"vllm:num_requests_running": 4.0})
+    assert row["errors"] == {"Never received a valid chunk": 2}
+    assert (row["rate"], row["failed"], row["peak_running"]) == ("inf", 2, 4.0)
+    assert bench_serve.rate_row("rocketkv", 1.0, 5, {"completed": 5}, {})["errors"] == {}
 
 
 # --- step times and statistics ------------------------------------------------------------

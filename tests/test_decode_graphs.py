@@ -14,6 +14,7 @@ import torch
 
 from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import get_ops
+from rocketkv_vllm.kernels import layer_graphs
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs, padded_rows
 from rocketkv_vllm.ops import reference as R
 from rocketkv_vllm.plan import plan_for_params
@@ -33,6 +34,27 @@ CONFIG = RocketKVConfig(budget=64)
 def test_padded_rows_are_powers_of_two_up_to_the_maximum():
     assert [padded_rows(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     assert padded_rows(5, 6) == 6 and padded_rows(300, 512) == 512
+
+
+def test_a_failed_capture_falls_back_to_direct_launches(monkeypatch):
+    def invalidated(body, device):
+        body()  # (the warm-up run)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    warnings = []
+    monkeypatch.setattr(layer_graphs, "capture", invalidated)
+    monkeypatch.setattr(layer_graphs.logger, "warning", lambda message, *args: warnings.append(message % args))
+    graphs, calls = LayerGraphs(), []
+    for _ in range(3):
+        graphs.replay("k", lambda: calls.append(1), DEV)
+    assert len(calls) == 4 and len(graphs) == 0  # warm-up, then every step directly; no retry
+    assert len(warnings) == 1 and "not permitted" in warnings[0]
+
+    def broken():
+        raise ValueError("a real error in the body")
+
+    with pytest.raises(ValueError, match="real error"):  # not swallowed: the direct launch raises it
+        graphs.replay("other", broken, DEV)
 
 
 def make_builder() -> RocketKVMetadataBuilder:

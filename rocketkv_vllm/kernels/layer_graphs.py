@@ -12,10 +12,12 @@ the output out.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Hashable
 
 import torch
 
+logger = logging.getLogger("vllm.rocketkv")  # vLLM's handler and format
 _pools: dict[int, tuple] = {}
 
 
@@ -47,24 +49,50 @@ def capture(body: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGr
         try:
             body()
         finally:
-            graph.capture_end()
+            try:
+                graph.capture_end()
+            except RuntimeError:
+                _leave_capture_mode(device)
+                raise
     current.wait_stream(side)
     return graph
+
+
+def _leave_capture_mode(device: torch.device) -> None:
+    """capture_begin put the default CUDA generator in capture mode and a failed capture_end
+    (an invalidated capture) never takes it out, after which every random op on the device
+    raises "Offset increment outside graph capture": give it a fresh state with the same
+    seed and offset."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    generator.graphsafe_set_state(generator.clone_state())
 
 
 class LayerGraphs:
     """One attention layer's captured decode graphs, by the key of their inputs."""
 
     def __init__(self) -> None:
-        self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        # None: the capture failed, and that key's steps launch body() directly
+        self._graphs: dict[Hashable, torch.cuda.CUDAGraph | None] = {}
 
     def __len__(self) -> int:
-        return len(self._graphs)
+        """Graphs captured."""
+        return sum(graph is not None for graph in self._graphs.values())
 
     def replay(self, key: Hashable, body: Callable[[], None], device: torch.device) -> None:
         """Replay the graph of `key`, capturing body() first if there is none (the key must
         name every address and launch decision body() depends on)."""
-        graph = self._graphs.get(key)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = capture(body, device)
+            except RuntimeError as error:
+                # a serving engine keeps going on direct launches (a real error in body()
+                # raises again from the direct call below)
+                logger.warning("RocketKV could not capture a decode-attention graph for %s, launching it "
+                               "directly instead: %s", key, error)
+                self._graphs[key] = None
+        graph = self._graphs[key]
         if graph is None:
-            graph = self._graphs[key] = capture(body, device)
-        graph.replay()
+            body()
+        else:
+            graph.replay()
