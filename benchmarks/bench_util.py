@@ -32,8 +32,16 @@ def model_dir(config_path: str, with_tokenizer: bool = False, root: str | None =
     return path
 
 
+# Token 0's word: longer than any "t<id>" word with its separating space, because vLLM refuses
+# (HTTP 400) a prompt text longer than max_input_tokens x the vocab's longest word before it
+# tokenizes it. With "t128255 " at 8 characters a token and a longest word of 7, about half the
+# 32K random prompts of a 33K-token server were refused; this word puts the bound at 16 a token.
+UNKNOWN_WORD = "t0-unknown-word!"
+
+
 def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer whose token i is the word "t<i>", for every id of the model's vocab.
+    """A word-level tokenizer whose token i is the word "t<i>", for every id of the model's vocab
+    (token 0: UNKNOWN_WORD, which also stands for any unknown word).
 
     `vllm bench serve`'s random dataset needs a tokenizer, and a dummy-weights model has none.
     Borrowing a real one (SmolLM2's 49,152 tokens) would keep prompts inside a small part of a
@@ -44,10 +52,11 @@ def synthetic_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    vocab = {f"t{i}": i for i in range(1, vocab_size)} | {UNKNOWN_WORD: 0}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN_WORD))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token=UNKNOWN_WORD)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ sys.path.insert(0, BENCH)
 import bench_capacity  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_serve  # noqa: E402
-from bench_util import LLAMA_8B_CONFIG, json_rows, model_dir, percentile, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
+from bench_util import LLAMA_8B_CONFIG, UNKNOWN_WORD, json_rows, model_dir, percentile, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
 from engine_steps import Run, Step, decode_step_times, peak, prefill_seconds  # noqa: E402
 from roofline import ModelShape, case_roofline, rocketkv_step_bytes, stock_step_bytes  # noqa: E402
 
@@ -201,12 +201,25 @@ def test_synthetic_tokenizer_random_dataset(tmp_path):
     path = model_dir(str(tmp_path / "config.json"), with_tokenizer=True, root=str(tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert tokenizer.vocab_size == 1000 and tokenizer.num_special_tokens_to_add() == 0
-    assert tokenizer.decode([999, 0, 5]) == "t999 t0 t5" and tokenizer.encode("t999 t0 t5", add_special_tokens=False) == [999, 0, 5]
+    assert tokenizer.decode([999, 0, 5]) == f"t999 {UNKNOWN_WORD} t5"
+    assert tokenizer.encode(f"t999 {UNKNOWN_WORD} t5", add_special_tokens=False) == [999, 0, 5]
     samples = RandomDataset(random_seed=0).sample(tokenizer, num_requests=3, input_len=300, output_len=7, range_ratio=0.0)
     for sample in samples:
         ids = tokenizer.encode(sample.prompt, add_special_tokens=False)
         assert sample.prompt_len == 300 and len(ids) == 300 and max(ids) < 1000 and sample.expected_output_len == 7
     assert synthetic_tokenizer(128_256).vocab_size == 128_256  # the Llama-3.1 vocab, every id
+
+
+def test_synthetic_prompts_pass_vllms_prompt_length_guard():
+    """vLLM refuses (HTTP 400) a prompt text longer than max_input_tokens x its tokenizer's
+    max_chars_per_token before tokenizing it: the longest-worded prompt of a full context must
+    pass (with 7-character words it did not, and bench_serve lost half its 32K requests)."""
+    from vllm.tokenizers.hf import get_cached_tokenizer
+
+    tokenizer = get_cached_tokenizer(synthetic_tokenizer(128_256))
+    longest = tokenizer.decode(list(range(128_256 - 32_768, 128_256)))  # every word 7 characters
+    assert len(longest) > 32_768 * 7  # (the old bound)
+    assert len(longest) <= 32_768 * tokenizer.max_chars_per_token
 
 
 # --- /metrics scraping and result rows ------------------------------------------------------

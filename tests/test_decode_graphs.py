@@ -199,3 +199,21 @@ def test_graph_rows_replay_after_another_size_ran():
         direct.forward(None, query, None, None, kv, meta, outs[1])
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-2, atol=1e-2)
     assert len(graphs) == 3  # 8, 2 and 1 rows
+
+
+@pytest.mark.gpu
+def test_an_invalidated_capture_leaves_the_device_usable():
+    """A body that cannot be captured (here a host sync) runs directly, and the CUDA generator,
+    which capture_begin put in capture mode, works afterwards."""
+    x = torch.zeros(4, device=DEV)
+
+    def body():
+        x.add_(1)
+        x.sum().item()  # not capturable: invalidates the capture
+
+    graphs = LayerGraphs()
+    graphs.replay("sync", body, DEV)
+    graphs.replay("sync", body, DEV)
+    assert len(graphs) == 0 and x.tolist() == [3.0] * 4  # the warm-up run, then two direct runs
+    assert torch.randn(8, device=DEV).isfinite().all()
+    assert not torch.cuda.is_current_stream_capturing()

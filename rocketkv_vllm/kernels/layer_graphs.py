@@ -18,16 +18,20 @@ from typing import Callable, Hashable
 import torch
 
 logger = logging.getLogger("vllm.rocketkv")  # vLLM's handler and format
-_pools: dict[int, tuple] = {}
+_pools: dict[int, torch.cuda.MemPool] = {}
 
 
 def _pool(device: torch.device) -> tuple:
     """One memory pool for every layer's graphs: a graph's scratch is dead once it has run, and
-    replays never overlap (one stream), so they can share it."""
+    replays never overlap (one stream), so they can share it. A MemPool object, not a bare
+    graph_pool_handle(): the allocator retires a handle's pool once every graph captured into
+    it is gone (an engine torn down) and then refuses captures into it (`use_count > 0`
+    assertion), where a MemPool keeps the pool open for the next engine of the process."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _pools:
-        _pools[index] = torch.cuda.graph_pool_handle()
-    return _pools[index]
+        with torch.cuda.device(index):
+            _pools[index] = torch.cuda.MemPool()
+    return _pools[index].id
 
 
 def padded_rows(rows: int, max_rows: int) -> int:
@@ -44,8 +48,17 @@ def capture(body: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGr
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         body()
-        # thread_local: vLLM's other threads may allocate while this one captures
-        graph.capture_begin(pool=_pool(device), capture_error_mode="thread_local")
+        try:
+            # thread_local: vLLM's other threads may allocate while this one captures
+            graph.capture_begin(pool=_pool(device), capture_error_mode="thread_local")
+        except RuntimeError:
+            if torch.cuda.is_current_stream_capturing():  # (it failed past cudaStreamBeginCapture)
+                try:
+                    graph.capture_end()
+                except RuntimeError:
+                    pass
+            _leave_capture_mode(device)
+            raise
         try:
             body()
         finally:
@@ -59,8 +72,9 @@ def capture(body: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGr
 
 
 def _leave_capture_mode(device: torch.device) -> None:
-    """capture_begin put the default CUDA generator in capture mode and a failed capture_end
-    (an invalidated capture) never takes it out, after which every random op on the device
+    """capture_begin puts the default CUDA generator in capture mode and only a successful
+    capture_end takes it out (a capture_begin that fails past that point or an invalidated
+    capture never do), after which every random op on the device
     raises "Offset increment outside graph capture": give it a fresh state with the same
     seed and offset."""
     index = device.index if device.index is not None else torch.cuda.current_device()
