@@ -6,6 +6,8 @@ direct launch's output, step after step with fresh queries and across row counts
 graph is a stand-in that runs the captured body each time (reference ops); on a GPU the real
 graphs replay the Triton/CUDA kernels.
 """
+import contextlib
+import gc
 import random
 from types import SimpleNamespace
 
@@ -37,11 +39,13 @@ def test_padded_rows_are_powers_of_two_up_to_the_maximum():
 
 
 def test_a_failed_capture_falls_back_to_direct_launches(monkeypatch):
-    def invalidated(body, device):
+    def invalidated(body, device, pool):
         body()  # (the warm-up run)
         raise RuntimeError("operation not permitted when stream is capturing")
 
     warnings = []
+    monkeypatch.setattr(layer_graphs.SharedPool, "of", lambda device: SimpleNamespace(handle=(1, 0)))
+    monkeypatch.setattr(layer_graphs.SharedPool, "retire", lambda device: None)
     monkeypatch.setattr(layer_graphs, "capture", invalidated)
     monkeypatch.setattr(layer_graphs.logger, "warning", lambda message, *args: warnings.append(message % args))
     graphs, calls = LayerGraphs(), []
@@ -55,6 +59,25 @@ def test_a_failed_capture_falls_back_to_direct_launches(monkeypatch):
 
     with pytest.raises(ValueError, match="real error"):  # not swallowed: the direct launch raises it
         graphs.replay("other", broken, DEV)
+
+
+def test_layers_share_a_pool_until_all_are_gone(monkeypatch):
+    """Every live LayerGraphs captures into one pool; once all are gone (an engine torn down)
+    the allocator has retired it, so the next ones get a new pool, as after a failed capture."""
+    handles = iter(range(1, 100))
+    monkeypatch.setattr(layer_graphs.torch.cuda, "graph_pool_handle", lambda: (next(handles), 0))
+    monkeypatch.setattr(layer_graphs.torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(layer_graphs.SharedPool, "_current", {})
+    gpu = torch.device("cuda", 0)
+    first, second = layer_graphs.SharedPool.of(gpu), layer_graphs.SharedPool.of(gpu)
+    assert first is second and first.handle == (1, 0)
+    assert layer_graphs.SharedPool.of(torch.device("cuda", 1)).handle == (2, 0)  # per device
+    del first, second
+    gc.collect()
+    third = layer_graphs.SharedPool.of(gpu)
+    assert third.handle == (3, 0)
+    layer_graphs.SharedPool.retire(gpu)
+    assert layer_graphs.SharedPool.of(gpu).handle == (4, 0) and third.handle == (3, 0)
 
 
 def make_builder() -> RocketKVMetadataBuilder:

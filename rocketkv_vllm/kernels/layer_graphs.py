@@ -13,25 +13,47 @@ the output out.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Callable, Hashable
 
 import torch
 
 logger = logging.getLogger("vllm.rocketkv")  # vLLM's handler and format
-_pools: dict[int, torch.cuda.MemPool] = {}
 
 
-def _pool(device: torch.device) -> tuple:
-    """One memory pool for every layer's graphs: a graph's scratch is dead once it has run, and
-    replays never overlap (one stream), so they can share it. A MemPool object, not a bare
-    graph_pool_handle(): the allocator retires a handle's pool once every graph captured into
-    it is gone (an engine torn down) and then refuses captures into it (`use_count > 0`
-    assertion), where a MemPool keeps the pool open for the next engine of the process."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _pools:
-        with torch.cuda.device(index):
-            _pools[index] = torch.cuda.MemPool()
-    return _pools[index].id
+class SharedPool:
+    """One graph memory pool for every layer's graphs: a graph's scratch is dead once it has
+    run, and replays never overlap (one stream), so they can share it.
+
+    The allocators (device and pinned host) retire a pool once every graph captured into it
+    is gone and then refuse captures into it (`use_count > 0` assertions), so a pool lives
+    exactly as long as the LayerGraphs holding it: when an engine is torn down with its
+    layers, the next engine of the process gets a new pool."""
+
+    _current: dict[int, "weakref.ref[SharedPool]"] = {}
+
+    def __init__(self) -> None:
+        self.handle = torch.cuda.graph_pool_handle()
+
+    @classmethod
+    def of(cls, device: torch.device) -> "SharedPool":
+        index = _index(device)
+        ref = cls._current.get(index)
+        pool = ref() if ref is not None else None
+        if pool is None:
+            with torch.cuda.device(index):
+                pool = cls()
+            cls._current[index] = weakref.ref(pool)
+        return pool
+
+    @classmethod
+    def retire(cls, device: torch.device) -> None:
+        """After a failed capture, whose half-begun recording may linger in the pool."""
+        cls._current.pop(_index(device), None)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def padded_rows(rows: int, max_rows: int) -> int:
@@ -40,8 +62,8 @@ def padded_rows(rows: int, max_rows: int) -> int:
     return min(max_rows, 1 << max(0, rows - 1).bit_length())
 
 
-def capture(body: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGraph:
-    """body() run once (compiles its kernels outside the capture), then captured."""
+def capture(body: Callable[[], None], device: torch.device, pool: tuple) -> torch.cuda.CUDAGraph:
+    """body() run once (compiles its kernels outside the capture), then captured into `pool`."""
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
@@ -50,7 +72,7 @@ def capture(body: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGr
         body()
         try:
             # thread_local: vLLM's other threads may allocate while this one captures
-            graph.capture_begin(pool=_pool(device), capture_error_mode="thread_local")
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         except RuntimeError:
             if torch.cuda.is_current_stream_capturing():  # (it failed past cudaStreamBeginCapture)
                 try:
@@ -77,8 +99,7 @@ def _leave_capture_mode(device: torch.device) -> None:
     capture never do), after which every random op on the device
     raises "Offset increment outside graph capture": give it a fresh state with the same
     seed and offset."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    generator = torch.cuda.default_generators[index]
+    generator = torch.cuda.default_generators[_index(device)]
     generator.graphsafe_set_state(generator.clone_state())
 
 
@@ -88,6 +109,7 @@ class LayerGraphs:
     def __init__(self) -> None:
         # None: the capture failed, and that key's steps launch body() directly
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph | None] = {}
+        self._pool: SharedPool | None = None
 
     def __len__(self) -> int:
         """Graphs captured."""
@@ -97,9 +119,13 @@ class LayerGraphs:
         """Replay the graph of `key`, capturing body() first if there is none (the key must
         name every address and launch decision body() depends on)."""
         if key not in self._graphs:
+            if self._pool is None:
+                self._pool = SharedPool.of(device)
             try:
-                self._graphs[key] = capture(body, device)
+                self._graphs[key] = capture(body, device, self._pool.handle)
             except RuntimeError as error:
+                SharedPool.retire(device)
+                self._pool = None
                 # a serving engine keeps going on direct launches (a real error in body()
                 # raises again from the direct call below)
                 logger.warning("RocketKV could not capture a decode-attention graph for %s, launching it "
