@@ -57,7 +57,7 @@ def tokens_held(args: argparse.Namespace, backend: str, shape: ModelShape, ctx: 
     """KV tokens one request holds once decoding (after RocketKV's stage 1), in whole blocks."""
     held = ctx + args.out
     if is_rocketkv(backend):
-        plan, _ = rocketkv_plan(shape, ctx, args.out, args.budget, args.mode, args.block_size)
+        plan, _ = rocketkv_plan(shape, ctx, args.out, args.budget, args.mode, args.block_size, args.rocketkv_config)
         held = plan.keep + args.out
     return math.ceil(held / args.block_size) * args.block_size
 

@@ -77,7 +77,8 @@ def measure_case(llm, args: argparse.Namespace, backend: str, ctx: int, batch: i
         prefill_s.append(prefill_seconds(run.requests))
         steps_used.append(len(times))
     tpot = spread(tpot_ms)
-    roof = case_roofline(shape, backend, ctx, batch, args.out, args.budget, args.mode, args.block_size, args.hbm_tbs)
+    roof = case_roofline(shape, backend, ctx, batch, args.out, args.budget, args.mode, args.block_size, args.hbm_tbs,
+                         args.rocketkv_config)
     row = {
         "backend": backend, "ctx": ctx, "batch": batch, "out": args.out, "repeats": args.repeats,
         "tpot_ms": tpot, "tpot_ms_runs": [None if t is None else round(t, 3) for t in tpot_ms],

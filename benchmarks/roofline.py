@@ -58,18 +58,21 @@ def stock_step_bytes(shape: ModelShape, ctx: int, batch: int, out: int) -> int:
     return shape.weight_bytes() + batch * (ctx + out // 2) * shape.kv_bytes_per_token()
 
 
-def rocketkv_plan(shape: ModelShape, ctx: int, out: int, budget: int, mode: str, block_size: int, page_size: int = 4):
-    """The plan the backend computes for such a request (rocketkv_vllm.plan)."""
+def rocketkv_plan(shape: ModelShape, ctx: int, out: int, budget: int, mode: str, block_size: int,
+                  settings: dict | None = None):
+    """The plan the backend computes for such a request (rocketkv_vllm.plan) on a server with
+    these further `rocketkv` settings (page_size, ...; the defaults otherwise)."""
     from rocketkv_vllm.config import RocketKVConfig, request_settings
     from rocketkv_vllm.plan import plan_request
 
-    config = RocketKVConfig(budget=budget, mode=mode, page_size=page_size)
+    config = RocketKVConfig(budget=budget, mode=mode, **(settings or {}))
     return plan_request(request_settings(None, config), config, ctx, out, shape.head_dim, block_size), config
 
 
-def rocketkv_step_bytes(shape: ModelShape, ctx: int, batch: int, out: int, budget: int, mode: str, block_size: int) -> dict:
+def rocketkv_step_bytes(shape: ModelShape, ctx: int, batch: int, out: int, budget: int, mode: str, block_size: int,
+                        settings: dict | None = None) -> dict:
     """Per-step bytes of a RocketKV decode: {total, summary, summary_rows_total, attend, plan}."""
-    plan, config = rocketkv_plan(shape, ctx, out, budget, mode, block_size)
+    plan, config = rocketkv_plan(shape, ctx, out, budget, mode, block_size, settings)
     live = plan.keep + out // 2
     heads = batch * shape.layers * shape.kv_heads
     row = shape.head_dim * ELEMENT_BYTES
@@ -92,10 +95,11 @@ def rocketkv_step_bytes(shape: ModelShape, ctx: int, batch: int, out: int, budge
 
 
 def case_roofline(shape: ModelShape, backend: str, ctx: int, batch: int, out: int, budget: int, mode: str,
-                  block_size: int, hbm_tb_s: float) -> dict:
-    """Bytes per step and the floor step time at hbm_tb_s (TB/s) for one benchmark case."""
+                  block_size: int, hbm_tb_s: float, settings: dict | None = None) -> dict:
+    """Bytes per step and the floor step time at hbm_tb_s (TB/s) for one benchmark case
+    (settings: the RocketKV server's further settings)."""
     if backend.lower() == "rocketkv":
-        parts = rocketkv_step_bytes(shape, ctx, batch, out, budget, mode, block_size)
+        parts = rocketkv_step_bytes(shape, ctx, batch, out, budget, mode, block_size, settings)
         total = parts["total"]
         extra = {"summary_gb": round(parts["summary"] / 1e9, 3), "attend_gb": round(parts["attend"] / 1e9, 3),
                  "floor_ms_summary_rows": round(1e3 * parts["summary_rows_total"] / (hbm_tb_s * 1e12), 3),

@@ -25,6 +25,7 @@ import bench_decode  # noqa: E402
 import bench_serve  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, UNKNOWN_WORD, json_rows, model_dir, percentile, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
 from engine_steps import Run, Step, decode_step_times, peak, prefill_seconds  # noqa: E402
+from rocketkv_vllm.config import RocketKVConfig  # noqa: E402
 from roofline import ModelShape, case_roofline, rocketkv_step_bytes, stock_step_bytes  # noqa: E402
 
 TINY_CONFIG = {
@@ -174,9 +175,18 @@ def test_roofline_weights_and_kv_of_llama8b(llama8b):
 @pytest.mark.parametrize("ctx,batch,notes_kv_gb", [(32768, 1, 0.44), (32768, 8, 3.64), (131072, 1, 0.54), (131072, 8, 4.44)])
 def test_roofline_rocketkv_matches_notes(llama8b, ctx, batch, notes_kv_gb):
     """results/NOTES.md (session 2) floors, whole summary rows, t=2048: RocketKV GB minus 16.06 GB of weights."""
-    parts = rocketkv_step_bytes(llama8b, ctx, batch, 128, 2048, "rocketkv", 16)
+    parts = rocketkv_step_bytes(llama8b, ctx, batch, 128, 2048, "rocketkv", 16, {"page_size": 4})  # (session 2's pages)
     assert (parts["summary_rows_total"] - llama8b.weight_bytes()) / 1e9 == pytest.approx(notes_kv_gb, rel=0.03)
     assert parts["total"] <= parts["summary_rows_total"]  # r channels <= whole rows
+
+
+def test_roofline_follows_the_servers_page_size(llama8b):
+    default = rocketkv_step_bytes(llama8b, 131072, 1, 128, 2048, "rocketkv", 16)
+    assert default["plan"]["page_size"] == RocketKVConfig().page_size == 2
+    four = rocketkv_step_bytes(llama8b, 131072, 1, 128, 2048, "rocketkv", 16, {"page_size": 4})
+    # twice the pages to summarize: whole summary rows cost twice, so the budget's split scores them on fewer channels
+    assert default["summary_rows_total"] > four["summary_rows_total"]
+    assert default["plan"]["top_channels"] < four["plan"]["top_channels"]
 
 
 def test_roofline_full_mode_is_dense(llama8b):
