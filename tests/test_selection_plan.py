@@ -68,3 +68,46 @@ def test_plan_refuses_another_batch():
     plan = SelectionPlanner(shape_of(query, kv, layout, table), 8)(4)
     with pytest.raises(ValueError, match="planned for 4"):
         T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp, plan=plan)
+
+
+def test_layers_take_the_workspace_in_memory_profiling_and_the_builder_plans_over_it(monkeypatch):
+    """vLLM profiles memory with a forward without metadata, then sizes the KV pool, then makes the
+    metadata builders. Each attention layer takes the selection workspace in that forward, so the
+    profile counts it, and the builder made afterwards plans over the same one, not a second."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from rocketkv_vllm.config import RocketKVConfig
+    from rocketkv_vllm.kv_layout import KVLayout
+    from rocketkv_vllm.vllm_glue import backend
+    from rocketkv_vllm.vllm_glue.impl import RocketKVImpl
+
+    config, block, heads, kv_heads, head_dim, rows, width = RocketKVConfig(budget=64), 16, 8, 2, 64, 6, 40
+    ops = SimpleNamespace(selection_planner=SelectionPlanner)
+    layout = KVLayout(block, config.page_size, config.layout_summary_group())
+
+    def layer() -> RocketKVImpl:
+        impl = object.__new__(RocketKVImpl)  # (no vLLM config needed past __init__)
+        impl.num_heads, impl.head_size, impl.num_kv_heads, impl.layout, impl._ops = heads, head_dim, kv_heads, layout, ops
+        impl._selection_heads, impl._decode_bounds, impl._workspace = heads, (rows, width), None
+        return impl
+
+    layers = [layer(), layer()]
+    output = torch.zeros(3, heads * head_dim, device=DEV)
+    for impl in layers:  # the profile run: no metadata, no KV cache yet
+        assert impl.forward(None, torch.zeros(3, heads * head_dim, device=DEV), None, None, torch.empty(0), None, output) is output
+    workspace = layers[0]._workspace
+    assert workspace is not None and layers[1]._workspace is workspace
+    assert workspace.shape.num_pages == width * layout.pages_per_block and workspace.max_batch == rows
+
+    monkeypatch.setattr(backend, "get_ops", lambda device: ops)
+    spec = SimpleNamespace(head_size=head_dim, block_size=block, dtype=torch.float32, num_kv_heads=kv_heads)
+    builder = object.__new__(backend.RocketKVMetadataBuilder)
+    builder._setup(config, spec, rows, 1024, DEV, heads, width)
+    assert builder._planner(width).workspace is workspace
+
+    gone = weakref.ref(workspace)
+    del layers, impl, builder, workspace
+    gc.collect()
+    assert gone() is None  # freed with the last of its holders (an engine torn down)

@@ -31,7 +31,8 @@ rows share the sparse path).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -639,9 +640,27 @@ class SelectionWorkspace:
 class SelectionPlanner:
     """Plans for every batch size up to max_batch over one workspace, each made once."""
 
+    # the workspaces alive, by (shape, max_batch): the attention layers allocate theirs during
+    # vLLM's memory profiling (so that it is counted before the KV pool is sized) and the metadata
+    # builder, made later, plans over that same one
+    _workspaces: "weakref.WeakValueDictionary[tuple, SelectionWorkspace]" = weakref.WeakValueDictionary()
+
     def __init__(self, shape: SelectionShape, max_batch: int) -> None:
-        self.workspace = SelectionWorkspace(shape, max_batch)
+        self.workspace = self.workspace_for(shape, max_batch)
         self._plans: dict[int, SelectionPlan] = {}
+
+    @classmethod
+    def workspace_for(cls, shape: SelectionShape, max_batch: int) -> SelectionWorkspace:
+        """The live workspace of this shape and size, else a new one (held by its users: it is
+        freed with the last of them)."""
+        device = shape.device
+        if device.type == "cuda" and device.index is None:  # (cuda and cuda:0 are one device)
+            shape = replace(shape, device=torch.device("cuda", torch.cuda.current_device()))
+        key = (shape, max_batch)
+        workspace = cls._workspaces.get(key)
+        if workspace is None:
+            workspace = cls._workspaces[key] = SelectionWorkspace(shape, max_batch)
+        return workspace
 
     def __call__(self, batch: int) -> SelectionPlan:
         plan = self._plans.get(batch)

@@ -226,6 +226,22 @@ def classify_rows(query_lens: np.ndarray, seq_lens: np.ndarray, plans: np.ndarra
                     is_oracle.nonzero()[0], plans[:, ORACLE_TOKENS], columns)
 
 
+def decode_bounds(vllm_config: VllmConfig) -> tuple[int, int]:
+    """The most rows a decode step holds and the block tables' width (max_model_len in blocks):
+    what the page selection's workspace is sized for."""
+    rows = max(vllm_config.scheduler_config.max_num_seqs, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+    return rows, -(-vllm_config.model_config.max_model_len // vllm_config.cache_config.block_size)
+
+
+def selection_shape(num_heads: int, num_kv_heads: int, head_dim: int, layout: KVLayout, width: int,
+                    device: torch.device):
+    """The kernels' SelectionShape of block tables `width` blocks wide (the builder's and the
+    attention layers' alike, so that they find the same workspace)."""
+    from rocketkv_vllm.kernels.triton_hsa import SelectionShape
+
+    return SelectionShape(num_heads, num_kv_heads, head_dim, layout, width * layout.pages_per_block, device)
+
+
 class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
     """Per step: classifies the rows (numpy, no per-row Python), stages every host-made
     int32 array in persistent pinned buffers (one copy each to the device) and makes the
@@ -237,15 +253,14 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # decodes first: their tokens are a prefix of the batch
-        scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
-        max_rows = max(scheduler.max_num_seqs, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+        max_rows, max_blocks = decode_bounds(vllm_config)
         self._setup(
             RocketKVConfig.from_additional_config(vllm_config.additional_config), kv_cache_spec, max_rows,
-            scheduler.max_num_batched_tokens, device,
+            vllm_config.scheduler_config.max_num_batched_tokens, device,
             # the query heads a selection scores with: this worker's, or a replicated KV head's whole group
             selection_num_heads(vllm_config.compilation_config.static_forward_context[layer_names[0]].num_heads,
                                 vllm_config),
-            -(-model.max_model_len // kv_cache_spec.block_size),
+            max_blocks,
         )
         log_settings(self.config, self.block_size, device, kv_cache_spec.dtype)
 
@@ -400,10 +415,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
     def _planner(self, width: int):
         planner = self._planners.get(width)
         if planner is None:  # (earlier planners stay: captured CUDA graphs use their workspaces)
-            from rocketkv_vllm.kernels.triton_hsa import SelectionShape
-
-            shape = SelectionShape(self.num_heads, self.kv_cache_spec.num_kv_heads, self.head_dim, self.layout,
-                                   width * self.layout.pages_per_block, self.device)
+            shape = selection_shape(self.num_heads, self.kv_cache_spec.num_kv_heads, self.head_dim, self.layout, width,
+                                    self.device)
             planner = self._planners[width] = self._planner_cls(shape, self.max_rows)
         return planner
 

@@ -11,8 +11,8 @@ from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs
-from rocketkv_vllm.vllm_glue.backend import DecodeBatch, GraphRows, RocketKVMetadata
-from rocketkv_vllm.vllm_glue.tp_groups import FullGroupQueries, selection_queries
+from rocketkv_vllm.vllm_glue.backend import DecodeBatch, GraphRows, RocketKVMetadata, decode_bounds, selection_shape
+from rocketkv_vllm.vllm_glue.tp_groups import FullGroupQueries, selection_num_heads, selection_queries
 
 
 class RocketKVImpl(AttentionImpl):
@@ -60,11 +60,27 @@ class RocketKVImpl(AttentionImpl):
         # across ranks (a collective: only vLLM's own graphs capture those)
         gathers = isinstance(self.selection_queries, FullGroupQueries)
         self._graphs = LayerGraphs() if self.config.decode_graphs and not gathers else None
+        # the page selection's workspace, allocated during memory profiling (reserve_selection_workspace)
+        self._selection_heads = selection_num_heads(self.num_heads, vllm_config)
+        self._decode_bounds = decode_bounds(vllm_config)
+        self._workspace = None
 
     def ops(self, device: torch.device):
         if self._ops is None:
             self._ops = get_ops(device)
         return self._ops
+
+    def reserve_selection_workspace(self, device: torch.device) -> None:
+        """In vLLM's memory profiling: allocate the page selection's workspace (up to ~1 GiB at
+        128K contexts and 512 rows), so the profile counts it before sizing the KV pool instead
+        of the metadata builder allocating it past the memory limit afterwards; the builder
+        plans over this same one (SelectionPlanner.workspace_for), every layer holds it."""
+        planner = self.ops(device).selection_planner
+        if planner is None or self._workspace is not None:
+            return
+        rows, width = self._decode_bounds
+        shape = selection_shape(self._selection_heads, self.num_kv_heads, self.head_size, self.layout, width, device)
+        self._workspace = planner.workspace_for(shape, rows)
 
     def _decode(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, d: DecodeBatch,
                 out: torch.Tensor | None) -> torch.Tensor:
@@ -112,6 +128,7 @@ class RocketKVImpl(AttentionImpl):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the RocketKV backend")
         if attn_metadata is None:  # memory profiling
+            self.reserve_selection_workspace(query.device)
             return output
         ops = self.ops(kv_cache.device)
         meta = attn_metadata
