@@ -44,14 +44,17 @@ def test_a_failed_capture_falls_back_to_direct_launches(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     warnings = []
-    monkeypatch.setattr(layer_graphs.SharedPool, "of", lambda device: SimpleNamespace(handle=(1, 0)))
-    monkeypatch.setattr(layer_graphs.SharedPool, "retire", lambda device: None)
+    pools = []
+    monkeypatch.setattr(layer_graphs.SharedPool, "of",
+                        lambda device: pools.append(SimpleNamespace(handle=(1, 0), retired=False, retire=lambda d: None))
+                        or pools[-1])
     monkeypatch.setattr(layer_graphs, "capture", invalidated)
     monkeypatch.setattr(layer_graphs.logger, "warning", lambda message, *args: warnings.append(message % args))
     graphs, calls = LayerGraphs(), []
     for _ in range(3):
         graphs.replay("k", lambda: calls.append(1), DEV)
     assert len(calls) == 4 and len(graphs) == 0  # warm-up, then every step directly; no retry
+    assert len(pools) == 1
     assert len(warnings) == 1 and "not permitted" in warnings[0]
 
     def broken():
@@ -76,8 +79,12 @@ def test_layers_share_a_pool_until_all_are_gone(monkeypatch):
     gc.collect()
     third = layer_graphs.SharedPool.of(gpu)
     assert third.handle == (3, 0)
-    layer_graphs.SharedPool.retire(gpu)
-    assert layer_graphs.SharedPool.of(gpu).handle == (4, 0) and third.handle == (3, 0)
+    other = layer_graphs.SharedPool.of(torch.device("cuda", 1))
+    other.retire(torch.device("cuda", 1))  # (retiring cuda:1's pool leaves cuda:0's)
+    assert layer_graphs.SharedPool.of(gpu) is third and third.retired is False
+    third.retire(gpu)
+    fourth = layer_graphs.SharedPool.of(gpu)
+    assert third.retired and fourth.handle == (5, 0) and not fourth.retired
 
 
 def make_builder() -> RocketKVMetadataBuilder:
@@ -155,6 +162,7 @@ def make_impl(builder, graphs) -> RocketKVImpl:
     impl = object.__new__(RocketKVImpl)  # (no vLLM config needed past __init__)
     impl.num_heads, impl.head_size, impl.num_kv_heads, impl.scale = HEADS, HEAD_DIM, KV_HEADS, HEAD_DIM ** -0.5
     impl.config, impl.layout, impl._ops, impl._graphs = CONFIG, builder.layout, None, graphs
+    impl._graphs_builder_id = builder._builder_id
     impl.selection_queries = lambda q: q
     return impl
 
@@ -201,6 +209,23 @@ def test_forward_over_graph_rows_equals_the_direct_launch(query_lens):
         assert not outs[0].isnan().any()
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-2 if CUDA else 1e-5, atol=1e-2 if CUDA else 1e-5)
     assert len(graphs) == 1  # one padded size, captured once
+
+
+def test_graphs_over_an_earlier_builders_rows_are_dropped():
+    """vLLM's CUDA-graph memory profiling makes a builder, runs steps and frees it: graphs over
+    its buffers must not replay over the next builder's, whatever addresses those get."""
+    torch.manual_seed(3)
+    first = make_builder()
+    kv, table = filled_cache(first.layout, [301, 201])
+    states = [request(300, "rocketkv"), request(200, "mt")]
+    impl = make_impl(first, LayerGraphs() if CUDA else RunEachTime())
+    for builder in (first, make_builder()):
+        with rows_of_batch(states):
+            meta = builder.build(0, common([1, 1], [301, 201], table))
+        impl.forward(None, torch.randn(2, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE), None, None, kv, meta,
+                     torch.empty(2, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE))
+        assert impl._graphs_builder_id == builder._builder_id and len(impl._graphs) == 1
+    assert first._builder_id != builder._builder_id
 
 
 @pytest.mark.gpu

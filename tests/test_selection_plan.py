@@ -111,3 +111,17 @@ def test_layers_take_the_workspace_in_memory_profiling_and_the_builder_plans_ove
     del layers, impl, builder, workspace
     gc.collect()
     assert gone() is None  # freed with the last of its holders (an engine torn down)
+
+
+@pytest.mark.parametrize("max_model_len,block_size,width", [(100_000, 16, 6256), (131_072, 16, 8192), (4096, 64, 64), (1000, 32, 32)])
+def test_decode_bounds_match_the_model_runners_block_tables(max_model_len, block_size, width):
+    """The workspace the layers reserve is the builder's only when its width is the model
+    runner's block-table width: max_model_len in blocks, rounded up to a multiple of 128 / block_size."""
+    from types import SimpleNamespace
+
+    from rocketkv_vllm.vllm_glue.backend import decode_bounds
+
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=48),
+                             compilation_config=SimpleNamespace(max_cudagraph_capture_size=512),
+                             model_config=SimpleNamespace(max_model_len=max_model_len), cache_config=SimpleNamespace(block_size=block_size))
+    assert decode_bounds(config) == (512, width)

@@ -34,6 +34,7 @@ class SharedPool:
 
     def __init__(self) -> None:
         self.handle = torch.cuda.graph_pool_handle()
+        self.retired = False
 
     @classmethod
     def of(cls, device: torch.device) -> "SharedPool":
@@ -46,14 +47,30 @@ class SharedPool:
             cls._current[index] = weakref.ref(pool)
         return pool
 
-    @classmethod
-    def retire(cls, device: torch.device) -> None:
-        """After a failed capture, whose half-begun recording may linger in the pool."""
-        cls._current.pop(_index(device), None)
+    def retire(self, device: torch.device) -> None:
+        """After a failed capture, whose half-begun recording may linger in the pool: later
+        captures (of any layer) go to a new one."""
+        self.retired = True
+        ref = self._current.get(_index(device))
+        if ref is not None and ref() is self:
+            del self._current[_index(device)]
 
 
 def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture: the caching allocator reuses a freed
+    block only on the stream that freed it, so captures on many streams would not share
+    their scratch within the pool."""
+    index = _index(device)
+    if index not in _capture_streams:
+        _capture_streams[index] = torch.cuda.Stream(index)
+    return _capture_streams[index]
 
 
 def padded_rows(rows: int, max_rows: int) -> int:
@@ -65,31 +82,35 @@ def padded_rows(rows: int, max_rows: int) -> int:
 def capture(body: Callable[[], None], device: torch.device, pool: tuple) -> torch.cuda.CUDAGraph:
     """body() run once (compiles its kernels outside the capture), then captured into `pool`."""
     current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
+    side = _capture_stream(device)
     side.wait_stream(current)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        body()
-        try:
-            # thread_local: vLLM's other threads may allocate while this one captures
-            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-        except RuntimeError:
-            if torch.cuda.is_current_stream_capturing():  # (it failed past cudaStreamBeginCapture)
+    try:
+        with torch.cuda.stream(side):
+            body()
+            try:
+                # thread_local: vLLM's other threads may allocate while this one captures
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            except RuntimeError:
+                if torch.cuda.is_current_stream_capturing():  # (it failed past cudaStreamBeginCapture)
+                    try:
+                        graph.capture_end()
+                    except RuntimeError:
+                        pass
+                _leave_capture_mode(device)
+                raise
+            try:
+                body()
+            finally:
                 try:
                     graph.capture_end()
                 except RuntimeError:
-                    pass
-            _leave_capture_mode(device)
-            raise
-        try:
-            body()
-        finally:
-            try:
-                graph.capture_end()
-            except RuntimeError:
-                _leave_capture_mode(device)
-                raise
-    current.wait_stream(side)
+                    _leave_capture_mode(device)
+                    raise
+    finally:
+        # (also before a fallback's direct run: the warm-up run on the side stream writes the
+        # same scratch)
+        current.wait_stream(side)
     return graph
 
 
@@ -119,13 +140,12 @@ class LayerGraphs:
         """Replay the graph of `key`, capturing body() first if there is none (the key must
         name every address and launch decision body() depends on)."""
         if key not in self._graphs:
-            if self._pool is None:
+            if self._pool is None or self._pool.retired:
                 self._pool = SharedPool.of(device)
             try:
                 self._graphs[key] = capture(body, device, self._pool.handle)
             except RuntimeError as error:
-                SharedPool.retire(device)
-                self._pool = None
+                self._pool.retire(device)
                 # a serving engine keeps going on direct launches (a real error in body()
                 # raises again from the direct call below)
                 logger.warning("RocketKV could not capture a decode-attention graph for %s, launching it "

@@ -11,6 +11,7 @@ The impl (forward pass) lives in impl.py. Row kinds in a step:
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -159,6 +160,9 @@ class GraphRows:
     batch: DecodeBatch  # contiguous rows 0..num_rows-1 of the buffers below
     query: torch.Tensor  # [num_rows, Hq, D]: a step copies its decode queries into the first rows
     output: torch.Tensor  # [num_rows, Hq, D]: and its decode outputs out of them
+    # the builder that owns the buffers: graphs captured over an earlier builder's (vLLM's
+    # CUDA-graph memory profiling makes one and frees it) must not replay over reused addresses
+    builder_id: int = 0
 
 
 @dataclass
@@ -226,11 +230,18 @@ def classify_rows(query_lens: np.ndarray, seq_lens: np.ndarray, plans: np.ndarra
                     is_oracle.nonzero()[0], plans[:, ORACLE_TOKENS], columns)
 
 
+_builder_ids = itertools.count(1)
+
+
 def decode_bounds(vllm_config: VllmConfig) -> tuple[int, int]:
     """The most rows a decode step holds and the block tables' width (max_model_len in blocks):
     what the page selection's workspace is sized for."""
     rows = max(vllm_config.scheduler_config.max_num_seqs, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
-    return rows, -(-vllm_config.model_config.max_model_len // vllm_config.cache_config.block_size)
+    block_size = vllm_config.cache_config.block_size
+    blocks = -(-vllm_config.model_config.max_model_len // block_size)
+    # (the model runner rounds its block tables' width up to a multiple of 128 / block_size)
+    align = 128 // block_size if block_size <= 128 else 1
+    return rows, -(-blocks // align) * align
 
 
 def selection_shape(num_heads: int, num_kv_heads: int, head_dim: int, layout: KVLayout, width: int,
@@ -260,14 +271,15 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             # the query heads a selection scores with: this worker's, or a replicated KV head's whole group
             selection_num_heads(vllm_config.compilation_config.static_forward_context[layer_names[0]].num_heads,
                                 vllm_config),
-            max_blocks,
+            max_blocks, vllm_config.model_config.dtype,
         )
         log_settings(self.config, self.block_size, device, kv_cache_spec.dtype)
 
     def _setup(self, config: RocketKVConfig, kv_cache_spec: AttentionSpec, max_rows: int, max_tokens: int,
-               device: torch.device, num_heads: int, max_blocks: int) -> None:
+               device: torch.device, num_heads: int, max_blocks: int, query_dtype: torch.dtype | None = None) -> None:
         """Everything build() needs (tests make builders without a VllmConfig through this).
-        num_heads: query heads a page selection scores with; max_blocks: the block tables' expected width."""
+        num_heads: query heads a page selection scores with; max_blocks: the block tables' expected width;
+        query_dtype: the model's (the KV cache's by default)."""
         self.config, self.kv_cache_spec, self.device = config, kv_cache_spec, device
         self.head_dim, self.block_size = kv_cache_spec.head_size, kv_cache_spec.block_size
         self.max_rows, self.max_tokens, self.num_heads = max_rows, max_tokens, num_heads
@@ -286,8 +298,9 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         # the decode rows' block-table rows and query/output buffers of the per-layer graphs
         self._graph_tables: dict[int, torch.Tensor] = {}
         self._graph_io: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._builder_id = next(_builder_ids)
         if config.decode_graphs and device.type == "cuda":
-            self.allocate_graph_buffers(kv_cache_spec.dtype)
+            self.allocate_graph_buffers(query_dtype or kv_cache_spec.dtype)
         # rows, query tokens, seq_lens and top-k of the oracle ablation's decode rows
         self._oracle = CpuGpuBuffer(4 * max_rows, dtype=torch.int32, device=device)
         # decode rows and their query tokens, when they are not a prefix of the batch
@@ -410,7 +423,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         batch = DecodeBatch(None, graph_rows, table[:graph_rows], cols[7], *cols[:4], self._plan(width, graph_rows),
                             self._newest(cols))
         query, output = self._graph_io
-        return GraphRows(batch, query[:graph_rows], output[:graph_rows])
+        return GraphRows(batch, query[:graph_rows], output[:graph_rows], self._builder_id)
 
     def _planner(self, width: int):
         planner = self._planners.get(width)

@@ -60,6 +60,7 @@ class RocketKVImpl(AttentionImpl):
         # across ranks (a collective: only vLLM's own graphs capture those)
         gathers = isinstance(self.selection_queries, FullGroupQueries)
         self._graphs = LayerGraphs() if self.config.decode_graphs and not gathers else None
+        self._graphs_builder_id = 0  # whose GraphRows the graphs were captured over
         # the page selection's workspace, allocated during memory profiling (reserve_selection_workspace)
         self._selection_heads = selection_num_heads(self.num_heads, vllm_config)
         self._decode_bounds = decode_bounds(vllm_config)
@@ -100,6 +101,8 @@ class RocketKVImpl(AttentionImpl):
 
     def _decode_in_graph(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, rows: GraphRows) -> torch.Tensor:
         """_decode over the padded GraphRows, replayed from this layer's graph of their size."""
+        if rows.builder_id != self._graphs_builder_id:  # a new builder: the earlier graphs' buffers are gone
+            self._graphs, self._graphs_builder_id = type(self._graphs)(), rows.builder_id
         n = q.shape[0]
         rows.query[:n].copy_(q)
         key = (rows.batch.num_rows, rows.batch.block_table.data_ptr(), rows.query.data_ptr(), kv_cache.data_ptr())
