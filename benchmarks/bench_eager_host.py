@@ -12,7 +12,13 @@ batch of a Llama-3.1-8B shape (Hq 32, Hkv 8, D 128, 32 layers, each its own KV c
 - layer_graphs:    each layer's selection + attention replayed from its own graph over
                    fixed-address rows padded to a power of two, queries copied in and the
                    output out (the impl's path for steps without a full graph, layer_graphs.py);
+- layer_graphs_no_copies: the same replays without the query and output copies (what
+                   the copies cost, against what launching a graph per layer costs);
 - graph:           eager_planned captured once and replayed (the full-CUDA-graph path);
+- attend_all_pages_graph: the attention kernel alone over every live page, no selection, as
+                   a full graph (the floor of a dense decode path for short kept contexts);
+- fa3_graph:       (when vLLM is importable) stock's decode: FlashAttention 3 over the whole
+                   context of every request, with the KV write, as a full graph;
 - builder_build:   (when vLLM is importable) the metadata builder's build() of this batch.
 
 CUDA events time each repeat of --steps steps; per mode: median and spread (min, max) of the
@@ -139,6 +145,31 @@ class DecodeLayers:
             self.graphs[layer].replay((self.graph_rows, kv.data_ptr()), lambda: self._select_and_attend(kv, p), kv.device)
             self.out.copy_(p.out[:b])
 
+    def step_layer_graphs_no_copies(self) -> None:
+        """step_layer_graphs without the copies in and out."""
+        p = self.padded
+        for layer in range(self.layers):
+            kv = self.kv[layer % len(self.kv)]
+            self.ops.write_kv(kv, self.layout, self.new_kv, self.new_kv, self.slots)
+            self.graphs[layer].replay((self.graph_rows, kv.data_ptr()), lambda: self._select_and_attend(kv, p), kv.device)
+
+    def step_attend_all_pages(self) -> None:
+        """write_kv and the attention kernel over every live page of the evicted layout."""
+        if not hasattr(self, "all_pages"):
+            ps = self.layout.page_size
+            kept, tail = -(-self.keep // ps), -(-self.seq // ps) - self.gap // ps
+            width = int((kept + tail).max())
+            j = torch.arange(width, device=self.seq.device, dtype=torch.int32)
+            pages = torch.where(j < kept[:, None], j, j - kept[:, None] + self.gap[:, None] // ps)
+            self.all_pages = (pages[:, None].expand(-1, KV_HEADS, -1).contiguous(),
+                              (kept + tail)[:, None].expand(-1, KV_HEADS).contiguous())
+        index, count = self.all_pages
+        for layer in range(self.layers):
+            kv = self.kv[layer % len(self.kv)]
+            self.ops.write_kv(kv, self.layout, self.new_kv, self.new_kv, self.slots)
+            self.ops.paged_sparse_attention(self.query, kv, self.layout, self.table, index, count, self.seq,
+                                            self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out)
+
     def step(self, planned: bool) -> None:
         ops, layout = self.ops, self.layout
         selection_plan = self.planner(self.batch) if planned else None  # once per step (the builder)
@@ -175,6 +206,43 @@ def timed(run, steps: int, repeats: int) -> dict:
         "step_ms_median": statistics.median(device_ms), "step_ms_min": min(device_ms), "step_ms_max": max(device_ms),
         "host_launch_ms_median": statistics.median(host_ms), "step_ms": device_ms,
     }
+
+
+def captured(run) -> torch.cuda.CUDAGraph:
+    """run() warmed up off the default stream (torch's advice), then captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
+
+
+def fa3_step(args: argparse.Namespace, layers: DecodeLayers):
+    """Stock's decode step (FlashAttention 3 over the whole context, its KV written first) on
+    the same KV caches viewed as FlashAttention's paged layout; None without vLLM."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    b, device = args.batch, layers.query.device
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=device)
+    seq, table, scale = layers.seq, layers.table, 1.0 / HEAD_DIM ** 0.5
+    max_seq = int(seq.max())
+
+    def step() -> None:
+        for layer in range(layers.layers):
+            kv = layers.kv[layer % len(layers.kv)]
+            layers.ops.write_kv(kv, layers.layout, layers.new_kv, layers.new_kv, layers.slots)
+            keys = layers.layout.keys(kv).transpose(1, 2)
+            values = layers.layout.values(kv).transpose(1, 2)
+            flash_attn_varlen_func(q=layers.query, k=keys, v=values, max_seqlen_q=1, cu_seqlens_q=cu_q,
+                                   max_seqlen_k=max_seq, seqused_k=seq, softmax_scale=scale, causal=True,
+                                   block_table=table, fa_version=3, out=layers.out)
+    return step
 
 
 def builder_build_us(args: argparse.Namespace, layers: DecodeLayers, device: torch.device) -> dict | None:
@@ -228,18 +296,15 @@ def main() -> None:
     result["eager_planned"] = timed(lambda: layers.step(planned=True), args.steps, args.repeats)
     layers.padded_inputs(max(args.max_rows, args.batch))
     result["layer_graphs"] = timed(layers.step_layer_graphs, args.steps, args.repeats)
+    result["layer_graphs_no_copies"] = timed(layers.step_layer_graphs_no_copies, args.steps, args.repeats)
     result["layer_graphs_rows"] = layers.graph_rows
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up off the default stream before capture (torch's advice)
-        layers.step(planned=True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layers.step(planned=True)
-    result["graph"] = timed(graph.replay, args.steps, args.repeats)
+    result["graph"] = timed(captured(lambda: layers.step(planned=True)).replay, args.steps, args.repeats)
+    result["attend_all_pages_graph"] = timed(captured(layers.step_attend_all_pages).replay, args.steps, args.repeats)
+    fa3 = fa3_step(args, layers)
+    if fa3 is not None:
+        result["fa3_graph"] = timed(captured(fa3).replay, args.steps, args.repeats)
     graph_ms = result["graph"]["step_ms_median"]
-    for mode in ("eager_unplanned", "eager_planned", "layer_graphs"):
+    for mode in ("eager_unplanned", "eager_planned", "layer_graphs", "layer_graphs_no_copies"):
         result[f"{mode}_over_graph"] = result[mode]["step_ms_median"] / graph_ms
         result[mode]["host_us_per_layer"] = result[mode]["host_launch_ms_median"] * 1e3 / args.layers
     result["builder_build"] = builder_build_us(args, layers, device)

@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_bench_session.sh serve      # vllm serve + vllm bench serve, 32K in / 512 out
 #   bash benchmarks/gpu_bench_session.sh offline    # decode step times (8K, 32K; b1, b8) + capacity at 32K
 #   bash benchmarks/gpu_bench_session.sh long       # 128K: decode b1 + capacity (8 prompts)
-#   bash benchmarks/gpu_bench_session.sh serve128k  # vllm serve at 128K in / 256 out, 2 rates
+#   bash benchmarks/gpu_bench_session.sh serve128k  # vllm serve at 128K in / 256 out, 8 prompts at once
 #   bash benchmarks/gpu_bench_session.sh bigbatch   # 64 requests of 32K decoding at once
 #   bash benchmarks/gpu_bench_session.sh eager      # steps without a full graph: per-layer graphs
 #
@@ -27,11 +27,11 @@ log() { echo "[$((SECONDS - started))s] $*" | tee -a "$results/summary.txt"; }
 
 case "$part" in
   serve)
-    # ~8 min: per backend start ~60 s, warm-up ~5 s, rate 0.5 x 8 prompts ~40 s, saturation 32
-    # prompts ~90 s (stock holds 16 of them at once, RocketKV all 32), plus ~15 s of client
+    # (RocketKV first: a run cut short keeps it) ~8 min: per backend start ~100 s, warm-up ~5 s, rate 0.5 x 8 prompts ~40 s, saturation 32
+    # prompts ~60-90 s (stock holds 16 of them at once, RocketKV all 32), plus ~15 s of client
     # start-up per rate; --max-num-seqs 64 for both keeps graph capture short
     log "serve 32K/512"
-    timeout 570 python benchmarks/bench_serve.py --input-len 32768 --output-len 512 --rates 0.5 inf \
+    timeout 570 python benchmarks/bench_serve.py --backends rocketkv FLASH_ATTN --input-len 32768 --output-len 512 --rates 0.5 inf \
       --prompts 8 32 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 240 \
       --json "$results/serve_32k.json" > "$results/serve_32k.txt" 2>&1
     log "exit $?"
@@ -61,10 +61,12 @@ case "$part" in
     log "exit $?"
     ;;
   serve128k)
-    # ~8.5 min: per backend start ~60 s, rate 0.05 x 4 prompts ~90 s, saturation 8 prompts ~110 s
+    # ~8 min: per backend start ~100 s (graph capture up to 64 rows), 8 prompts at once ~110 s
+    # (8 x 130K prefills ~80 s; stock holds 6 at once), client start-up ~20 s; a second rate
+    # (0.05 x 4 prompts, ~90 s a backend) does not fit one call
     log "serve 128K/256"
-    timeout 520 python benchmarks/bench_serve.py --input-len 130000 --output-len 256 --rates 0.05 inf \
-      --prompts 4 8 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 230 \
+    timeout 540 python benchmarks/bench_serve.py --backends rocketkv FLASH_ATTN --input-len 130000 --output-len 256 --rates inf \
+      --prompts 8 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 230 \
       --json "$results/serve_128k.json" > "$results/serve_128k.txt" 2>&1
     log "exit $?"
     ;;

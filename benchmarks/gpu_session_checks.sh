@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call after staging vLLM and SmolLM2 (shared/gpu/README.md), results in $1:
 # the per-layer decode graphs and the bf16 engine checks against FLASH_ATTN, the selection's workspace path and full-graph
-# decode on the GPU, and the eager-vs-graph decode step (issue: every step as fast as the graph).
+# decode on the GPU, the eager-vs-graph decode step (issue: every step as fast as the graph), and the
+# decode attention at batch 1 against stock's kernel (where a dense path would win).
 #   source scripts/gpu_env.sh && bash benchmarks/gpu_session_checks.sh $OUT
 set -uo pipefail
 out="${1:?usage: gpu_session_checks.sh OUT_DIR}"
@@ -25,3 +26,17 @@ fi
 timeout "${EAGER_LIMIT:-120}" python benchmarks/bench_eager_host.py --batch 3 --context 131072 --layers 32 --repeats 3 \
   > "$out/eager_host_h200.json" 2> "$out/eager_host.log"
 echo "exit $?" >> "$out/eager_host.log"
+# where sparsity cannot win: batch 1 (and 8 at 32K), the selection + sparse attention against the
+# attention kernel alone over every kept page and against stock's FlashAttention 3 over the whole
+# context (one archive: the device tool brings back at most 8 files)
+if [ "${CROSSOVER_LIMIT:-240}" != 0 ]; then
+  mkdir -p "$out/crossover"
+  end=$((SECONDS + ${CROSSOVER_LIMIT:-240}))
+  for shape in 8192x1 32768x1 131072x1 32768x8; do
+    left=$((end - SECONDS)); [ "$left" -gt 10 ] || break
+    timeout "$left" python benchmarks/bench_eager_host.py --context "${shape%x*}" --batch "${shape#*x}" --layers 32 \
+      --repeats 3 > "$out/crossover/eager_host_$shape.json" 2> "$out/crossover/eager_host_$shape.log"
+    echo "exit $?" >> "$out/crossover/eager_host_$shape.log"
+  done
+  tar -C "$out" -czf "$out/crossover.tar.gz" crossover && rm -rf "$out/crossover"
+fi
