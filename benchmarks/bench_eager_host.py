@@ -60,6 +60,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--mode", default="rocketkv", choices=["rocketkv", "mt", "full"])
+    p.add_argument("--dense-below", type=int, default=0,
+                   help="rocketkv.dense_below: kept contexts up to this many tokens attend exactly (0: HSA)")
     p.add_argument("--max-tokens", type=int, default=256, help="the requests' max_tokens (their plan depends on it)")
     p.add_argument("--max-model-len", type=int, default=0, help="block-table width (default: context + max_tokens)")
     p.add_argument("--max-rows", type=int, default=256, help="the builder's max_num_seqs (workspace size)")
@@ -73,7 +75,7 @@ class DecodeLayers:
     """The decode half of RocketKVImpl.forward for every layer of a pure-decode step."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        config = RocketKVConfig(budget=args.budget, mode=args.mode)
+        config = RocketKVConfig(budget=args.budget, mode=args.mode, dense_below=args.dense_below)
         self.layout = KVLayout(args.block_size, config.page_size, config.layout_summary_group())
         b, ctx = args.batch, args.context
         max_len = args.max_model_len or ctx + args.max_tokens
@@ -253,7 +255,7 @@ def builder_build_us(args: argparse.Namespace, layers: DecodeLayers, device: tor
         from rocketkv_vllm.vllm_glue.request_plans import attach_plan
     except ImportError as exc:
         return {"skipped": f"vLLM not importable: {exc}"}
-    config = RocketKVConfig(budget=args.budget, mode=args.mode)
+    config = RocketKVConfig(budget=args.budget, mode=args.mode, dense_below=args.dense_below)
     spec = SimpleNamespace(head_size=HEAD_DIM, block_size=args.block_size, dtype=torch.bfloat16, num_kv_heads=KV_HEADS)
     builder = object.__new__(RocketKVMetadataBuilder)
     builder._setup(config, spec, max(args.max_rows, args.batch), 8192, device, Q_HEADS, layers.table.shape[1])
@@ -288,7 +290,9 @@ def main() -> None:
     layers = DecodeLayers(args, device)
     result = {
         "batch": args.batch, "context": args.context, "layers": args.layers, "mode": args.mode, "budget": args.budget,
-        "plan": {"keep": layers.plan.keep, "top_channels": layers.plan.top_channels, "top_pages": layers.plan.top_pages},
+        "plan": {"keep": layers.plan.keep, "sparse": layers.plan.sparse, "top_channels": layers.plan.top_channels,
+                 "top_pages": layers.plan.top_pages},
+        "dense_below": args.dense_below,
         "ops_backend": layers.ops.backend, "gpu": torch.cuda.get_device_name(device),
         "workspace_mib": layers.planner.workspace.nbytes() / 2**20, "steps": args.steps, "repeats": args.repeats,
     }

@@ -14,6 +14,8 @@ ABLATION_MODES = ("snapkv", "quest", "oracle")
 MODES = SERVING_MODES + ABLATION_MODES
 BUDGET_KEY, MODE_KEY, OUTPUT_TOKENS_KEY = "rocketkv_budget", "rocketkv_mode", "rocketkv_output_tokens"
 REQUEST_PREFIX = "rocketkv_"
+# decode contexts up to this many tokens attend exactly (RocketKVConfig.dense_below)
+DEFAULT_DENSE_BELOW = 16384
 # every integer setting fits an int32 (kernel arguments, index tensors) and stays a valid JSON number
 MAX_INT = 2**31 - 1
 
@@ -61,6 +63,10 @@ class RocketKVConfig:
     summary_group: channels per stored group of the page summaries (kv_layout), 0 for whole
                   rows; by default FEW_CHANNEL_GROUP when the server's mode is mt (its
                   scoring reads few channels), else whole rows.
+    dense_below:  a rocketkv or mt request whose decode context (the prompt tokens stage 1 keeps
+                  plus its planned output) is at most this many tokens attends exactly over
+                  all of it: there, reading every kept token costs less than selecting pages
+                  (H200, budget 2048: benchmarks/results/NOTES.md); 0 always runs HSA.
     decode_graphs: steps that vLLM runs without a full CUDA graph (prefill chunks beside
                   decodes, uncaptured batch sizes, --enforce-eager) replay each layer's decode
                   attention as a CUDA graph captured per padded row count (kernels/layer_graphs.py);
@@ -77,11 +83,13 @@ class RocketKVConfig:
     top_k: int | None = None
     attend_newest_page: bool = True
     summary_group: int | None = None
+    dense_below: int = DEFAULT_DENSE_BELOW
     decode_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("budget", "output_tokens", "window", "pool_kernel", "page_size"):
             _int_field(f"rocketkv.{name}", getattr(self, name), 1)
+        _int_field("rocketkv.dense_below", self.dense_below, 0)
         for name in ("top_channels", "top_k"):
             if getattr(self, name) is not None:
                 _int_field(f"rocketkv.{name}", getattr(self, name), 1)

@@ -78,9 +78,10 @@ def plan_request(
         return RequestPlan(prompt_len, max(budget, min(config.window, prompt_len)), False, head_dim, 0)
     if mode == "oracle":  # exact top-k at zero estimation cost, as the paper grants it
         return RequestPlan(prompt_len, prompt_len, False, head_dim, 0, oracle_tokens=budget)
+    planned_output = max(0, min(max_new_tokens, settings.output_tokens))
     split = split_budget(
         prompt_len,
-        max(0, min(max_new_tokens, settings.output_tokens)),
+        planned_output,
         budget,
         head_dim,
         block_size,
@@ -90,7 +91,10 @@ def plan_request(
     )
     if split.keep_floored:
         warn_clamped("stage 1 keeps at least max(window, budget) prompt tokens",
-                     f"prompt {prompt_len}, budget {budget}, output {min(max_new_tokens, settings.output_tokens)}")
+                     f"prompt {prompt_len}, budget {budget}, output {planned_output}")
+    if mode in ("rocketkv", "mt") and split.prompt_keep + planned_output <= config.dense_below:
+        # cheaper read whole than selected (config.dense_below); stage 1 still evicts
+        return RequestPlan(prompt_len, split.prompt_keep, False, head_dim, 0)
     if config.top_channels and config.top_channels > head_dim:
         warn_clamped("top_channels is capped at the head size", f"{config.top_channels} > {head_dim}")
     channels = head_dim if mode == "quest" else min(head_dim, config.top_channels or split.top_channels)
