@@ -24,6 +24,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -200,7 +201,24 @@ def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[
         "peak_running": peaks.get(RUNNING), "peak_waiting": peaks.get(WAITING),
         "peak_kv_usage": round(peaks[KV_USAGE], 4) if KV_USAGE in peaks else None,
         "errors": failure_reasons(result),
+        "decode_time_in_stalled_steps": stalled_share(result),
     }
+
+
+# a gap between two tokens longer than this many times the median one is a step that also ran
+# (or waited on) another request's prefill chunk: pure decode steps vary far less
+STALL_FACTOR = 3.0
+
+
+def stalled_share(result: dict) -> float | None:
+    """The share of the requests' decode time (summed inter-token gaps, from --save-detailed)
+    spent in gaps over STALL_FACTOR x the median gap: how much of TPOT is prefill interference
+    that no decode-attention speed-up removes."""
+    gaps = [gap for request in result.get("itls") or [] for gap in request]
+    if not gaps:
+        return None
+    cut = STALL_FACTOR * statistics.median(gaps)
+    return round(sum(gap for gap in gaps if gap > cut) / sum(gaps), 3)
 
 
 def failure_reasons(result: dict) -> dict[str, int]:

@@ -15,7 +15,7 @@ MODES = SERVING_MODES + ABLATION_MODES
 BUDGET_KEY, MODE_KEY, OUTPUT_TOKENS_KEY = "rocketkv_budget", "rocketkv_mode", "rocketkv_output_tokens"
 REQUEST_PREFIX = "rocketkv_"
 # decode contexts up to this many tokens attend exactly (RocketKVConfig.dense_below)
-DEFAULT_DENSE_BELOW = 16384
+DEFAULT_DENSE_BELOW = 0
 # every integer setting fits an int32 (kernel arguments, index tensors) and stays a valid JSON number
 MAX_INT = 2**31 - 1
 

@@ -120,6 +120,14 @@ def test_serve_row_counts_failures_by_reason():
     assert bench_serve.rate_row("rocketkv", 1.0, 5, {"completed": 5}, {})["errors"] == {}
 
 
+def test_serve_row_measures_decode_time_lost_to_prefill_steps():
+    # two requests: 10 ms decode steps, and one 500 ms step (another request's prefill chunk)
+    result = {"completed": 2, "itls": [[0.010, 0.010, 0.500, 0.010], [0.012, 0.010]]}
+    row = bench_serve.rate_row("rocketkv", math.inf, 2, result, {})
+    assert row["decode_time_in_stalled_steps"] == round(0.5 / 0.552, 3)
+    assert bench_serve.rate_row("rocketkv", 1.0, 2, {"completed": 2}, {})["decode_time_in_stalled_steps"] is None
+
+
 # --- step times and statistics ------------------------------------------------------------
 
 def test_decode_step_times_only_full_decode_steps():

@@ -98,3 +98,25 @@ def test_a_clamped_plan_warns_once():
         assert not caught
     finally:
         plan_module.logger.removeHandler(handler)
+
+
+def test_dense_below_reads_short_kept_contexts_whole_and_still_evicts():
+    """A rocketkv/mt request whose kept prompt plus planned output fits dense_below decodes
+    exactly over it (no page selection) and stage 1 keeps the same tokens (the scheduler frees
+    the same blocks); a longer one, or dense_below 0, runs HSA; the ablations never change."""
+    hsa = RocketKVConfig(budget=256)
+    sparse = plan(hsa, 4000, 100)
+    assert sparse.sparse and sparse.evicts
+    live = sparse.keep + 100
+    for dense_below in (live, live + 1, 10**6):
+        dense = plan(RocketKVConfig(budget=256, dense_below=dense_below), 4000, 100)
+        assert (dense.keep, dense.sparse, dense.top_channels, dense.top_pages) == (sparse.keep, False, 64, 0)
+    assert plan(RocketKVConfig(budget=256, dense_below=live - 1), 4000, 100) == sparse
+    # the planned output counts up to output_tokens (what the plan's S counts), not max_tokens
+    capped = RocketKVConfig(budget=256, output_tokens=100, dense_below=live)
+    assert not plan(capped, 4000, 10**5).sparse
+    config = RocketKVConfig(budget=256, dense_below=4100)
+    mt = plan(config, 4000, 100, rocketkv_mode="mt")
+    assert (mt.keep, mt.sparse) == (4000, False) and plan(config, 4001, 100, rocketkv_mode="mt").sparse
+    for mode in ("quest", "snapkv", "oracle", "full"):
+        assert plan(config, 4000, 100, rocketkv_mode=mode) == plan(hsa, 4000, 100, rocketkv_mode=mode)
