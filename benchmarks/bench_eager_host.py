@@ -158,13 +158,7 @@ class DecodeLayers:
     def step_attend_all_pages(self) -> None:
         """write_kv and the attention kernel over every live page of the evicted layout."""
         if not hasattr(self, "all_pages"):
-            ps = self.layout.page_size
-            kept, tail = -(-self.keep // ps), -(-self.seq // ps) - self.gap // ps
-            width = int((kept + tail).max())
-            j = torch.arange(width, device=self.seq.device, dtype=torch.int32)
-            pages = torch.where(j < kept[:, None], j, j - kept[:, None] + self.gap[:, None] // ps)
-            self.all_pages = (pages[:, None].expand(-1, KV_HEADS, -1).contiguous(),
-                              (kept + tail)[:, None].expand(-1, KV_HEADS).contiguous())
+            self.all_pages = all_live_pages(self.seq, self.keep, self.gap, self.layout.page_size, KV_HEADS)
         index, count = self.all_pages
         for layer in range(self.layers):
             kv = self.kv[layer % len(self.kv)]
@@ -185,6 +179,17 @@ class DecodeLayers:
                 self.newest.append_to(selection)
             ops.paged_sparse_attention(self.query, kv, layout, self.table, selection.index, selection.count, self.seq,
                                        self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out)
+
+
+def all_live_pages(seq: torch.Tensor, keep: torch.Tensor, gap: torch.Tensor, page_size: int,
+                   kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every live page of each request (the kept prompt pages, then those from the gap's end on) as a
+    page selection: index [B, kv_heads, W] and count [B, kv_heads]."""
+    kept, tail = -(-keep // page_size), -(-seq // page_size) - gap // page_size
+    j = torch.arange(int((kept + tail).max()), device=seq.device, dtype=torch.int32)
+    pages = torch.where(j < kept[:, None], j, j - kept[:, None] + gap[:, None] // page_size)
+    return (pages[:, None].expand(-1, kv_heads, -1).contiguous(),
+            (kept + tail)[:, None].expand(-1, kv_heads).contiguous())
 
 
 def timed(run, steps: int, repeats: int) -> dict:

@@ -22,6 +22,7 @@ sys.path.insert(0, BENCH)
 
 import bench_capacity  # noqa: E402
 import bench_decode  # noqa: E402
+import bench_eager_host  # noqa: E402
 import bench_serve  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, UNKNOWN_WORD, json_rows, model_dir, percentile, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
 from engine_steps import Run, Step, decode_step_times, peak, prefill_seconds  # noqa: E402
@@ -377,3 +378,29 @@ def test_engine_run_tiny_model(tmp_path, script, extra):
             assert row["tpot_ms"]["n"] == 2 and row["tpot_ms"]["median"] > 0 and min(row["decode_steps_timed"]) >= 12 - 1 - 2
         else:
             assert row["completed"] == [3] and row["peak_decoding"]["median"] == 3 and row["output_tok_s"]["median"] > 0
+
+
+def test_all_live_pages_attend_like_exact_attention_over_the_kept_tokens():
+    """bench_eager_host's dense floor: the attention kernel over every live page of an evicted
+    layout (kept prompt pages, gap skipped, decode pages) is exact attention over the live tokens."""
+    import torch
+
+    from rocketkv_vllm.kernels import get_ops
+    from rocketkv_vllm.kv_layout import KVLayout
+    from rocketkv_vllm.ops import reference
+
+    torch.manual_seed(0)
+    layout, kv_heads, ctx = KVLayout(16, 2), 2, 100
+    blocks = -(-(ctx + 3) // 16)
+    kv = torch.randn(layout.cache_shape(2 * blocks + 1, kv_heads, 16))
+    table = (torch.randperm(2 * blocks).int().view(2, blocks) + 1)
+    seq = torch.tensor([ctx + 1, ctx + 3], dtype=torch.int32)
+    keep, gap = torch.tensor([37, 50], dtype=torch.int32), torch.full((2,), ctx, dtype=torch.int32)
+    index, count = bench_eager_host.all_live_pages(seq, keep, gap, layout.page_size, kv_heads)
+    assert count.tolist() == [[20, 20], [27, 27]]  # 19 / 25 kept pages, then page 50 / pages 50 and 51
+    query = torch.randn(2, 4, 16)
+    out = get_ops("cpu").paged_sparse_attention(query, kv, layout, table, index, count, seq, keep, gap, 0.25)
+    for row in range(2):
+        exact = reference.paged_causal_attention(query[row : row + 1], kv, layout, table[row], int(seq[row]),
+                                                 int(keep[row]), int(gap[row]), 0.25)
+        torch.testing.assert_close(out[row], exact[0])
