@@ -93,7 +93,7 @@ def test_reduced_run_on_smollm2(tmp_path):
 
     out = tmp_path / "acc.json"
     result = main([
-        "--model", default_model(), "--tasks", "niah_single", "multi_turn", "--lengths", "1024", "--samples", "1",
+        "--model", default_model(), "--tasks", "niah_single", "multi_turn", "--lengths", "512", "--samples", "1",
         "--budgets", "256", "2048", "--dtype", "float32", "--out", str(out), "--no-progress",
         "--engine-args", json.dumps({"kv_cache_memory_bytes": 256 << 20, "max_num_seqs": 16}),
     ])

@@ -1,4 +1,5 @@
 """`vllm serve --attention-backend rocketkv` answering OpenAI clients (engine in its own process)."""
+import json
 import subprocess
 import sys
 
@@ -11,13 +12,21 @@ from engine_utils import default_model, free_port, openai_server, passkey_prompt
 PASSKEY = 52913
 
 
+OUTPUT_TOKENS = 64
+# the passkey prompt takes 1,123 tokens: a chat request that omits max_tokens is allowed the other
+# 157 of the context (vLLM then asks for them, which would plan differently from OUTPUT_TOKENS),
+# at a bearable CPU cost
+MAX_MODEL_LEN = 1280
+
+
 @pytest.fixture(scope="module")
 def server():
+    settings = {"rocketkv": {"budget": 512, "output_tokens": OUTPUT_TOKENS}}
     with openai_server(
         default_model(), "--attention-backend", "rocketkv",
-        "--dtype", "float32", "--max-model-len", "2048", "--block-size", "16", "--enforce-eager",
+        "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "16", "--enforce-eager",
         "--kv-cache-memory-bytes", str(160 << 20), "--max-num-seqs", "4",
-        "--additional-config", '{"rocketkv": {"budget": 512}}',
+        "--additional-config", json.dumps(settings),
     ) as running:
         yield running.base
 
@@ -91,3 +100,25 @@ def test_bad_server_config_stops_start_up_naming_the_field():
 
 def test_kv_cache_usage_metric_is_exported(server):
     assert "vllm:kv_cache_usage_perc" in requests.get(f"{server}/metrics", timeout=10).text
+
+
+def plan_rule_chat(client, **kwargs):
+    out = client.chat.completions.create(
+        model=model_name(client), temperature=0, logprobs=True, top_logprobs=3, stop=["\n", "."],
+        messages=[{"role": "user", "content": passkey_prompt(PASSKEY, 22)}],
+        extra_body={"vllm_xargs": {"rocketkv_budget": 256}}, **kwargs)
+    return [(t.token, t.logprob) for t in out.choices[0].logprobs.content]
+
+
+def test_omitted_max_tokens_plans_for_output_tokens(client):
+    """A chat request that omits max_tokens (vLLM then allows the rest of the context) is planned
+    as one asking for the server's output_tokens."""
+    omitted = plan_rule_chat(client)
+    assert len(omitted) > 1
+    # the same plan: bit-identical log-probabilities, not just the same greedy text, as far as
+    # both go (without max_tokens the request may run on to the end of the context)
+    for max_tokens in (OUTPUT_TOKENS, 100):
+        asked = plan_rule_chat(client, max_tokens=max_tokens)
+        assert len(asked) == min(len(omitted), max_tokens) and asked == omitted[:len(asked)]
+    # a request asking for fewer tokens than that plans for fewer: stage 1 keeps more
+    assert plan_rule_chat(client, max_tokens=12) != omitted[:12]
