@@ -136,24 +136,18 @@ class DecodeLayers:
         self.ops.paged_sparse_attention(p.query, kv, self.layout, p.table, selection.index, selection.count, p.seq,
                                         p.keep, p.gap, 1.0 / HEAD_DIM ** 0.5, out=p.out)
 
-    def step_layer_graphs(self) -> None:
+    def step_layer_graphs(self, copies: bool = True) -> None:
         """The impl's path for a step without a full graph: write_kv, then per layer copy the
-        queries in, replay the layer's graph, copy the output out."""
+        queries in, replay the layer's graph, copy the output out (copies=False: the replays alone)."""
         p, b = self.padded, self.batch
         for layer in range(self.layers):
             kv = self.kv[layer % len(self.kv)]
             self.ops.write_kv(kv, self.layout, self.new_kv, self.new_kv, self.slots)
-            p.query[:b].copy_(self.query)
+            if copies:
+                p.query[:b].copy_(self.query)
             self.graphs[layer].replay((self.graph_rows, kv.data_ptr()), lambda: self._select_and_attend(kv, p), kv.device)
-            self.out.copy_(p.out[:b])
-
-    def step_layer_graphs_no_copies(self) -> None:
-        """step_layer_graphs without the copies in and out."""
-        p = self.padded
-        for layer in range(self.layers):
-            kv = self.kv[layer % len(self.kv)]
-            self.ops.write_kv(kv, self.layout, self.new_kv, self.new_kv, self.slots)
-            self.graphs[layer].replay((self.graph_rows, kv.data_ptr()), lambda: self._select_and_attend(kv, p), kv.device)
+            if copies:
+                self.out.copy_(p.out[:b])
 
     def step_attend_all_pages(self) -> None:
         """write_kv and the attention kernel over every live page of the evicted layout."""
@@ -305,7 +299,7 @@ def main() -> None:
     result["eager_planned"] = timed(lambda: layers.step(planned=True), args.steps, args.repeats)
     layers.padded_inputs(max(args.max_rows, args.batch))
     result["layer_graphs"] = timed(layers.step_layer_graphs, args.steps, args.repeats)
-    result["layer_graphs_no_copies"] = timed(layers.step_layer_graphs_no_copies, args.steps, args.repeats)
+    result["layer_graphs_no_copies"] = timed(lambda: layers.step_layer_graphs(copies=False), args.steps, args.repeats)
     result["layer_graphs_rows"] = layers.graph_rows
     result["graph"] = timed(captured(lambda: layers.step(planned=True)).replay, args.steps, args.repeats)
     result["attend_all_pages_graph"] = timed(captured(layers.step_attend_all_pages).replay, args.steps, args.repeats)

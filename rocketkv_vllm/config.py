@@ -14,8 +14,6 @@ ABLATION_MODES = ("snapkv", "quest", "oracle")
 MODES = SERVING_MODES + ABLATION_MODES
 BUDGET_KEY, MODE_KEY, OUTPUT_TOKENS_KEY = "rocketkv_budget", "rocketkv_mode", "rocketkv_output_tokens"
 REQUEST_PREFIX = "rocketkv_"
-# decode contexts up to this many tokens attend exactly (RocketKVConfig.dense_below)
-DEFAULT_DENSE_BELOW = 0
 # every integer setting fits an int32 (kernel arguments, index tensors) and stays a valid JSON number
 MAX_INT = 2**31 - 1
 
@@ -65,8 +63,9 @@ class RocketKVConfig:
                   scoring reads few channels), else whole rows.
     dense_below:  a rocketkv or mt request whose decode context (the prompt tokens stage 1 keeps
                   plus its planned output) is at most this many tokens attends exactly over
-                  all of it: there, reading every kept token costs less than selecting pages
-                  (H200, budget 2048: benchmarks/results/NOTES.md); 0 always runs HSA.
+                  all of it (stage 1 still evicts): at batches of 3-8 over 5-12.5K kept tokens
+                  that is faster than selecting pages on the H200, at batch 1 over 12.5K slower
+                  (benchmarks/results/NOTES.md, session 13); 0 (default) always runs HSA.
     decode_graphs: steps that vLLM runs without a full CUDA graph (prefill chunks beside
                   decodes, uncaptured batch sizes, --enforce-eager) replay each layer's decode
                   attention as a CUDA graph captured per padded row count (kernels/layer_graphs.py);
@@ -83,7 +82,7 @@ class RocketKVConfig:
     top_k: int | None = None
     attend_newest_page: bool = True
     summary_group: int | None = None
-    dense_below: int = DEFAULT_DENSE_BELOW
+    dense_below: int = 0
     decode_graphs: bool = True
 
     def __post_init__(self) -> None:
