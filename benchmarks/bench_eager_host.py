@@ -47,6 +47,7 @@ from rocketkv_vllm.kernels.layer_graphs import LayerGraphs, padded_rows  # noqa:
 from rocketkv_vllm.kernels.triton_hsa import SelectionPlanner, SelectionShape  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 from rocketkv_vllm.ops.newest_page import NewestPages  # noqa: E402
+from rocketkv_vllm.ops.reference import EVERY_PAGE  # noqa: E402
 from rocketkv_vllm.plan import plan_for_params  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -95,7 +96,7 @@ class DecodeLayers:
         self.seq = full(ctx + 1)
         self.keep, self.gap = full(plan.keep if plan.evicts else ctx), full(ctx)
         self.top_channels = full(plan.top_channels if plan.sparse else HEAD_DIM)
-        self.top_pages = full(plan.top_pages if plan.sparse else 1 << 30)
+        self.top_pages = full(plan.top_pages if plan.sparse else EVERY_PAGE)
         pos = self.seq.long() - 1
         self.slots = table.gather(1, (pos // args.block_size)[:, None].int())[:, 0].long() * args.block_size + pos % args.block_size
         self.query = torch.randn(b, Q_HEADS, HEAD_DIM, dtype=dtype, device=device)
@@ -122,7 +123,7 @@ class DecodeLayers:
         self.graph_rows = rows
         self.padded = SimpleNamespace(
             query=pad(self.query), out=pad(self.out), table=pad(self.table), seq=pad(self.seq), keep=pad(self.keep),
-            gap=pad(self.gap), top_channels=pad(self.top_channels, HEAD_DIM), top_pages=pad(self.top_pages, 1 << 30),
+            gap=pad(self.gap), top_channels=pad(self.top_channels, HEAD_DIM), top_pages=pad(self.top_pages, EVERY_PAGE),
             newest=NewestPages.of(pad(self.seq), self.layout.page_size) if self.newest else None, plan=self.planner(rows),
         )
         self.graphs = [LayerGraphs() for _ in range(self.layers)]
@@ -134,7 +135,7 @@ class DecodeLayers:
         if p.newest:
             p.newest.append_to(selection)
         self.ops.paged_sparse_attention(p.query, kv, self.layout, p.table, selection.index, selection.count, p.seq,
-                                        p.keep, p.gap, 1.0 / HEAD_DIM ** 0.5, out=p.out)
+                                        p.keep, p.gap, 1.0 / HEAD_DIM ** 0.5, out=p.out, top_pages=p.top_pages)
 
     def step_layer_graphs(self, copies: bool = True) -> None:
         """The impl's path for a step without a full graph: write_kv, then per layer copy the
@@ -172,7 +173,8 @@ class DecodeLayers:
             if self.newest:
                 self.newest.append_to(selection)
             ops.paged_sparse_attention(self.query, kv, layout, self.table, selection.index, selection.count, self.seq,
-                                       self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out)
+                                       self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out,
+                                       top_pages=self.top_pages)
 
 
 def all_live_pages(seq: torch.Tensor, keep: torch.Tensor, gap: torch.Tensor, page_size: int,

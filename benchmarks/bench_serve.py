@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-len", type=int, default=8192, help="prompt tokens of the warm-up request (0: none)")
     parser.add_argument("--work-dir", default=None, help="raw `vllm bench serve` results and server logs (default: beside --json)")
     parser.add_argument("--plot-from", default=None, help="only redraw the plots of this JSON result (beside it)")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="only merge these JSON results (one backend each, same protocol) into --json, with ratios and plots")
     parser.add_argument("--json", default="benchmarks/results/serve.json")
     return parser
 
@@ -311,9 +313,32 @@ def plot_serve(rows: list[dict], prefix: str) -> list[str]:
     return written
 
 
+def merge_results(paths: list[str], out: str) -> dict:
+    """Results of one protocol run a backend per call (a device call holds one server run at 32K / 2K
+    out) as one result: backends and rows side by side, ratios against stock, plots beside `out`."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    protocol = {key: parts[0][key] for key in ("input_len", "output_len", "budget", "mode")}
+    for path, part in zip(paths, parts):
+        if {key: part[key] for key in protocol} != protocol:
+            raise ValueError(f"{path} ran another protocol than {paths[0]}: {protocol}")
+    rows = [row for part in parts for row in part["rows"]]
+    merged = {"command": [part["command"] for part in parts], **protocol,
+              "backends": [b for part in parts for b in part["backends"]], "rows": rows, "ratios": ratios(rows)}
+    write_json(out, merged)
+    plot_serve([r for r in rows if "error" not in r], os.path.splitext(out)[0])
+    return merged
+
+
 def main() -> int:
     """Exit status 1 when a backend failed (its error is in the JSON), so scripts see it."""
     args = build_parser().parse_args()
+    if args.merge:
+        for pair in merge_results(args.merge, args.json)["ratios"]:
+            print(json.dumps(pair), flush=True)
+        return 0
     if args.plot_from:
         with open(args.plot_from) as f:
             plot_serve([r for r in json.load(f)["rows"] if "error" not in r], os.path.splitext(args.plot_from)[0])

@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu_bench_session.sh serve      # vllm serve + vllm bench serve, 32K in / 512 out
 #   bash benchmarks/gpu_bench_session.sh offline    # decode step times (8K, 32K; b1, b8) + capacity at 32K
+#   BACKEND=FLASH_ATTN bash benchmarks/gpu_bench_session.sh serve2k  # 32K in / 2K out, 48 prompts, one backend
+#   bash benchmarks/gpu_bench_session.sh capacity128k  # 40 prompts of 130K in one LLM.generate (RocketKV)
 #   bash benchmarks/gpu_bench_session.sh long       # 128K: decode b1 + capacity (8 prompts)
 #   bash benchmarks/gpu_bench_session.sh serve128k  # vllm serve at 128K in / 256 out, 8 prompts at once
 #   bash benchmarks/gpu_bench_session.sh bigbatch   # 64 requests of 32K decoding at once
@@ -15,7 +17,7 @@
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|offline|long|serve128k|bigbatch|eager}"
+part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -34,6 +36,26 @@ case "$part" in
     timeout 570 python benchmarks/bench_serve.py --backends rocketkv FLASH_ATTN --input-len 32768 --output-len 512 --rates 0.5 inf \
       --prompts 8 32 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 240 \
       --json "$results/serve_32k.json" > "$results/serve_32k.txt" 2>&1
+    log "exit $?"
+    ;;
+  serve2k)
+    # the protocol, one backend a call (BACKEND, default rocketkv): 32K in / 2K out, 48
+    # prompts at once (stock holds ~27 of them). ~5-6 min: start ~100 s, 48 prefills ~55 s, 2K
+    # decode steps ~100 s (RocketKV) or ~190 s (stock); merge the two JSONs with bench_serve.py --merge
+    backend="${BACKEND:-rocketkv}"
+    log "serve 32K/2K, $backend"
+    timeout 580 python benchmarks/bench_serve.py --backends "$backend" --input-len 32768 --output-len 2048 --rates inf \
+      --prompts 48 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 420 \
+      --json "$results/serve_32k_2k_$backend.json" > "$results/serve_32k_2k_$backend.txt" 2>&1
+    log "exit $?"
+    ;;
+  capacity128k)
+    # RocketKV alone (stock holds 6 at 128K): 40 prompts of 130K in one LLM.generate. ~9 min: start
+    # ~60 s, 40 prefills ~400 s; 1024 output tokens so that the first requests are still decoding
+    # when the last prefill ends (each step beside a prefill chunk takes ~0.6 s)
+    log "capacity 128K x 40, rocketkv"
+    timeout 580 python benchmarks/bench_capacity.py --backends rocketkv --ctx 130000 --prompts 40 --out 1024 \
+      --budget "$BUDGET" --json "$results/capacity_128k_40.json" > "$results/capacity_128k_40.txt" 2>&1
     log "exit $?"
     ;;
   offline)
@@ -90,7 +112,7 @@ case "$part" in
     log "exit $?"
     ;;
   *)
-    echo "unknown part $part (serve|offline|long|serve128k|bigbatch|eager)" >&2
+    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager)" >&2
     exit 2
     ;;
 esac

@@ -33,6 +33,7 @@ constexpr int kPerThread = 8;    // consecutive keys a thread takes when writing
 constexpr int kTile = kThreads * kPerThread;
 constexpr int kBins = 256;       // 8-bit radix digits
 constexpr int kMaxGroup = 64;    // query heads per KV head
+constexpr int kEveryPage = 0x7fffffff;  // ops.reference.EVERY_PAGE: a row that attends every live page
 
 using BlockScan = cub::BlockScan<int, kThreads>;
 
@@ -215,6 +216,10 @@ __global__ void __launch_bounds__(kThreads) hsa_topk_kernel(
 #endif
   if (k >= n) {  // every live page is chosen: nothing to score
     if (part != 0) return;
+    if (k == kEveryPage) {  // no list: the attention enumerates the live pages itself
+      if (threadIdx.x == 0) count[bh] = 0;
+      return;
+    }
     const auto live_key = [&](int v) { return pages.live(v) ? 0 : -1; };
     const auto emit = [&](int slot, int v) { idx[slot] = pages.logical(v); };
     const int written = write_chosen(live_key, n, kAll, emit, sh);

@@ -129,6 +129,25 @@ def test_serve_row_measures_decode_time_lost_to_prefill_steps():
     assert bench_serve.rate_row("rocketkv", 1.0, 2, {"completed": 2}, {})["decode_time_in_stalled_steps"] is None
 
 
+def test_serve_merges_one_backend_per_call(tmp_path):
+    def part(backend, tok_s, tpot, output_len=2048):
+        row = {"backend": backend, "rate": "inf", "output_tok_s": tok_s, "tpot_p50_ms": tpot, "ttft_p50_ms": 1000.0,
+               "request_throughput": 0.1}
+        path = tmp_path / f"{backend}.json"
+        path.write_text(json.dumps({"command": f"run {backend}", "input_len": 32768, "output_len": output_len,
+                                    "budget": 2048, "mode": "rocketkv", "backends": [{"backend": backend, "rows": [row]}],
+                                    "rows": [row], "ratios": []}))
+        return str(path)
+
+    out = tmp_path / "merged.json"
+    merged = bench_serve.merge_results([part("rocketkv", 900.0, 40.0), part("FLASH_ATTN", 450.0, 80.0)], str(out))
+    assert merged["ratios"] == [{"key": "inf", "output_tok_s_ratio": 2.0, "tpot_p50_speedup": 2.0, "ttft_p50_ratio": 1.0}]
+    assert json.loads(out.read_text())["rows"] == merged["rows"] and len(merged["backends"]) == 2
+    with pytest.raises(ValueError, match="another protocol"):
+        bench_serve.merge_results([part("rocketkv", 900.0, 40.0), part("FLASH_ATTN", 450.0, 80.0, output_len=512)],
+                                  str(out))
+
+
 # --- step times and statistics ------------------------------------------------------------
 
 def test_decode_step_times_only_full_decode_steps():

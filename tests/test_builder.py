@@ -13,7 +13,8 @@ from rocketkv_vllm.config import MODES, RocketKVConfig
 from rocketkv_vllm.ops.newest_page import NewestPages
 from rocketkv_vllm.plan import plan_for_params
 from rocketkv_vllm.vllm_glue import request_plans
-from rocketkv_vllm.vllm_glue.backend import ALL_PAGES, Compaction, DenseRow, RocketKVMetadataBuilder
+from rocketkv_vllm.ops.reference import EVERY_PAGE
+from rocketkv_vllm.vllm_glue.backend import Compaction, DenseRow, RocketKVMetadataBuilder
 from rocketkv_vllm.vllm_glue.batch_context import dummy_batch, rows_of_batch
 from rocketkv_vllm.vllm_glue.request_plans import PLAN_KEY, attach_plan
 from rocketkv_vllm.vllm_glue.metrics import RocketKVStats
@@ -62,10 +63,10 @@ def test_pure_decode_step_covers_padding_rows_with_fixed_addresses():
     assert d.top_pages.data_ptr() == again.decode.top_pages.data_ptr() == builder._columns.gpu[3].data_ptr()
     assert d.block_table.data_ptr() == cm.block_table_tensor.data_ptr()
     top_pages, keep, gap_end = d.top_pages.tolist(), d.keep.tolist(), d.gap_end.tolist()
-    assert top_pages[0] < ALL_PAGES and keep[0] < gap_end[0] == 300  # compacted, sparse
-    assert top_pages[1] < ALL_PAGES and keep[1] == gap_end[1] == 300  # MT: sparse, nothing evicted
-    assert top_pages[2] == ALL_PAGES and d.top_channels[2] == HEAD_DIM  # exact plan: every page
-    assert top_pages[3] == ALL_PAGES and d.seq_lens[3] == 0  # padding: nothing to read
+    assert top_pages[0] < EVERY_PAGE and keep[0] < gap_end[0] == 300  # compacted, sparse
+    assert top_pages[1] < EVERY_PAGE and keep[1] == gap_end[1] == 300  # MT: sparse, nothing evicted
+    assert top_pages[2] == EVERY_PAGE and d.top_channels[2] == HEAD_DIM  # exact plan: every page
+    assert top_pages[3] == EVERY_PAGE and d.seq_lens[3] == 0  # padding: nothing to read
 
 
 def test_prompt_chunks_and_mixed_rows():
@@ -81,7 +82,7 @@ def test_prompt_chunks_and_mixed_rows():
     assert d.num_rows == 2 and d.token_index.tolist() == [0, 2]
     assert d.block_table.tolist() == cm.block_table_tensor[[0, 2]].tolist()
     assert d.seq_lens.tolist() == [310, 200]
-    assert d.top_pages.tolist()[1] == ALL_PAGES  # a prompt token attends exactly
+    assert d.top_pages.tolist()[1] == EVERY_PAGE  # a prompt token attends exactly
 
 
 def test_dummy_rows_are_exact_decodes():
@@ -91,7 +92,7 @@ def test_dummy_rows_are_exact_decodes():
         meta = builder.build(0, common([1, 1], [1, 1]))
         mixed = builder.build(0, common([1, 5], [1, 5]))
     assert not meta.dense and meta.decode.num_rows == 2
-    assert meta.decode.top_pages.tolist() == [ALL_PAGES, ALL_PAGES]
+    assert meta.decode.top_pages.tolist() == [EVERY_PAGE, EVERY_PAGE]
     assert [(r.row, r.keep, r.gap_end, r.seq_len) for r in mixed.dense] == [(1, 5, 5, 5)] and not mixed.compactions
 
 
@@ -100,7 +101,7 @@ def test_dummy_run_ignores_the_input_batch_of_the_last_step():
     builder = make_builder()
     with rows_of_batch([request(300)]), dummy_batch():
         meta = builder.build(0, common([1, 1], [1, 1]))
-    assert meta.decode.top_pages.tolist() == [ALL_PAGES, ALL_PAGES]
+    assert meta.decode.top_pages.tolist() == [EVERY_PAGE, EVERY_PAGE]
 
 
 def test_build_outside_the_row_hooks_raises():
@@ -181,7 +182,7 @@ def rules_of_rows(states, query_lens, seq_lens, num_reqs):
             sparse = plan.sparse and computed >= prompt_len
             decode_rows.append(i)
             columns.append((plan.keep if compacted else prompt_len, prompt_len,
-                            plan.top_channels if sparse else HEAD_DIM, plan.top_pages if sparse else ALL_PAGES))
+                            plan.top_channels if sparse else HEAD_DIM, plan.top_pages if sparse else EVERY_PAGE))
             continue
         keep = plan.keep if compacted else prompt_len
         dense.append(DenseRow(i, starts[i], starts[i] + query_len, seq_len, keep, prompt_len))
@@ -237,7 +238,7 @@ def test_vectorized_build_matches_the_row_rules(seed):
     assert d.num_rows == (num_reqs if contiguous and not (dense or oracle) else len(decode_rows))
     got = torch.stack([d.keep, d.gap_end, d.top_channels, d.top_pages]).T.tolist()
     assert got[: len(decode_rows)] == [list(c) for c in columns]
-    assert all(row == [0, 0, HEAD_DIM, ALL_PAGES] for row in got[len(decode_rows):])
+    assert all(row == [0, 0, HEAD_DIM, EVERY_PAGE] for row in got[len(decode_rows):])
     if contiguous:
         assert d.token_index is None and d.block_table.data_ptr() == cm.block_table_tensor.data_ptr()
     else:

@@ -20,7 +20,8 @@ from rocketkv_vllm.kernels import layer_graphs
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs, padded_rows
 from rocketkv_vllm.ops import reference as R
 from rocketkv_vllm.plan import plan_for_params
-from rocketkv_vllm.vllm_glue.backend import ALL_PAGES, RocketKVMetadataBuilder
+from rocketkv_vllm.ops.reference import EVERY_PAGE
+from rocketkv_vllm.vllm_glue.backend import RocketKVMetadataBuilder
 from rocketkv_vllm.vllm_glue.batch_context import rows_of_batch
 from rocketkv_vllm.vllm_glue.impl import RocketKVImpl
 from rocketkv_vllm.vllm_glue.request_plans import attach_plan
@@ -126,7 +127,7 @@ def test_graph_rows_are_fixed_views_padded_with_empty_rows():
     h = prefix.graph
     assert (mixed.num_rows, g.batch.num_rows, prefix.num_rows, h.batch.num_rows) == (2, 2, 3, 4)
     assert h.batch.seq_lens.tolist() == [311, 91, 206, 0]  # the padding row reads nothing
-    assert [int(h.batch.top_channels[3]), int(h.batch.top_pages[3])] == [HEAD_DIM, ALL_PAGES]
+    assert [int(h.batch.top_channels[3]), int(h.batch.top_pages[3])] == [HEAD_DIM, EVERY_PAGE]
     assert h.batch.block_table.tolist()[:3] == table[:3].tolist()
     # every size's views start at the same addresses: one graph per size replays any step
     for name in ("block_table", "seq_lens", "keep", "gap_end", "top_channels", "top_pages"):

@@ -579,6 +579,35 @@ def test_paged_sparse_attention(group, block_size, page_size, dtype, num_splits,
     assert torch.equal(into, out)
 
 
+@pytest.mark.parametrize("num_splits", [None, 64])
+def test_every_page_rows_attend_their_live_pages_without_a_list(num_splits, poisoned_scratch):
+    """Rows whose budget is EVERY_PAGE get no page list from the selection, and the attention
+    (given the budgets) reads every live page of theirs, around the evicted gap, whatever the
+    list holds; the other rows of the batch keep their HSA selection. Splits beyond a row's
+    work stay empty (64 splits over a few pages)."""
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 2, torch.float32, HEAD_DIMS[0], 77)
+    every = torch.tensor([False, True, False, True, True], device=DEV)
+    top_pages = torch.where(every, R.EVERY_PAGE, tp)
+    selection = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, top_pages)
+    assert (selection.count[every] == 0).all()
+    ref_selection = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, top_pages)
+    assert torch.equal(selection.count, ref_selection.count)
+    index = selection.index.clone()
+    index[every] = 12345  # never read for these rows
+    poison_dead_tokens(kv, layout, table, seq, keep, gap)
+    scale = HEAD_DIMS[0] ** -0.5
+    out = T.paged_sparse_attention(query, kv, layout, table, index, selection.count, seq, keep, gap, scale,
+                                   num_splits=num_splits, top_pages=top_pages)
+    ref = R.paged_sparse_attention(query, kv, layout, table, selection.index, selection.count, seq, keep, gap, scale,
+                                   top_pages=top_pages)
+    assert rel_err(out, ref) < tol(torch.float32)
+    every_page = R.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, 1 << 30)  # lists of all live pages
+    exact = R.paged_sparse_attention(query, kv, layout, table, every_page.index, every_page.count, seq, keep, gap, scale)
+    assert rel_err(out[every], exact[every]) < tol(torch.float32)
+    assert rel_err(out[~every], exact[~every]) > tol(torch.float32)  # (the HSA rows did select)
+    assert float(out.abs().max()) < POISON / 10
+
+
 def test_paged_sparse_attention_reduce_in_steps(monkeypatch):
     """More splits than the reduce combines at once: the running max / sum carry across steps."""
     from rocketkv_vllm.kernels import triton_attention
@@ -741,7 +770,8 @@ TOPK_CASES = [
     # group, chunk, tied, then per request: (kept pages, evicted-gap pages, tail pages, k)
     (4, 4096, False, [(5000, 0, 0, 64), (100, 1900, 200, 500), (9000, 0, 0, 7)]),  # candidates in shared memory
     (4, 4096, False, [(20000, 0, 0, 3000), (1200, 0, 0, 1200)]),  # 5 x 3000 candidates merged from global memory; k = n
-    (1, 4096, False, [(1000, 0, 0, 0), (50, 0, 0, 60), (0, 0, 0, 5)]),  # k = 0: none; k > n: all; nothing live
+    # k = 0: none; k > n: all; nothing live; EVERY_PAGE: no list (the attention enumerates the pages)
+    (1, 4096, False, [(1000, 0, 0, 0), (50, 0, 0, 60), (0, 0, 0, 5), (300, 20, 9, R.EVERY_PAGE)]),
     (3, 16, True, [(700, 0, 0, 13), (90, 10, 30, 40)]),  # every score tied (lowest pages win), 16-page chunks
     (16, 4096, False, [(17000, 0, 0, 100), (8192, 0, 0, 8191)]),  # a wide group; k = n - 1
 ]
@@ -798,7 +828,8 @@ def test_cuda_cpp_topk_matches_triton(case, poisoned_scratch):
         logical = torch.cat([torch.arange(kept), torch.arange(kept + evicted, kept + evicted + tail)]).to(DEV)
         scores[b][:, logical] = ref_keys[b, :, :n].view(torch.float32) if kb < n else 0.0
     assert_same_selection(got, ref, scores)
-    assert torch.equal(got.count.cpu(), torch.minimum(k.cpu(), live.cpu())[:, None].expand(batch, hkv).int())
+    listed = torch.where(k.cpu() == R.EVERY_PAGE, 0, torch.minimum(k.cpu(), live.cpu()))
+    assert torch.equal(got.count.cpu(), listed[:, None].expand(batch, hkv).int())
 
 
 def _misaligned(x):

@@ -21,7 +21,7 @@ LLAMA = dict(G_P=16, BLOCK_D=128, BS=16, PS=4, PPB=4, GW=128, PDL=True)  # GW: r
 # the top-k at a 128K-token block table: one program per chunk of 4096 pages (a group of 8
 # query heads takes 1024-page chunks)
 TOPK_128K = dict(PS=4, W_REGS=triton_hsa.RADIX_BITS_REGISTERS, W_MEMORY=triton_hsa.RADIX_BITS_MEMORY,
-                 NS_P=256)  # softmax statistics from 132 logits programs (B=1 on an H100)
+                 NS_P=256, EVERY=triton_hsa.EVERY_PAGE)  # softmax statistics from 132 logits programs (B=1 on an H100)
 LOGITS_TYPES = {"kv_ptr": "*bf16", "bt_ptr": "*i32", "qm_ptr": "*fp32", "temp_ptr": "*fp32", "logit_ptr": "*fp32",
                 "stat_ptr": "*fp32"}
 
@@ -45,7 +45,8 @@ KERNELS = {
     "hsa_topk_one_page": (triton_hsa._hsa_topk_kernel, {"logit_ptr": "*fp32", "stat_ptr": "*fp32"},
                           dict(TOPK_128K, G=4, G_P=4, CHUNK=1), 16),
     "sparse_attn_split": (triton_attention._sparse_attn_split_kernel, {"q_ptr": "*bf16", "kv_ptr": "*bf16", "acc_ptr": "*fp32",
-                          "m_ptr": "*fp32", "l_ptr": "*fp32", "scale": "fp32"}, dict(BS=16, PS=4, G_P=16, BLOCK_D=128, TOK=64, LOWP=True), 4),
+                          "m_ptr": "*fp32", "l_ptr": "*fp32", "scale": "fp32"}, dict(BS=16, PS=4, G_P=16, BLOCK_D=128, TOK=64, LOWP=True, HAS_K=True,
+                          EVERY=triton_hsa.EVERY_PAGE, MIN_ITERS=triton_attention.MIN_ITERS_PER_SPLIT), 4),
     "sparse_attn_reduce": (triton_attention._sparse_attn_reduce_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
                            "out_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, SPLIT_CHUNK=32), 4),
     "snapkv_window_stats": (triton_snapkv._window_stats_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "m_ptr": "*fp32",

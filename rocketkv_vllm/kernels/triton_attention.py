@@ -1,11 +1,14 @@
 """Split-K paged sparse attention (flash decoding) over chosen pages, Triton.
 
 Grid (B, Hkv, S): the S programs of a (request, KV head) split that head's chosen pages
-evenly at run time, so the grid depends on the batch size only (CUDA graphs) and work is
-balanced whatever each request's budget. All query heads of the GQA group share each
-K/V read. The next chunk's page and block numbers are loaded one iteration ahead, so
-the K/V loads never wait on the two dependent index loads. A reduce kernel (one program
-per query head) then combines the splits.
+evenly at run time, at least MIN_ITERS_PER_SPLIT chunks each (a split's fixed cost is
+then amortised: fewer splits of a small budget, all S of a long dense row), so the grid
+depends on the batch size only (CUDA graphs) and work is balanced whatever each request's
+budget. Rows whose top_pages is EVERY_PAGE (dense decode rows) enumerate their live pages
+in place of reading a page list. All query heads of the GQA group share each K/V read.
+The next chunk's page and block numbers are loaded one iteration ahead, so the K/V loads
+never wait on the two dependent index loads. A reduce kernel (one program per query head)
+then combines the splits; splits left empty write only their (empty) statistics.
 """
 from __future__ import annotations
 
@@ -19,25 +22,32 @@ from rocketkv_vllm.kernels.triton_common import (
     contiguous_last,
     group_pad,
     live_tokens,
+    logical_page,
     lowp_dot,
     np2,
     num_sms,
+    pages_in_table,
     per_request,
+    virtual_pages,
 )
 from rocketkv_vllm.kv_layout import KVLayout
+from rocketkv_vllm.ops.reference import EVERY_PAGE
 
 REDUCE_SPLIT_CHUNK = 32  # splits the reduce kernel combines per step, with independent loads
-# Default split count: enough resident programs for bandwidth at large batches, but at
-# small batches no more splits than leave each about one 64-token chunk of a 2K budget
-# (measured on the H100: B=1 best at 17 splits, B=8 at 9, per KV head)
-ATTN_PROGRAMS_PER_SM, ATTN_MAX_SPLITS = 4, 16
+# Split count: enough resident programs for bandwidth at every batch size; each split takes
+# at least two chunks of pages, so a 2K budget at batch 1 uses ~17 of them (measured best on
+# the H100: 17 splits, 9 at B=8) and a dense row over 5-12K kept tokens up to ATTN_MAX_SPLITS
+ATTN_PROGRAMS_PER_SM, ATTN_MAX_SPLITS, MIN_ITERS_PER_SPLIT = 4, 64, 2
 
 
 @triton.jit
-def _chunk_rows(pidx_ptr, bt_ptr, j, end, off, seq, keep, gap, h, s_cb, s_ch, s_cr, BS: tl.constexpr, PS: tl.constexpr):
-    """Cache row offsets and liveness of the tokens of chosen entries j [TOK]."""
+def _chunk_rows(pidx_ptr, bt_ptr, j, end, off, seq, keep, gap, every, nk, tail, h, s_cb, s_ch, s_cr,
+                BS: tl.constexpr, PS: tl.constexpr):
+    """Cache row offsets and liveness of the tokens of chosen entries j [TOK]: entries of the
+    page list, or (every) the row's virtual pages."""
     jm = j < end
-    page = tl.load(pidx_ptr + j, mask=jm, other=-1).to(tl.int64)
+    listed = tl.load(pidx_ptr + j, mask=jm & ~every, other=-1)
+    page = tl.where(every & jm, logical_page(j, nk, tail), listed).to(tl.int64)
     pos = page * PS + off
     live = jm & (page >= 0) & live_tokens(pos, seq, keep, gap)
     blk = tl.load(bt_ptr + pos // BS, mask=live, other=0).to(tl.int64)
@@ -46,16 +56,16 @@ def _chunk_rows(pidx_ptr, bt_ptr, j, end, off, seq, keep, gap, h, s_cb, s_ch, s_
 
 @triton.jit
 def _sparse_attn_split_kernel(
-    q_ptr, kv_ptr, bt_ptr, pidx_ptr, cnt_ptr, seq_ptr, keep_ptr, gap_ptr,
+    q_ptr, kv_ptr, bt_ptr, pidx_ptr, cnt_ptr, seq_ptr, keep_ptr, gap_ptr, k_ptr,
     acc_ptr, m_ptr, l_ptr,
     scale,
     s_qb, s_qh,
     s_cb, s_ch, s_cr, s_bt,
     s_pb, s_ph,
-    G, D, W,
+    G, D, W, NPV,
     BS: tl.constexpr, PS: tl.constexpr,
     G_P: tl.constexpr, BLOCK_D: tl.constexpr, TOK: tl.constexpr,
-    LOWP: tl.constexpr,
+    LOWP: tl.constexpr, HAS_K: tl.constexpr, EVERY: tl.constexpr, MIN_ITERS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -67,8 +77,19 @@ def _sparse_attn_split_kernel(
     gm = g < G
     dm = d < D
     PPI: tl.constexpr = TOK // PS  # chosen pages per iteration
-    count = tl.minimum(tl.load(cnt_ptr + b * nh + h), W)
-    per_split = tl.cdiv(tl.cdiv(count, ns), PPI) * PPI
+    seq = tl.load(seq_ptr + b)
+    keep = tl.load(keep_ptr + b)
+    gap = tl.load(gap_ptr + b)
+    nk, tail, n = virtual_pages(seq, keep, gap, PS)
+    if HAS_K:
+        every = tl.load(k_ptr + b) == EVERY
+    else:
+        every = tl.full([], 0, tl.int1)
+    if every:
+        count = pages_in_table(n, nk, tail, NPV)
+    else:
+        count = tl.minimum(tl.load(cnt_ptr + b * nh + h), W)
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(count, ns), PPI), MIN_ITERS) * PPI
     start = sp * per_split
     end = tl.minimum(start + per_split, count)
     m = tl.full([G_P], float("-inf"), tl.float32)
@@ -80,21 +101,20 @@ def _sparse_attn_split_kernel(
             q = q.to(kv_ptr.dtype.element_ty)
         else:
             q = q.to(tl.float32)
-        seq = tl.load(seq_ptr + b)
-        keep = tl.load(keep_ptr + b)
-        gap = tl.load(gap_ptr + b)
         tok = tl.arange(0, TOK)
         ent = tok // PS
         off = tok % PS
         pidx = pidx_ptr + b * s_pb + h * s_ph
         bt = bt_ptr + b * s_bt
-        row, live = _chunk_rows(pidx, bt, start + ent, end, off, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS)
+        row, live = _chunk_rows(pidx, bt, start + ent, end, off, seq, keep, gap, every, nk, tail, h, s_cb, s_ch, s_cr,
+                                BS, PS)
         for j0 in range(start, end, PPI):
             lm = live[:, None] & dm[None, :]
             k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=lm, other=0.0)
             v = tl.load(kv_ptr + row[:, None] + BS * s_cr + d[None, :], mask=lm, other=0.0)
             cur_live = live
-            row, live = _chunk_rows(pidx, bt, j0 + PPI + ent, end, off, seq, keep, gap, h, s_cb, s_ch, s_cr, BS, PS)
+            row, live = _chunk_rows(pidx, bt, j0 + PPI + ent, end, off, seq, keep, gap, every, nk, tail, h, s_cb, s_ch,
+                                    s_cr, BS, PS)
             if LOWP:
                 s = tl.dot(q, tl.trans(k))
             else:
@@ -114,7 +134,8 @@ def _sparse_attn_split_kernel(
     base = ((b * nh + h) * ns + sp) * G_P + g
     tl.store(m_ptr + base, m, mask=gm)
     tl.store(l_ptr + base, l, mask=gm)
-    tl.store(acc_ptr + base[:, None] * BLOCK_D + d[None, :], acc, mask=gm[:, None])
+    # (an empty split's accumulator is never read: the reduce skips splits with m = -inf)
+    tl.store(acc_ptr + base[:, None] * BLOCK_D + d[None, :], acc, mask=gm[:, None] & (start < end))
 
 
 @triton.jit
@@ -143,7 +164,7 @@ def _sparse_attn_reduce_kernel(
         base = ((b * nh + h) * NSPLIT + s0 + sc) * G_P + g
         ms = tl.load(m_ptr + base, mask=sm, other=float("-inf"))
         ls = tl.load(l_ptr + base, mask=sm, other=0.0)
-        a = tl.load(acc_ptr + base[:, None] * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0)
+        a = tl.load(acc_ptr + base[:, None] * BLOCK_D + d[None, :], mask=(sm & (ms > float("-inf")))[:, None], other=0.0)
         m_new = tl.maximum(m, tl.max(ms, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -170,9 +191,12 @@ def paged_sparse_attention(
     num_splits: int | None = None,
     tokens_per_iter: int | None = None,
     out: torch.Tensor | None = None,
+    top_pages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the live tokens of the chosen pages page_index[b, h, :page_count[b, h]]
-    (-1 entries are skipped): [B, Hq, D] in query's dtype, written into `out` when given."""
+    (-1 entries are skipped), or of every live page for rows whose top_pages (the [B] budgets
+    given to hsa_select_pages) is EVERY_PAGE: [B, Hq, D] in query's dtype, written into `out`
+    when given."""
     check_cache(kv_cache, layout)
     group = check_group(query, kv_cache)
     batch, num_q_heads, head_dim = query.shape
@@ -197,19 +221,21 @@ def paged_sparse_attention(
     bt = contiguous_last(block_table)
     seq, kp, ge = (per_request(t, batch, device) for t in (seq_lens, keep, gap_end))
     count = page_count.to(device=device, dtype=torch.int32).contiguous()
+    k = per_request(top_pages, batch, device) if top_pages is not None else count
     lowp = lowp_dot(query, kv_cache)
 
     acc = torch.empty(batch, hkv, num_splits, g_p, block_d, dtype=torch.float32, device=device)
     m = torch.empty(batch, hkv, num_splits, g_p, dtype=torch.float32, device=device)
     l = torch.empty_like(m)
     _sparse_attn_split_kernel[(batch, hkv, num_splits)](
-        query, kv_cache, bt, pidx, count, seq, kp, ge, acc, m, l,
+        query, kv_cache, bt, pidx, count, seq, kp, ge, k, acc, m, l,
         float(scale),
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
         pidx.stride(0), pidx.stride(1),
-        group, head_dim, pidx.shape[-1],
+        group, head_dim, pidx.shape[-1], bt.shape[1] * layout.pages_per_block,
         BS=layout.block_size, PS=ps, G_P=g_p, BLOCK_D=block_d, TOK=tok, LOWP=lowp,
+        HAS_K=top_pages is not None, EVERY=EVERY_PAGE, MIN_ITERS=MIN_ITERS_PER_SPLIT,
         num_warps=4, num_stages=2,
     )
     _sparse_attn_reduce_kernel[(batch, num_q_heads)](

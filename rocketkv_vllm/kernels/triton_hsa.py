@@ -25,8 +25,9 @@
 
 Pages are enumerated "virtually" (only the kept prompt pages and the pages after the
 evicted gap), so an evicting request never scores its gap. A request whose budget covers
-all its live pages skips scoring and selects them all (this is how exact-attention decode
-rows share the sparse path).
+all its live pages skips scoring and selects them all; one whose budget is EVERY_PAGE
+(exact-attention decode rows) gets no list at all: paged_sparse_attention enumerates its
+live pages.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ from rocketkv_vllm.kernels.triton_common import (
     virtual_pages,
 )
 from rocketkv_vllm.kv_layout import KVLayout
-from rocketkv_vllm.ops.reference import PageSelection
+from rocketkv_vllm.ops.reference import EVERY_PAGE, PageSelection
 
 PAGE_CHUNK = 4096  # pages per top-k program (groups of up to 4 query heads)
 # 4-byte scratch elements (logits, keys, masked queries) held at once
@@ -398,7 +399,7 @@ def _hsa_topk_kernel(
     logit_ptr, stat_ptr, key_ptr, cand_key_ptr, cand_page_ptr, ticket_ptr, idx_ptr, cnt_ptr,
     NPV, NS,
     G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, NS_P: tl.constexpr,
-    W_REGS: tl.constexpr, W_MEMORY: tl.constexpr,
+    W_REGS: tl.constexpr, W_MEMORY: tl.constexpr, EVERY: tl.constexpr,
 ):
     # One program per chunk of a request's pages (program_id(2)). A request of one chunk
     # (most) is selected by its one program with logits and keys in registers. A longer one:
@@ -419,7 +420,10 @@ def _hsa_topk_kernel(
     c = tl.arange(0, CHUNK)
     idx = idx_ptr + bh * NPV  # page lists are as wide as the virtual pages can be
     if k >= n:  # every live page is chosen: nothing to score
-        if part == 0:
+        if k == EVERY:  # no list: the attention enumerates the live pages itself
+            if part == 0:
+                tl.store(cnt_ptr + bh, 0)
+        elif part == 0:
             written = tl.zeros([], tl.int32)
             for v0 in range(0, n, CHUNK):
                 p = logical_page(v0 + c, nk, tail)
@@ -769,7 +773,7 @@ def top_pages_from_logits(
         seq, keep, gap_end, top_pages, logits, stats, keys, cand_key, cand_page, ticket, index, count, num_pages,
         stats.shape[2],
         G=group, PS=page_size, G_P=np2(group), CHUNK=chunk, NS_P=np2(stats.shape[2]),
-        W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY,
+        W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY, EVERY=EVERY_PAGE,
         num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
     )
 
@@ -790,7 +794,7 @@ def hsa_select_pages(
 ) -> PageSelection:
     """HSA over the paged cache: per request and KV head, the top_pages live pages with the
     highest approximate attention (all live pages when top_pages covers them, none when
-    top_pages is 0).
+    top_pages is 0 or EVERY_PAGE: see paged_sparse_attention's top_pages).
 
     No host synchronisation; shapes depend only on the batch and the block table width.
     plan: plan_selection's for this batch (its scratch and launch decisions), else one is

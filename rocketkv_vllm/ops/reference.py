@@ -27,6 +27,12 @@ class PageSelection(NamedTuple):
     count: torch.Tensor
 
 
+# top_pages of a row that attends every live page exactly (dense decode rows): selection
+# writes it no page list (count 0) and paged_sparse_attention, given the rows' top_pages,
+# enumerates the live pages itself, so a dense row costs no list written and read back
+EVERY_PAGE = 2**31 - 1
+
+
 def write_kv(
     kv_cache: torch.Tensor,
     layout: KVLayout,
@@ -215,13 +221,16 @@ def hsa_select_pages(
     plan: object = None,
 ) -> PageSelection:
     """HSA over the paged cache: per request and KV head, the top_pages live pages with the
-    highest approximate attention (every live page when top_pages covers them). `plan`, the
-    kernels' launch plan, is accepted for a common signature and not needed here."""
+    highest approximate attention (every live page when top_pages covers them; no list for
+    EVERY_PAGE rows). `plan`, the kernels' launch plan, is accepted for a common signature
+    and not needed here."""
     num_pages = max(1, -(-int(seq_lens.max().item()) // layout.page_size))
     kmax, kmin = gather_page_summaries(kv_cache, layout, block_table, num_pages)
     plen = page_lengths(seq_lens, keep, gap_end, num_pages, layout.page_size)
-    top_pages = torch.as_tensor(top_pages, device=query.device).clamp(max=num_pages)
-    pages = hsa_select(query, kmax, kmin, plen, top_channels, top_pages).int()
+    top_pages = torch.as_tensor(top_pages, device=query.device).expand(query.shape[0])
+    listed = (top_pages != EVERY_PAGE)[:, None, None]
+    pages = hsa_select(query, kmax, kmin, plen, top_channels, top_pages.clamp(max=num_pages)).int()
+    pages = torch.where(listed, pages, -1)
     count = (pages >= 0).sum(dim=-1, dtype=torch.int32)
     return PageSelection(torch.nn.functional.pad(pages, (0, 1), value=-1), count)
 
@@ -238,10 +247,20 @@ def paged_sparse_attention(
     gap_end: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    top_pages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the live tokens of the chosen pages page_index[b, h, :page_count[b, h]]
-    (-1 entries skipped): [B, Hq, D], written into `out` when given."""
+    (-1 entries skipped), or of every live page for rows whose top_pages is EVERY_PAGE:
+    [B, Hq, D], written into `out` when given."""
     ps = layout.page_size
+    if top_pages is not None:
+        every = top_pages.expand(query.shape[0]) == EVERY_PAGE
+        num_pages = max(1, -(-int(seq_lens.max().item()) // ps))
+        width = max(num_pages, page_index.shape[-1])
+        page_index = torch.nn.functional.pad(page_index, (0, width - page_index.shape[-1]), value=-1)
+        all_pages = torch.arange(width, dtype=page_index.dtype, device=page_index.device).expand_as(page_index)
+        page_index = torch.where(every[:, None, None], all_pages, page_index)
+        page_count = torch.where(every[:, None], width, page_count)
     entry = torch.arange(page_index.shape[-1], device=page_index.device)
     page_index = torch.where(entry < page_count[..., None], page_index.long(), -1)
     offsets = torch.arange(ps, device=kv_cache.device)

@@ -3,8 +3,9 @@
 The impl (forward pass) lives in impl.py. Row kinds in a step:
 - decode:   one-token rows (decodes, and one-token prompt chunks that evict nothing):
             HSA over page summaries, then attention over the chosen pages; a row whose
-            plan is exact gets a budget covering all its pages, so every decode row runs
-            the same fixed-shape kernels and pure-decode steps replay as full CUDA graphs;
+            plan is exact gets the budget EVERY_PAGE (no selection, the attention reads
+            every live page), so every decode row runs the same fixed-shape kernels and
+            pure-decode steps replay as full CUDA graphs;
 - dense:    prefill chunks, exact causal attention;
 - compact:  the chunk that completes an evicting request's prompt: after its dense
             attention, SnapKV++ picks the kept tokens and compacts them in place.
@@ -33,6 +34,7 @@ from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kernels.layer_graphs import padded_rows
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.newest_page import NewestPages
+from rocketkv_vllm.ops.reference import EVERY_PAGE
 from rocketkv_vllm.vllm_glue.batch_context import current_batch
 from rocketkv_vllm.vllm_glue.request_plans import (
     EVICTS, KEEP, NUM_COLUMNS, ORACLE_TOKENS, PROMPT_LEN, SPARSE, TOP_CHANNELS, TOP_PAGES, PlanTable,
@@ -121,7 +123,6 @@ class OracleBatch:
     max_seq_len: int
 
 
-ALL_PAGES = 1 << 30  # a budget covering every page: exact attention through the sparse path
 
 
 
@@ -225,7 +226,7 @@ def classify_rows(query_lens: np.ndarray, seq_lens: np.ndarray, plans: np.ndarra
     sparse = (plans[:, SPARSE] != 0) & after_prompt  # a prompt token attends exactly
     columns = plans[:, [KEEP, PROMPT_LEN, TOP_CHANNELS, TOP_PAGES]].T.copy()
     columns[0, ~(evicts & after_prompt)] = prompt_len[~(evicts & after_prompt)]
-    columns[2:, ~sparse] = ((head_dim,), (ALL_PAGES,))
+    columns[2:, ~sparse] = ((head_dim,), (EVERY_PAGE,))
     return RowKinds(is_decode.nonzero()[0], is_dense.nonzero()[0], is_dense & evicting_chunk, plans[:, KEEP],
                     is_oracle.nonzero()[0], plans[:, ORACLE_TOKENS], columns)
 
@@ -379,7 +380,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         host[:4, :count] = kinds.columns[:, rows]
         host[7, :count] = seq_lens[rows]
         host[:, count : max(num_rows, graph_rows)] = (
-            (0,), (0,), (self.head_dim,), (ALL_PAGES,), (0,), (0,), (0,), (0,))
+            (0,), (0,), (self.head_dim,), (EVERY_PAGE,), (0,), (0,), (0,), (0,))
         if self.config.attend_newest_page:  # (NewestPages.of, from the host's seq_lens)
             last = np.maximum(seq_lens[rows] - 1, 0) // self.layout.page_size
             host[4, :count], host[5, :count], host[6, :count] = last * self.layout.page_size, last, seq_lens[rows] > 0

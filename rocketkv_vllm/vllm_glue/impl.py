@@ -96,7 +96,7 @@ class RocketKVImpl(AttentionImpl):
             newest.append_to(selection)
         return ops.paged_sparse_attention(
             q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
-            self.scale, out=out,
+            self.scale, out=out, top_pages=d.top_pages,
         )
 
     def _decode_in_graph(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, rows: GraphRows) -> torch.Tensor:
