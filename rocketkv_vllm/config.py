@@ -63,9 +63,10 @@ class RocketKVConfig:
                   scoring reads few channels), else whole rows.
     dense_below:  a rocketkv or mt request whose decode context (the prompt tokens stage 1 keeps
                   plus its planned output) is at most this many tokens attends exactly over
-                  all of it (stage 1 still evicts): at batches of 3-8 over 5-12.5K kept tokens
-                  that is faster than selecting pages on the H200, at batch 1 over 12.5K slower
-                  (benchmarks/results/NOTES.md, session 13); 0 (default) always runs HSA.
+                  all of it (stage 1 still evicts; no page selection, no page list): on the
+                  H200 at batches of 1-8 over 5-12.5K kept tokens that is 15-32% faster than
+                  selecting pages (benchmarks/results/NOTES.md, session 14), unmeasured at
+                  larger batches, where HSA reads fewer bytes; 0 (default) always runs HSA.
     decode_graphs: steps that vLLM runs without a full CUDA graph (prefill chunks beside
                   decodes, uncaptured batch sizes, --enforce-eager) replay each layer's decode
                   attention as a CUDA graph captured per padded row count (kernels/layer_graphs.py);

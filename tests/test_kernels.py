@@ -608,6 +608,14 @@ def test_every_page_rows_attend_their_live_pages_without_a_list(num_splits, pois
     assert float(out.abs().max()) < POISON / 10
 
 
+def test_attention_splits_more_only_where_sms_would_idle():
+    from rocketkv_vllm.kernels.triton_attention import default_splits
+
+    # an H200 (132 SMs), 8 KV heads: batch 1 leaves SMs idle at 16 splits, batch 3 and 8 do not
+    assert [default_splits(b * 8, 132) for b in (1, 3, 8, 64)] == [64, 16, 9, 2]
+    assert default_splits(1, 132) == 64 and default_splits(9, 132) == 16  # one KV head
+
+
 def test_paged_sparse_attention_reduce_in_steps(monkeypatch):
     """More splits than the reduce combines at once: the running max / sum carry across steps."""
     from rocketkv_vllm.kernels import triton_attention

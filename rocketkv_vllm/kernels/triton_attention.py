@@ -34,10 +34,13 @@ from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.reference import EVERY_PAGE
 
 REDUCE_SPLIT_CHUNK = 32  # splits the reduce kernel combines per step, with independent loads
-# Split count: enough resident programs for bandwidth at every batch size; each split takes
-# at least two chunks of pages, so a 2K budget at batch 1 uses ~17 of them (measured best on
-# the H100: 17 splits, 9 at B=8) and a dense row over 5-12K kept tokens up to ATTN_MAX_SPLITS
-ATTN_PROGRAMS_PER_SM, ATTN_MAX_SPLITS, MIN_ITERS_PER_SPLIT = 4, 64, 2
+# Split count: ATTN_PROGRAMS_PER_SM programs an SM, at most ATTN_MAX_SPLITS per (request, KV
+# head) (H100: a 2K budget is best at 17 splits at B=1 and 9 at B=8; H200, 12.5K kept tokens at
+# B=3: 16 splits 1.94 ms, 22 splits 2.31 ms), unless that leaves SMs without a program (B=1
+# with 8 KV heads): then up to ATTN_MAX_SPLITS_FEW_ROWS (H200, 12.5K kept tokens at B=1: 16
+# splits 1.50 ms, 64 splits 0.93 ms). Each split takes at least MIN_ITERS_PER_SPLIT chunks,
+# so a 2K budget at B=1 still uses ~17 and the rest exit at once.
+ATTN_PROGRAMS_PER_SM, ATTN_MAX_SPLITS, ATTN_MAX_SPLITS_FEW_ROWS, MIN_ITERS_PER_SPLIT = 4, 16, 64, 2
 
 
 @triton.jit
@@ -176,6 +179,12 @@ def _sparse_attn_reduce_kernel(
     tl.store(out_ptr + b * s_ob + qh * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=dm)
 
 
+def default_splits(rows: int, sms: int) -> int:
+    """Split-K programs per (request, KV head) for `rows` (request, KV head) pairs."""
+    cap = ATTN_MAX_SPLITS if rows * ATTN_MAX_SPLITS >= sms else ATTN_MAX_SPLITS_FEW_ROWS
+    return min(cap, triton.cdiv(ATTN_PROGRAMS_PER_SM * sms, rows))
+
+
 def paged_sparse_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -214,7 +223,7 @@ def paged_sparse_attention(
         tokens_per_iter = 64 if head_dim <= 128 else 32
     tok = max(16, ps, np2(tokens_per_iter))
     if num_splits is None:
-        num_splits = min(ATTN_MAX_SPLITS, triton.cdiv(ATTN_PROGRAMS_PER_SM * num_sms(device), batch * hkv))
+        num_splits = default_splits(batch * hkv, num_sms(device))
     num_splits = max(1, int(num_splits))
     query = contiguous_last(query)
     pidx = contiguous_last(page_index)
