@@ -38,6 +38,8 @@ from rocketkv_vllm.config import MODES  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, compare, is_rocketkv, model_dir, plot_series, random_prompts, ratio, write_json  # noqa: E402
 
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
+PROMPT_TOKENS, GENERATION_TOKENS = "vllm:prompt_tokens_total", "vllm:generation_tokens_total"
+GAUGES = (RUNNING, WAITING, KV_USAGE)
 SERVED_NAME = "dummy"
 CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]  # the `vllm` command (no console script on the staged GPU machine)
 
@@ -116,25 +118,43 @@ def bench_command(args: argparse.Namespace, model: str, rate: float, prompts: in
                   "--save-result", "--save-detailed", "--result-dir", result_dir, "--result-filename", result_file]
 
 
-def gauge_values(text: str) -> dict[str, float]:
-    """The running / waiting / KV-usage gauges of a Prometheus /metrics page, summed over engines."""
+def metric_values(text: str) -> dict[str, float]:
+    """The running / waiting / KV-usage gauges and the prompt / generation token counters of a
+    Prometheus /metrics page, summed over engines."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in (RUNNING, WAITING, KV_USAGE):
+            if sample.name in (*GAUGES, PROMPT_TOKENS, GENERATION_TOKENS):
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
 
 
+def phase_split(timeline: list[tuple[float, float, float]]) -> dict[str, float | None]:
+    """From (time, prompt tokens, generated tokens) samples of the server's counters: the seconds in
+    which prompt tokens were processed (prefill chunks, decodes beside them) and the output tok/s of
+    the rest (pure decode steps): how a run's time splits between the prefill both servers run
+    alike and the decode RocketKV speeds up."""
+    prefill_s = decode_s = decode_tokens = 0.0
+    for (t0, p0, g0), (t1, p1, g1) in zip(timeline, timeline[1:]):
+        if p1 > p0:
+            prefill_s += t1 - t0
+        elif g1 > g0:
+            decode_s += t1 - t0
+            decode_tokens += g1 - g0
+    return {"prefill_busy_s": round(prefill_s, 1),
+            "decode_only_output_tok_s": round(decode_tokens / decode_s, 1) if decode_s else None}
+
+
 class MetricsScraper(threading.Thread):
-    """Polls /metrics until stopped; keeps the peak of each gauge."""
+    """Polls /metrics until stopped; keeps the peak of each gauge and a timeline of the token counters."""
 
     def __init__(self, url: str, every_s: float) -> None:
         super().__init__(daemon=True)
         self.url, self.every_s = url, every_s
         self.peaks: dict[str, float] = {}
+        self.timeline: list[tuple[float, float, float]] = []
         self.samples = 0
         self._halt = threading.Event()
 
@@ -142,10 +162,13 @@ class MetricsScraper(threading.Thread):
         while not self._halt.is_set():
             try:
                 with urllib.request.urlopen(self.url, timeout=5) as response:
-                    values = gauge_values(response.read().decode())
+                    values = metric_values(response.read().decode())
                 self.samples += 1
-                for name, value in values.items():
-                    self.peaks[name] = max(value, self.peaks.get(name, value))
+                for name in GAUGES:
+                    if name in values:
+                        self.peaks[name] = max(values[name], self.peaks.get(name, values[name]))
+                if PROMPT_TOKENS in values and GENERATION_TOKENS in values:
+                    self.timeline.append((time.monotonic(), values[PROMPT_TOKENS], values[GENERATION_TOKENS]))
             except (urllib.error.URLError, OSError, ValueError):
                 pass
             self._halt.wait(self.every_s)
@@ -186,8 +209,9 @@ def warm_up(base: str, tokens: int, vocab: int) -> float:
     return time.time() - started
 
 
-def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[str, float]) -> dict:
-    """One sweep point from `vllm bench serve`'s saved result and the scraped gauge peaks."""
+def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[str, float],
+             phases: dict[str, float | None] | None = None) -> dict:
+    """One sweep point from `vllm bench serve`'s saved result, the scraped gauge peaks and phase_split."""
     def ms(key: str) -> float | None:
         value = result.get(key)
         return round(value, 2) if isinstance(value, (int, float)) else None
@@ -204,6 +228,7 @@ def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[
         "peak_kv_usage": round(peaks[KV_USAGE], 4) if KV_USAGE in peaks else None,
         "errors": failure_reasons(result),
         "decode_time_in_stalled_steps": stalled_share(result),
+        **(phases or {}),
     }
 
 
@@ -267,7 +292,7 @@ def run_backend(args: argparse.Namespace, backend: str, model: str, work_dir: st
                                      "error": "no result (see the .txt beside it)"})
                 continue
             with open(result_path) as f:
-                row = rate_row(backend, rate, prompts, json.load(f), peaks)
+                row = rate_row(backend, rate, prompts, json.load(f), peaks, phase_split(scraper.timeline))
             info["rows"].append(row)
             save(info)
             print(json.dumps(row), flush=True)
@@ -293,7 +318,9 @@ def ratios(rows: list[dict]) -> list[dict]:
     return compare(rows, lambda r: r["rate"], {
         "output_tok_s_ratio": lambda stock, ours: ratio(ours["output_tok_s"], stock["output_tok_s"]),
         "tpot_p50_speedup": lambda stock, ours: ratio(stock["tpot_p50_ms"], ours["tpot_p50_ms"]),
-        "ttft_p50_ratio": lambda stock, ours: ratio(ours["ttft_p50_ms"], stock["ttft_p50_ms"])})
+        "ttft_p50_ratio": lambda stock, ours: ratio(ours["ttft_p50_ms"], stock["ttft_p50_ms"]),
+        "decode_only_output_tok_s_ratio": lambda stock, ours: ratio(ours.get("decode_only_output_tok_s"),
+                                                                    stock.get("decode_only_output_tok_s"))})
 
 
 def plot_serve(rows: list[dict], prefix: str) -> list[str]:

@@ -141,7 +141,8 @@ def test_serve_merges_one_backend_per_call(tmp_path):
 
     out = tmp_path / "merged.json"
     merged = bench_serve.merge_results([part("rocketkv", 900.0, 40.0), part("FLASH_ATTN", 450.0, 80.0)], str(out))
-    assert merged["ratios"] == [{"key": "inf", "output_tok_s_ratio": 2.0, "tpot_p50_speedup": 2.0, "ttft_p50_ratio": 1.0}]
+    assert merged["ratios"] == [{"key": "inf", "output_tok_s_ratio": 2.0, "tpot_p50_speedup": 2.0, "ttft_p50_ratio": 1.0,
+                                  "decode_only_output_tok_s_ratio": None}]
     assert json.loads(out.read_text())["rows"] == merged["rows"] and len(merged["backends"]) == 2
     with pytest.raises(ValueError, match="another protocol"):
         bench_serve.merge_results([part("rocketkv", 900.0, 40.0), part("FLASH_ATTN", 450.0, 80.0, output_len=512)],
@@ -274,12 +275,27 @@ vllm:kv_cache_usage_perc{engine="0",model_name="dummy"} 0.625
 # HELP vllm:prompt_tokens_total Number of prefill tokens processed.
 # TYPE vllm:prompt_tokens_total counter
 vllm:prompt_tokens_total{engine="0",model_name="dummy"} 1234.0
+# HELP vllm:generation_tokens_total Number of generation tokens processed.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="dummy"} 56.0
+# HELP vllm:request_success_total Count of successfully processed requests.
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{engine="0",finished_reason="length",model_name="dummy"} 2.0
 """
 
 
-def test_gauge_values():
-    assert bench_serve.gauge_values(METRICS_PAGE) == {
-        "vllm:num_requests_running": 7.0, "vllm:num_requests_waiting": 3.0, "vllm:kv_cache_usage_perc": 0.625}
+def test_metric_values():
+    assert bench_serve.metric_values(METRICS_PAGE) == {
+        "vllm:num_requests_running": 7.0, "vllm:num_requests_waiting": 3.0, "vllm:kv_cache_usage_perc": 0.625,
+        "vllm:prompt_tokens_total": 1234.0, "vllm:generation_tokens_total": 56.0}
+
+
+def test_phase_split_separates_prefill_time_from_pure_decode():
+    # 2 s with prompt tokens advancing (prefill chunks, a few decodes beside them), then 3 s of
+    # pure decode at 100 tok/s, then 1 s idle
+    timeline = [(0.0, 0, 0), (1.0, 8192, 2), (2.0, 16384, 4), (3.0, 16384, 104), (5.0, 16384, 304), (6.0, 16384, 304)]
+    assert bench_serve.phase_split(timeline) == {"prefill_busy_s": 2.0, "decode_only_output_tok_s": 100.0}
+    assert bench_serve.phase_split([(0.0, 0, 0)]) == {"prefill_busy_s": 0.0, "decode_only_output_tok_s": None}
 
 
 def test_metrics_scraper_keeps_peaks():
@@ -307,6 +323,7 @@ def test_metrics_scraper_keeps_peaks():
     finally:
         server.shutdown()
     assert peaks == {"vllm:num_requests_running": 12.0, "vllm:num_requests_waiting": 3.0, "vllm:kv_cache_usage_perc": 0.625}
+    assert scraper.timeline[0][1:] == (1234.0, 56.0) and len(scraper.timeline) == scraper.samples
 
 
 def test_rate_row_reads_vllm_result_keys():
@@ -321,12 +338,15 @@ def test_rate_row_reads_vllm_result_keys():
 def test_ratios_against_stock():
     serve_rows = [
         {"backend": "FLASH_ATTN", "rate": 0.5, "output_tok_s": 200.0, "tpot_p50_ms": 30.0, "ttft_p50_ms": 1000.0},
-        {"backend": "FLASH_ATTN", "rate": "inf", "output_tok_s": 400.0, "tpot_p50_ms": 60.0, "ttft_p50_ms": 9000.0},
-        {"backend": "rocketkv", "rate": "inf", "output_tok_s": 1000.0, "tpot_p50_ms": 20.0, "ttft_p50_ms": 9900.0},
+        {"backend": "FLASH_ATTN", "rate": "inf", "output_tok_s": 400.0, "tpot_p50_ms": 60.0, "ttft_p50_ms": 9000.0,
+         "decode_only_output_tok_s": 800.0},
+        {"backend": "rocketkv", "rate": "inf", "output_tok_s": 1000.0, "tpot_p50_ms": 20.0, "ttft_p50_ms": 9900.0,
+         "decode_only_output_tok_s": 1600.0},
         {"backend": "rocketkv", "rate": 0.5, "error": "no result"},
     ]
     assert bench_serve.ratios(serve_rows) == [
-        {"key": "inf", "output_tok_s_ratio": 2.5, "tpot_p50_speedup": 3.0, "ttft_p50_ratio": 1.1}]
+        {"key": "inf", "output_tok_s_ratio": 2.5, "tpot_p50_speedup": 3.0, "ttft_p50_ratio": 1.1,
+         "decode_only_output_tok_s_ratio": 2.0}]
     decode_rows = [{"backend": b, "ctx": 32768, "batch": 8, "tpot_ms": {"median": t}} for b, t in [("FLASH_ATTN", 18.0), ("rocketkv", 7.2)]]
     decode_rows.append({"backend": "rocketkv", "ctx": 32768, "batch": 64, "tpot_ms": {"median": 9.0}})  # no stock row
     assert bench_decode.speedups(decode_rows) == [{"key": "32768x8", "tpot_speedup": 2.5}]
