@@ -150,3 +150,17 @@ def test_no_gather_when_every_rank_owns_whole_groups():
     assert replicated_group_heads(4, 1, 0, 1) is None
     with pytest.raises(ValueError, match="multiple of the KV heads"):
         replicated_group_heads(2, 4, 0, 3)
+
+
+@pytest.mark.parametrize("kv_heads, gathers", [(2, False), (1, True)])
+def test_gathers_queries_only_where_kv_heads_are_replicated(monkeypatch, kv_heads, gathers):
+    """What the impl and the metadata builder ask before using per-layer decode graphs (a
+    gathering selection is a collective, which only vLLM's own graphs capture)."""
+    from types import SimpleNamespace
+
+    from rocketkv_vllm.vllm_glue import tp_groups
+
+    monkeypatch.setattr(tp_groups, "get_tensor_model_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(tp_groups, "get_tensor_model_parallel_rank", lambda: 1)
+    config = SimpleNamespace(model_config=SimpleNamespace(get_total_num_kv_heads=lambda: kv_heads))
+    assert tp_groups.gathers_queries(2, config) is gathers

@@ -18,6 +18,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from rocketkv_vllm.kernels.triton_common import cuda_index
+
 logger = logging.getLogger("vllm.rocketkv")  # vLLM's handler and format
 
 
@@ -38,7 +40,7 @@ class SharedPool:
 
     @classmethod
     def of(cls, device: torch.device) -> "SharedPool":
-        index = _index(device)
+        index = cuda_index(device)
         ref = cls._current.get(index)
         pool = ref() if ref is not None else None
         if pool is None:
@@ -51,13 +53,9 @@ class SharedPool:
         """After a failed capture, whose half-begun recording may linger in the pool: later
         captures (of any layer) go to a new one."""
         self.retired = True
-        ref = self._current.get(_index(device))
+        ref = self._current.get(cuda_index(device))
         if ref is not None and ref() is self:
-            del self._current[_index(device)]
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+            del self._current[cuda_index(device)]
 
 
 _capture_streams: dict[int, torch.cuda.Stream] = {}
@@ -67,7 +65,7 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per device for every capture: the caching allocator reuses a freed
     block only on the stream that freed it, so captures on many streams would not share
     their scratch within the pool."""
-    index = _index(device)
+    index = cuda_index(device)
     if index not in _capture_streams:
         _capture_streams[index] = torch.cuda.Stream(index)
     return _capture_streams[index]
@@ -120,7 +118,7 @@ def _leave_capture_mode(device: torch.device) -> None:
     capture never do), after which every random op on the device
     raises "Offset increment outside graph capture": give it a fresh state with the same
     seed and offset."""
-    generator = torch.cuda.default_generators[_index(device)]
+    generator = torch.cuda.default_generators[cuda_index(device)]
     generator.graphsafe_set_state(generator.clone_state())
 
 

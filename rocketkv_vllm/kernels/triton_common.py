@@ -20,6 +20,11 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def cuda_index(device: torch.device) -> int:
+    """The device's index ("cuda" alone means the current device: cuda and cuda:0 are one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def dependent_launch(device: torch.device) -> bool:
     """Programmatic dependent launch (sm_90+): a kernel launched with it may start while the
     kernel before it finishes, and waits (gdc_wait) only before it reads that kernel's

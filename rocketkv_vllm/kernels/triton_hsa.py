@@ -45,6 +45,7 @@ from rocketkv_vllm.kernels.triton_common import (
     check_cache,
     check_group,
     contiguous_last,
+    cuda_index,
     dependent_launch,
     group_pad,
     logical_page,
@@ -659,7 +660,7 @@ class SelectionPlanner:
         freed with the last of them)."""
         device = shape.device
         if device.type == "cuda" and device.index is None:  # (cuda and cuda:0 are one device)
-            shape = replace(shape, device=torch.device("cuda", torch.cuda.current_device()))
+            shape = replace(shape, device=torch.device("cuda", cuda_index(device)))
         key = (shape, max_batch)
         workspace = cls._workspaces.get(key)
         if workspace is None:

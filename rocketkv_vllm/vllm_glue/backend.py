@@ -13,7 +13,7 @@ The impl (forward pass) lives in impl.py. Row kinds in a step:
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,7 +40,7 @@ from rocketkv_vllm.vllm_glue.request_plans import (
     EVICTS, KEEP, NUM_COLUMNS, ORACLE_TOKENS, PROMPT_LEN, SPARSE, TOP_CHANNELS, TOP_PAGES, PlanTable,
 )
 from rocketkv_vllm.vllm_glue.logs import log_settings, warn_gap_rows_on_torch_path
-from rocketkv_vllm.vllm_glue.tp_groups import selection_num_heads
+from rocketkv_vllm.vllm_glue.tp_groups import gathers_queries, selection_num_heads
 
 
 class RocketKVBackend(AttentionBackend):
@@ -266,13 +266,14 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # decodes first: their tokens are a prefix of the batch
         max_rows, max_blocks = decode_bounds(vllm_config)
+        config = RocketKVConfig.from_additional_config(vllm_config.additional_config)
+        local_heads = vllm_config.compilation_config.static_forward_context[layer_names[0]].num_heads
+        if gathers_queries(local_heads, vllm_config):  # the impl captures no per-layer graphs then
+            config = replace(config, decode_graphs=False)
         self._setup(
-            RocketKVConfig.from_additional_config(vllm_config.additional_config), kv_cache_spec, max_rows,
-            vllm_config.scheduler_config.max_num_batched_tokens, device,
+            config, kv_cache_spec, max_rows, vllm_config.scheduler_config.max_num_batched_tokens, device,
             # the query heads a selection scores with: this worker's, or a replicated KV head's whole group
-            selection_num_heads(vllm_config.compilation_config.static_forward_context[layer_names[0]].num_heads,
-                                vllm_config),
-            max_blocks, vllm_config.model_config.dtype,
+            selection_num_heads(local_heads, vllm_config), max_blocks, vllm_config.model_config.dtype,
         )
         log_settings(self.config, self.block_size, device, kv_cache_spec.dtype)
 

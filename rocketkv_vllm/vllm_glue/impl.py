@@ -12,7 +12,7 @@ from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs
 from rocketkv_vllm.vllm_glue.backend import DecodeBatch, GraphRows, RocketKVMetadata, decode_bounds, selection_shape
-from rocketkv_vllm.vllm_glue.tp_groups import FullGroupQueries, selection_num_heads, selection_queries
+from rocketkv_vllm.vllm_glue.tp_groups import gathers_queries, selection_num_heads, selection_queries
 
 
 class RocketKVImpl(AttentionImpl):
@@ -58,7 +58,7 @@ class RocketKVImpl(AttentionImpl):
         self.selection_queries = selection_queries(self.num_heads, self.num_kv_heads, vllm_config)
         # per-layer decode graphs (layer_graphs.py), except where selecting gathers queries
         # across ranks (a collective: only vLLM's own graphs capture those)
-        gathers = isinstance(self.selection_queries, FullGroupQueries)
+        gathers = gathers_queries(self.num_heads, vllm_config)
         self._graphs = LayerGraphs() if self.config.decode_graphs and not gathers else None
         self._graphs_builder_id = 0  # whose GraphRows the graphs were captured over
         # the page selection's workspace, allocated during memory profiling (reserve_selection_workspace)

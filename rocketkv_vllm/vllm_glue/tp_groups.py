@@ -64,6 +64,12 @@ def selection_queries(num_heads: int, num_kv_heads: int,
     return FullGroupQueries(heads)
 
 
+def gathers_queries(num_heads: int, vllm_config: VllmConfig) -> bool:
+    """Whether a layer with this rank's num_heads gathers its group's queries across ranks to
+    select (a collective, so only vLLM's own CUDA graphs may capture its decode)."""
+    return _group_heads(num_heads, vllm_config) is not None
+
+
 def selection_num_heads(num_heads: int, vllm_config: VllmConfig) -> int:
     """How many query heads the page selections of a layer with this rank's num_heads score with."""
     heads = _group_heads(num_heads, vllm_config)
