@@ -254,7 +254,7 @@ def paged_sparse_attention(
     [B, Hq, D], written into `out` when given."""
     ps = layout.page_size
     if top_pages is not None:
-        every = top_pages.expand(query.shape[0]) == EVERY_PAGE
+        every = torch.as_tensor(top_pages, device=query.device).expand(query.shape[0]) == EVERY_PAGE
         num_pages = max(1, -(-int(seq_lens.max().item()) // ps))
         width = max(num_pages, page_index.shape[-1])
         page_index = torch.nn.functional.pad(page_index, (0, width - page_index.shape[-1]), value=-1)
