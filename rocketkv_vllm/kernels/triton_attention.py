@@ -230,7 +230,7 @@ def paged_sparse_attention(
     bt = contiguous_last(block_table)
     seq, kp, ge = (per_request(t, batch, device) for t in (seq_lens, keep, gap_end))
     count = page_count.to(device=device, dtype=torch.int32).contiguous()
-    k = per_request(top_pages, batch, device) if top_pages is not None else count
+    k = per_request(top_pages, batch, device) if top_pages is not None else count  # (unread without top_pages)
     lowp = lowp_dot(query, kv_cache)
 
     acc = torch.empty(batch, hkv, num_splits, g_p, block_d, dtype=torch.float32, device=device)
