@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -43,6 +44,22 @@ def parse_cases(args: argparse.Namespace) -> list[tuple[int, int]]:
             pairs.append((int(parts[0]), int(parts[1])))
         return pairs
     return [(ctx, batch) for ctx in args.ctx for batch in args.batch]
+
+
+def steps_all_decoding(ctx: int, batch: int, out: int, chunk_tokens: int) -> int:
+    """At most how many steps see all `batch` requests decoding: the first request's output
+    tokens less the steps that prefill the other batch - 1 prompts (chunk_tokens a step)."""
+    return out - 1 - math.ceil((batch - 1) * ctx / chunk_tokens)
+
+
+def check_out_is_long_enough(args: argparse.Namespace, chunk_tokens: int) -> None:
+    """Refuse a --out too short for any timed step (the first request would finish before the
+    last prompt's prefill ends), naming the --out every case needs."""
+    for ctx, batch in parse_cases(args):
+        if steps_all_decoding(ctx, batch, args.out, chunk_tokens) <= args.skip_steps:
+            need = args.skip_steps + 2 + math.ceil((batch - 1) * ctx / chunk_tokens)
+            raise SystemExit(f"--out {args.out} is too short for {ctx}x{batch}: the first request finishes before the "
+                             f"other {batch - 1} prompts are prefilled ({chunk_tokens} tokens a step); use --out >= {need}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +121,7 @@ def run_backend(args: argparse.Namespace) -> None:
         args, backend, max_model_len=max(max(c for c, _ in cases), args.warmup_ctx) + args.out + 16,
         max_num_seqs=max(b for _, b in cases)))
     up = time.time() - started
+    check_out_is_long_enough(args, llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
     cache = llm.llm_engine.vllm_config.cache_config
     settings = {"engine_up_s": round(up, 1), "kv_cache_tokens": cache.num_gpu_blocks * args.block_size, "block_size": args.block_size,
                 "eager": args.eager, "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
@@ -162,6 +180,8 @@ def main() -> None:
             plot_decode(json.load(f)["rows"], args.plot or os.path.splitext(args.plot_from)[0] + ".png")
         return
     parse_cases(args)  # fail early on bad --cases
+    if args.max_num_batched_tokens:  # else the engine's default, checked once it is up
+        check_out_is_long_enough(args, args.max_num_batched_tokens)
     if args.backend:
         run_backend(args)
         return

@@ -103,11 +103,13 @@ case "$part" in
     log "exit $?"
     ;;
   bigbatch)
-    # ~6 min: 64 requests of 32K decoding (RocketKV holds all 64 after stage 1; stock holds 26, so it
-    # never has all 64 decoding and reports no TPOT, only that it ran): per backend start ~50 s,
-    # 64 prefills ~65 s, 128 decode steps
+    # ~7 min: 64 requests of 32K decoding at once, max_num_seqs 256 (RocketKV holds all 64 after stage
+    # 1 with 4-token pages, a pool of ~708K; stock holds 26, so it never has all 64 decoding and
+    # reports no TPOT, only that it ran): per backend start ~80 s, 64 prefills ~81 s (4 steps each,
+    # so the first request decodes ~256 tokens before the last prefill ends), then ~190 steps
     log "decode 32K x 64"
-    timeout 450 python benchmarks/bench_decode.py --cases 32768x64 --out 128 --repeats 1 --budget "$BUDGET" \
+    timeout 540 python benchmarks/bench_decode.py --cases 32768x64 --out 448 --repeats 1 --warmup-ctx 2048 \
+      --max-num-seqs 256 --rocketkv-config '{"page_size": 4}' --budget "$BUDGET" \
       --json "$results/decode_b64.json" > "$results/decode_b64.txt" 2>&1
     log "exit $?"
     ;;

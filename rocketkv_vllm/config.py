@@ -16,6 +16,8 @@ BUDGET_KEY, MODE_KEY, OUTPUT_TOKENS_KEY = "rocketkv_budget", "rocketkv_mode", "r
 REQUEST_PREFIX = "rocketkv_"
 # every integer setting fits an int32 (kernel arguments, index tensors) and stays a valid JSON number
 MAX_INT = 2**31 - 1
+# rocketkv requests whose kept context fits decode exactly by default (RocketKVConfig.dense_below)
+DEFAULT_DENSE_BELOW = 16384
 
 
 def _int_field(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> int:
@@ -63,10 +65,13 @@ class RocketKVConfig:
                   scoring reads few channels), else whole rows.
     dense_below:  a rocketkv or mt request whose decode context (the prompt tokens stage 1 keeps
                   plus its planned output) is at most this many tokens attends exactly over
-                  all of it (stage 1 still evicts; no page selection, no page list): on the
-                  H200 at batches of 1-8 over 5-12.5K kept tokens that is 15-32% faster than
-                  selecting pages (benchmarks/results/NOTES.md, session 14), unmeasured at
-                  larger batches, where HSA reads fewer bytes; 0 (default) always runs HSA.
+                  all of it (stage 1 still evicts; no page selection, no page list); 0 always
+                  runs HSA. Default (None): DEFAULT_DENSE_BELOW for rocketkv requests, 0 for mt.
+                  On the H200, rocketkv mode at a 2048-token budget (5-12.5K kept tokens, 8K-130K
+                  prompts) attends faster dense than with page selection at every batch measured
+                  (1-64): with 2-token pages the summaries that selection reads weigh as much as
+                  the keys (benchmarks/results/NOTES.md, sessions 14-15). mt requests keep HSA:
+                  their few-channel scoring reads far less, and they keep whole prompts.
     decode_graphs: steps that vLLM runs without a full CUDA graph (prefill chunks beside
                   decodes, uncaptured batch sizes, --enforce-eager) replay each layer's decode
                   attention as a CUDA graph captured per padded row count (kernels/layer_graphs.py);
@@ -83,13 +88,14 @@ class RocketKVConfig:
     top_k: int | None = None
     attend_newest_page: bool = True
     summary_group: int | None = None
-    dense_below: int = 0
+    dense_below: int | None = None
     decode_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("budget", "output_tokens", "window", "pool_kernel", "page_size"):
             _int_field(f"rocketkv.{name}", getattr(self, name), 1)
-        _int_field("rocketkv.dense_below", self.dense_below, 0)
+        if self.dense_below is not None:
+            _int_field("rocketkv.dense_below", self.dense_below, 0)
         for name in ("top_channels", "top_k"):
             if getattr(self, name) is not None:
                 _int_field(f"rocketkv.{name}", getattr(self, name), 1)
@@ -105,6 +111,12 @@ class RocketKVConfig:
             group = _int_field("rocketkv.summary_group", self.summary_group, 0)
             if group & (group - 1):
                 raise ValueError(f"rocketkv.summary_group must be 0 or a power of two, got {group}")
+
+    def dense_below_for(self, mode: str) -> int:
+        """The longest decode context a `mode` request reads whole (see dense_below)."""
+        if self.dense_below is not None:
+            return self.dense_below
+        return DEFAULT_DENSE_BELOW if mode == "rocketkv" else 0
 
     def layout_summary_group(self) -> int:
         """The summary group the KV cache is laid out with (see summary_group)."""

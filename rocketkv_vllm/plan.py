@@ -92,7 +92,7 @@ def plan_request(
     if split.keep_floored:
         warn_clamped("stage 1 keeps at least max(window, budget) prompt tokens",
                      f"prompt {prompt_len}, budget {budget}, output {planned_output}")
-    if mode in ("rocketkv", "mt") and split.prompt_keep + planned_output <= config.dense_below:
+    if mode in ("rocketkv", "mt") and split.prompt_keep + planned_output <= config.dense_below_for(mode):
         # short enough to read whole (config.dense_below); stage 1 still evicts
         return RequestPlan(prompt_len, split.prompt_keep, False, head_dim, 0)
     if config.top_channels and config.top_channels > head_dim:

@@ -54,6 +54,19 @@ def test_decode_cases_from_pairs_or_product():
             bench_decode.parse_cases(parser.parse_args(["--cases", *bad]))
 
 
+def test_decode_refuses_an_out_too_short_for_all_requests_to_decode_at_once():
+    """Session 15's first 64 x 32K run (--out 128) timed no step: the first request finished
+    while the last prompts were still being prefilled, 4 steps each."""
+    assert bench_decode.steps_all_decoding(32768, 64, 128, 8192) < 0
+    assert bench_decode.steps_all_decoding(32768, 64, 448, 8192) == 448 - 1 - 252
+    assert bench_decode.steps_all_decoding(32768, 1, 16, 8192) == 15  # one request: every step after its prefill
+    parser = bench_decode.build_parser()
+    short = parser.parse_args(["--cases", "32768x8", "32768x64", "--out", "128"])
+    with pytest.raises(SystemExit, match=r"--out 128 is too short for 32768x64: .*use --out >= 256"):
+        bench_decode.check_out_is_long_enough(short, 8192)
+    bench_decode.check_out_is_long_enough(parser.parse_args(["--cases", "32768x64", "--out", "256"]), 8192)
+
+
 def test_decode_defaults_and_both_paths():
     args = bench_decode.build_parser().parse_args(["--eager", "--max-num-seqs", "16", "--mode", "mt", "--budget", "1024"])
     assert (args.eager, args.max_num_seqs, args.mode, args.budget, args.repeats) == (True, 16, "mt", 1024, 3)
@@ -204,15 +217,15 @@ def test_roofline_weights_and_kv_of_llama8b(llama8b):
 @pytest.mark.parametrize("ctx,batch,notes_kv_gb", [(32768, 1, 0.44), (32768, 8, 3.64), (131072, 1, 0.54), (131072, 8, 4.44)])
 def test_roofline_rocketkv_matches_notes(llama8b, ctx, batch, notes_kv_gb):
     """results/NOTES.md (session 2) floors, whole summary rows, t=2048: RocketKV GB minus 16.06 GB of weights."""
-    parts = rocketkv_step_bytes(llama8b, ctx, batch, 128, 2048, "rocketkv", 16, {"page_size": 4})  # (session 2's pages)
+    parts = rocketkv_step_bytes(llama8b, ctx, batch, 128, 2048, "rocketkv", 16, {"page_size": 4, "dense_below": 0})  # (session 2's pages, HSA)
     assert (parts["summary_rows_total"] - llama8b.weight_bytes()) / 1e9 == pytest.approx(notes_kv_gb, rel=0.03)
     assert parts["total"] <= parts["summary_rows_total"]  # r channels <= whole rows
 
 
 def test_roofline_follows_the_servers_page_size(llama8b):
-    default = rocketkv_step_bytes(llama8b, 131072, 1, 128, 2048, "rocketkv", 16)
+    default = rocketkv_step_bytes(llama8b, 131072, 1, 128, 2048, "rocketkv", 16, {"dense_below": 0})
     assert default["plan"]["page_size"] == RocketKVConfig().page_size == 2
-    four = rocketkv_step_bytes(llama8b, 131072, 1, 128, 2048, "rocketkv", 16, {"page_size": 4})
+    four = rocketkv_step_bytes(llama8b, 131072, 1, 128, 2048, "rocketkv", 16, {"page_size": 4, "dense_below": 0})
     # twice the pages to summarize: whole summary rows cost twice, so the budget's split scores them on fewer channels
     assert default["summary_rows_total"] > four["summary_rows_total"]
     assert default["plan"]["top_channels"] < four["plan"]["top_channels"]
@@ -223,8 +236,12 @@ def test_roofline_full_mode_is_dense(llama8b):
     assert dense["total"] == stock_step_bytes(llama8b, 32768, 2, 64) and not dense["plan"]["sparse"]
     row = case_roofline(llama8b, "FLASH_ATTN", 32768, 8, 256, 2048, "rocketkv", 16, hbm_tb_s=4.8)
     assert row["floor_ms"] == pytest.approx(1e3 * row["bytes"] / 4.8e12, abs=1e-3)
-    ours = case_roofline(llama8b, "rocketkv", 32768, 8, 256, 2048, "rocketkv", 16, hbm_tb_s=4.8)
+    ours = case_roofline(llama8b, "rocketkv", 32768, 8, 256, 2048, "rocketkv", 16, hbm_tb_s=4.8, settings={"dense_below": 0})
     assert ours["floor_ms"] < row["floor_ms"] / 2 and ours["plan"]["keep"] < 32768
+    # by default a 32K prompt's kept tokens are read whole (dense_below): weights + every kept token
+    kept = rocketkv_step_bytes(llama8b, 32768, 8, 256, 2048, "rocketkv", 16)
+    assert not kept["plan"]["sparse"] and kept["plan"]["keep"] < 32768
+    assert kept["total"] == llama8b.weight_bytes() + 8 * (kept["plan"]["keep"] + 128) * llama8b.kv_bytes_per_token()
 
 
 # --- the offline tokenizer for `vllm bench serve` -------------------------------------------

@@ -20,7 +20,7 @@ from rocketkv_vllm.vllm_glue.request_plans import PLAN_KEY, attach_plan
 from rocketkv_vllm.vllm_glue.metrics import RocketKVStats
 
 BLOCK, HEAD_DIM, MAX_ROWS = 16, 64, 8
-CONFIG = RocketKVConfig(budget=64)
+CONFIG = RocketKVConfig(budget=64, dense_below=0)  # HSA rows
 SPEC = SimpleNamespace(head_size=HEAD_DIM, block_size=BLOCK, dtype=torch.float32, num_kv_heads=2)
 
 

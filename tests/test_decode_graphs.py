@@ -31,7 +31,7 @@ CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 BLOCK, HEADS, KV_HEADS, HEAD_DIM, MAX_ROWS, WIDTH = 16, 8, 2, 64, 8, 40
-CONFIG = RocketKVConfig(budget=64)
+CONFIG = RocketKVConfig(budget=64, dense_below=0)  # HSA rows
 
 
 def test_padded_rows_are_powers_of_two_up_to_the_maximum():
@@ -139,7 +139,7 @@ def test_graph_rows_are_fixed_views_padded_with_empty_rows():
 def test_no_graph_rows_without_the_setting():
     spec = SimpleNamespace(head_size=HEAD_DIM, block_size=BLOCK, dtype=DTYPE, num_kv_heads=KV_HEADS)
     builder = object.__new__(RocketKVMetadataBuilder)
-    builder._setup(RocketKVConfig(budget=64, decode_graphs=False), spec, MAX_ROWS, 1024, DEV, HEADS, WIDTH)
+    builder._setup(RocketKVConfig(budget=64, dense_below=0, decode_graphs=False), spec, MAX_ROWS, 1024, DEV, HEADS, WIDTH)
     table = torch.zeros(MAX_ROWS, WIDTH, dtype=torch.int32, device=DEV)
     with rows_of_batch([request(300, "rocketkv")]):
         assert builder.build(0, common([1], [310], table)).decode.graph is None

@@ -26,7 +26,9 @@ def records():
 def test_settings_line_names_every_effective_setting():
     line = logs.settings_line(RocketKVConfig(budget=512, mode="mt"), 16, "Triton", flash_prefill=True)
     assert line == ("RocketKV: budget 512, mode mt, page size 2, block size 16, summaries channel-major, groups of "
-                    "1 channel, window 32, kernels Triton, dense prefill FlashAttention")
+                    "1 channel, window 32, exact decode up to 16384 kept tokens (mt: 0), kernels Triton, "
+                    "dense prefill FlashAttention")
+    assert "exact decode up to 0 kept tokens (mt: 0)" in logs.settings_line(RocketKVConfig(dense_below=0), 16, "x", False)
     assert "summaries whole rows" in logs.settings_line(RocketKVConfig(), 16, "Triton", flash_prefill=False)
     assert "groups of 8 channels" in logs.settings_line(RocketKVConfig(summary_group=8), 16, "x", flash_prefill=False)
 

@@ -18,7 +18,7 @@ from rocketkv_vllm.vllm_glue.metrics import compression_ratio, decode_reads
 BLOCK, PAGE, HEAD_DIM = 16, 4, 32
 NEWEST = RocketKVConfig().attend_newest_page  # the server's default: decode attends its newest page
 greedy = functools.partial(greedy, detokenize=False)
-CONFIG = {"budget": 64, "window": 16, "page_size": PAGE}
+CONFIG = {"budget": 64, "window": 16, "page_size": PAGE, "dense_below": 0}  # HSA rows
 ENGINE_ARGS = dict(
     skip_tokenizer_init=True, attention_backend="rocketkv", dtype="float32", enforce_eager=True, max_model_len=1024,
     block_size=BLOCK, kv_cache_memory_bytes=1 << 20, max_num_batched_tokens=256, max_num_seqs=8,

@@ -1,7 +1,7 @@
 """The per-request plan: the output length stage 1 budgets for, the ablation modes, chunk alignment."""
 import pytest
 
-from rocketkv_vllm.config import RocketKVConfig, request_settings
+from rocketkv_vllm.config import DEFAULT_DENSE_BELOW, RocketKVConfig, request_settings
 from rocketkv_vllm.plan import plan_for_params
 from rocketkv_vllm.vllm_glue.window_alignment import aligned_chunk
 
@@ -89,7 +89,7 @@ def test_a_clamped_plan_warns_once():
         config = RocketKVConfig(budget=64, output_tokens=100000)
         for prompt_len in (4000, 4001):  # the formula's keep falls below the budget: raised to it
             assert plan(config, prompt_len, 10**6).keep == 64
-        plan(RocketKVConfig(budget=8, top_k=4, page_size=4), 4000, 16)  # fewer than two pages: one scored page
+        plan(RocketKVConfig(budget=8, top_k=4, page_size=4, dense_below=0), 4000, 16)  # fewer than two pages: one scored page
         messages = [r.getMessage() for r in caught]
         assert sum("at least max(window, budget)" in m for m in messages) == 1
         assert sum("at least one page besides the newest" in m for m in messages) == 1
@@ -104,7 +104,7 @@ def test_dense_below_reads_short_kept_contexts_whole_and_still_evicts():
     """A rocketkv/mt request whose kept prompt plus planned output fits dense_below decodes
     exactly over it (no page selection) and stage 1 keeps the same tokens (the scheduler frees
     the same blocks); a longer one, or dense_below 0, runs HSA; the ablations never change."""
-    hsa = RocketKVConfig(budget=256)
+    hsa = RocketKVConfig(budget=256, dense_below=0)
     sparse = plan(hsa, 4000, 100)
     assert sparse.sparse and sparse.evicts
     live = sparse.keep + 100
@@ -120,3 +120,19 @@ def test_dense_below_reads_short_kept_contexts_whole_and_still_evicts():
     assert (mt.keep, mt.sparse) == (4000, False) and plan(config, 4001, 100, rocketkv_mode="mt").sparse
     for mode in ("quest", "snapkv", "oracle", "full"):
         assert plan(config, 4000, 100, rocketkv_mode=mode) == plan(hsa, 4000, 100, rocketkv_mode=mode)
+
+
+def test_by_default_rocketkv_requests_read_kept_contexts_up_to_16k_whole_and_mt_requests_select():
+    """The default (dense_below unset): rocketkv requests whose kept prompt plus planned output
+    is at most DEFAULT_DENSE_BELOW decode exactly over it, longer ones and every mt request run HSA."""
+    default = RocketKVConfig(budget=2048)
+    assert default.dense_below_for("rocketkv") == DEFAULT_DENSE_BELOW and default.dense_below_for("mt") == 0
+    for prompt_len in (8192, 32768, 131072 - 600):  # kept 5-12.5K at a 2048 budget
+        ours = plan(default, prompt_len, 512)
+        assert ours.evicts and not ours.sparse and ours.keep + 512 <= DEFAULT_DENSE_BELOW
+        assert ours.keep == plan(RocketKVConfig(budget=2048, dense_below=0), prompt_len, 512).keep
+        assert plan(default, prompt_len, 512, rocketkv_mode="mt").sparse
+    wide = RocketKVConfig(budget=8192)  # keeps more than 16K of a 128K prompt: HSA
+    assert plan(wide, 131072 - 600, 512).keep + 512 > DEFAULT_DENSE_BELOW and plan(wide, 131072 - 600, 512).sparse
+    # an explicit value applies to both modes
+    assert not plan(RocketKVConfig(budget=2048, dense_below=10**6), 32768, 512, rocketkv_mode="mt").sparse

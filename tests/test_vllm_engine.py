@@ -16,7 +16,7 @@ ENGINE_ARGS = dict(
     skip_tokenizer_init=True, attention_backend="rocketkv", dtype="float32", enforce_eager=True, max_model_len=1024,
     block_size=BLOCK, kv_cache_memory_bytes=1 << 20, max_num_batched_tokens=256, max_num_seqs=8,
     # channel-major page summaries (the layout of mt servers; the other engine tests use rows)
-    additional_config={"rocketkv": {"budget": 64, "window": 16, "summary_group": 1}},
+    additional_config={"rocketkv": {"budget": 64, "window": 16, "summary_group": 1, "dense_below": 0}},  # HSA rows
 )
 
 

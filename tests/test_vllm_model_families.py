@@ -18,7 +18,7 @@ def test_family_runs_compressed_and_exact(tmp_path, family, overrides):
     llm = LLM(
         model, skip_tokenizer_init=True, attention_backend="rocketkv", dtype="float32", enforce_eager=True,
         max_model_len=1024, block_size=16, kv_cache_memory_bytes=1 << 20, max_num_batched_tokens=256,
-        additional_config={"rocketkv": {"budget": 48, "window": 16}},
+        additional_config={"rocketkv": {"budget": 48, "window": 16, "dense_below": 0}},  # HSA rows
     )
     try:
         prompts = [token_prompt(500, 5), token_prompt(90, 6)]

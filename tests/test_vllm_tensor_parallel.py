@@ -37,7 +37,7 @@ def engine(model: str, kv_heads: int, tp: int = 1, pp: int = 1, **executor) -> L
         # the same number of blocks in every layout
         kv_cache_memory_bytes=kv_heads_per_rank * layers_per_rank << 19,
         tensor_parallel_size=tp, pipeline_parallel_size=pp,
-        additional_config={"rocketkv": {"budget": 64, "window": 16}}, **executor,
+        additional_config={"rocketkv": {"budget": 64, "window": 16, "dense_below": 0}},  # HSA rows **executor,
     )
 
 

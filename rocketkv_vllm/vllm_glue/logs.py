@@ -38,6 +38,7 @@ def settings_line(config: RocketKVConfig, block_size: int, kernels: str, flash_p
     return (
         f"RocketKV: budget {config.budget}, mode {config.mode}, page size {config.page_size}, block size {block_size}, "
         f"summaries {summary_layout(config.layout_summary_group())}, window {config.window}, "
+        f"exact decode up to {config.dense_below_for('rocketkv')} kept tokens (mt: {config.dense_below_for('mt')}), "
         f"kernels {kernels}, dense prefill {'FlashAttention' if flash_prefill else 'torch reference'}"
     )
 
