@@ -105,3 +105,6 @@ def test_reduced_run_on_smollm2(tmp_path):
             assert p["prediction"] == full[(p["task"], p["turn"])], p
     assert os.path.getsize(tmp_path / "acc.png") > 1000 and (tmp_path / "acc.md").read_text().count("|") > 10
     assert {r["task"] for r in json.loads(out.read_text())["rows"]} == {"niah_single", "multi_turn"}
+    # the server defaults: rocketkv requests this short read their kept tokens whole, mt ones select pages
+    assert result["exact_decode_up_to"] == {"rocketkv": 16384, "mt": 0}
+    assert "up to 16384 tokens, mt ones up to 0" in (tmp_path / "acc.md").read_text()

@@ -47,8 +47,11 @@ def test_outputs_have_requested_length(llm, mode, budget):
 
 
 def test_mixed_batch_equals_requests_run_alone(llm):
-    settings = [{"rocketkv_budget": 48}, {"rocketkv_mode": "mt", "rocketkv_budget": 64}, {"rocketkv_mode": "full"}, {}]
-    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[2], PROMPTS[1]]
+    # HSA rows beside exact ones: full, and snapkv (evicted, then every kept page: EVERY_PAGE rows,
+    # as dense_below's rows are)
+    settings = [{"rocketkv_budget": 48}, {"rocketkv_mode": "mt", "rocketkv_budget": 64}, {"rocketkv_mode": "full"}, {},
+                {"rocketkv_mode": "snapkv", "rocketkv_budget": 48}]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
     alone = [token_ids(llm.generate([p], greedy(**s), use_tqdm=False))[0] for p, s in zip(prompts, settings)]
     assert token_ids(llm.generate(prompts, [greedy(**s) for s in settings], use_tqdm=False)) == alone
 

@@ -17,6 +17,7 @@ import json
 import os
 import time
 
+from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.eval.runner import build_samples, configs, markdown_table, plot, rows_as_dicts, run, summary
 from rocketkv_vllm.eval.tasks import TASKS
 
@@ -59,8 +60,12 @@ def make_engine(args: argparse.Namespace):
 
 def write_results(args: argparse.Namespace, engine: dict, rows: list, predictions: list, seconds: float) -> str:
     """JSON (every score and prediction), markdown table and plot; returns the table."""
+    # which rocketkv / mt requests decode exactly over what stage 1 kept instead of running HSA
+    settings = RocketKVConfig.from_additional_config(engine["additional_config"])
+    exact_up_to = {mode: settings.dense_below_for(mode) for mode in ("rocketkv", "mt")}
     result = {
         "model": args.model, "args": vars(args), "engine": engine, "seconds": round(seconds, 1),
+        "exact_decode_up_to": exact_up_to,
         "summary": summary(rows), "rows": rows_as_dicts(rows), "predictions": predictions,
     }
     base = os.path.splitext(args.out)[0]
@@ -71,7 +76,9 @@ def write_results(args: argparse.Namespace, engine: dict, rows: list, prediction
     table = markdown_table(rows)
     with open(base + ".md", "w") as f:
         f.write(f"Score (RULER string match, %), average over {', '.join(args.tasks)} at {lengths} tokens, "
-                f"{args.samples} samples each; model {os.path.basename(args.model.rstrip('/'))}\n\n{table}\n")
+                f"{args.samples} samples each; model {os.path.basename(args.model.rstrip('/'))}; rocketkv requests "
+                f"decode exactly over kept contexts up to {exact_up_to['rocketkv']} tokens, mt ones up to "
+                f"{exact_up_to['mt']} (dense_below; HSA beyond)\n\n{table}\n")
     plot(rows, base + ".png", f"{os.path.basename(args.model.rstrip('/'))}: score vs budget")
     return table
 
