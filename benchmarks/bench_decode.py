@@ -46,10 +46,15 @@ def parse_cases(args: argparse.Namespace) -> list[tuple[int, int]]:
     return [(ctx, batch) for ctx in args.ctx for batch in args.batch]
 
 
+def other_prefill_steps(ctx: int, batch: int, chunk_tokens: int) -> int:
+    """Steps, at least, that prefill the other batch - 1 prompts after the first one's (chunk_tokens a step)."""
+    return math.ceil((batch - 1) * ctx / chunk_tokens)
+
+
 def steps_all_decoding(ctx: int, batch: int, out: int, chunk_tokens: int) -> int:
     """At most how many steps see all `batch` requests decoding: the first request's output
-    tokens less the steps that prefill the other batch - 1 prompts (chunk_tokens a step)."""
-    return out - 1 - math.ceil((batch - 1) * ctx / chunk_tokens)
+    tokens (its first comes from its prefill) less the other prompts' prefill steps."""
+    return out - 1 - other_prefill_steps(ctx, batch, chunk_tokens)
 
 
 def check_out_is_long_enough(args: argparse.Namespace, chunk_tokens: int) -> None:
@@ -57,7 +62,7 @@ def check_out_is_long_enough(args: argparse.Namespace, chunk_tokens: int) -> Non
     last prompt's prefill ends), naming the --out every case needs."""
     for ctx, batch in parse_cases(args):
         if steps_all_decoding(ctx, batch, args.out, chunk_tokens) <= args.skip_steps:
-            need = args.skip_steps + 2 + math.ceil((batch - 1) * ctx / chunk_tokens)
+            need = args.skip_steps + 2 + other_prefill_steps(ctx, batch, chunk_tokens)
             raise SystemExit(f"--out {args.out} is too short for {ctx}x{batch}: the first request finishes before the "
                              f"other {batch - 1} prompts are prefilled ({chunk_tokens} tokens a step); use --out >= {need}")
 
