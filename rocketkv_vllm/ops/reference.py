@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-from rocketkv_vllm.algorithms import attend_chosen, causal_attention, exact_topk, hsa_select, sparse_attention
+from rocketkv_vllm.algorithms import attend_chosen, exact_topk, hsa_select, sparse_attention
 from rocketkv_vllm.kv_layout import KVLayout
 
 
@@ -75,10 +76,23 @@ def gather_tokens(
     kv_cache: torch.Tensor, layout: KVLayout, block_row: torch.Tensor, num_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of logical positions [0, num_tokens) of one request: [N, Hkv, D] each."""
-    pos = torch.arange(num_tokens, device=kv_cache.device)
-    block = block_row[pos // layout.block_size].long()
-    offset = pos % layout.block_size
-    return layout.keys(kv_cache)[block, :, offset], layout.values(kv_cache)[block, :, offset]
+    keys, values = gather_blocks(kv_cache, layout, block_row[None], num_tokens)
+    return keys[0].transpose(0, 1), values[0].transpose(0, 1)
+
+
+def gather_blocks(
+    kv_cache: torch.Tensor, layout: KVLayout, block_table: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of logical positions [0, num_tokens) of every request, gathered whole
+    blocks at a time (one copy each, not one index per token): [B, Hkv, num_tokens, D] each."""
+    num_blocks = -(-num_tokens // layout.block_size)
+    blocks = block_table[:, :num_blocks].long()
+    batch, num_kv_heads, head_dim = blocks.shape[0], kv_cache.shape[1], kv_cache.shape[-1]
+
+    def tokens(view: torch.Tensor) -> torch.Tensor:  # [B, nb, Hkv, bs, D] -> [B, Hkv, nb * bs, D]
+        return view[blocks].transpose(1, 2).reshape(batch, num_kv_heads, -1, head_dim)[:, :, :num_tokens]
+
+    return tokens(layout.keys(kv_cache)), tokens(layout.values(kv_cache))
 
 
 def live_positions(seq_len: int, keep: int, gap_end: int, device: torch.device) -> torch.Tensor:
@@ -100,20 +114,29 @@ def paged_causal_attention(
 ) -> torch.Tensor:
     """Exact causal attention of one request's last T = query.shape[0] tokens over its live cache.
 
-    query: [T, Hq, D] at positions seq_len - T .. seq_len - 1. Queries are processed in
-    chunks so the logits never exceed query_chunk x seq_len per head.
+    query: [T, Hq, D] at positions seq_len - T .. seq_len - 1; torch's fused attention in
+    float32. A chunk after earlier ones (or after a gap) is masked query_chunk queries at a
+    time, so that a mask never exceeds query_chunk x seq_len.
     """
-    keys, values = gather_tokens(kv_cache, layout, block_row, seq_len)
+    # [1, H, L, D]: torch's CPU flash-attention kernel takes only 4-d inputs
+    keys, values = (t.float() for t in gather_blocks(kv_cache, layout, block_row[None], seq_len))
     positions = torch.arange(seq_len, device=kv_cache.device)
     live = live_positions(seq_len, keep, gap_end, kv_cache.device)
-    if not bool(live.all()):
-        keys, values, positions = keys[live], values[live], positions[live]
+    gap_free = bool(live.all())
+    if not gap_free:
+        keys, values, positions = keys[:, :, live], values[:, :, live], positions[live]
     first = seq_len - query.shape[0]
+    q = query.float().transpose(0, 1)[None]  # [1, Hq, T, D]
+    if gap_free and first == 0:  # query i sees keys 0..i: SDPA's own causal mask, no mask tensor
+        attended = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        return attended[0].transpose(0, 1).to(query.dtype)
     out = torch.empty_like(query)
     for start in range(0, query.shape[0], query_chunk):
-        q = query[start : start + query_chunk]
-        q_pos = torch.arange(first + start, first + start + q.shape[0], device=kv_cache.device)
-        out[start : start + q.shape[0]] = causal_attention(q, keys, values, q_pos, positions, scale)
+        chunk = q[:, :, start : start + query_chunk]
+        q_pos = torch.arange(first + start, first + start + chunk.shape[2], device=kv_cache.device)
+        visible = positions[None, :] <= q_pos[:, None]
+        attended = F.scaled_dot_product_attention(chunk, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
+        out[start : start + chunk.shape[2]] = attended[0].transpose(0, 1).to(query.dtype)
     return out
 
 
@@ -224,15 +247,23 @@ def hsa_select_pages(
     highest approximate attention (every live page when top_pages covers them; no list for
     EVERY_PAGE rows). `plan`, the kernels' launch plan, is accepted for a common signature
     and not needed here."""
+    batch = query.shape[0]
+    top_pages = torch.as_tensor(top_pages, device=query.device).expand(batch)
+    listed = (top_pages != EVERY_PAGE).nonzero()[:, 0]
+    index = torch.full((batch, kv_cache.shape[1], 1), -1, dtype=torch.int32, device=query.device)
+    if listed.numel() == 0:  # dense rows only: nothing to score
+        return PageSelection(index, torch.zeros(index.shape[:2], dtype=torch.int32, device=query.device))
+    block_table, seq_lens, keep, gap_end, top_channels, top_pages = (
+        torch.as_tensor(t, device=query.device).expand(batch, *torch.as_tensor(t).shape[1:])[listed]
+        for t in (block_table, seq_lens, keep, gap_end, top_channels, top_pages))
     num_pages = max(1, -(-int(seq_lens.max().item()) // layout.page_size))
     kmax, kmin = gather_page_summaries(kv_cache, layout, block_table, num_pages)
     plen = page_lengths(seq_lens, keep, gap_end, num_pages, layout.page_size)
-    top_pages = torch.as_tensor(top_pages, device=query.device).expand(query.shape[0])
-    listed = (top_pages != EVERY_PAGE)[:, None, None]
-    pages = hsa_select(query, kmax, kmin, plen, top_channels, top_pages.clamp(max=num_pages)).int()
-    pages = torch.where(listed, pages, -1)
-    count = (pages >= 0).sum(dim=-1, dtype=torch.int32)
-    return PageSelection(torch.nn.functional.pad(pages, (0, 1), value=-1), count)
+    pages = hsa_select(query[listed], kmax, kmin, plen, top_channels, top_pages.clamp(max=num_pages)).int()
+    # (one spare entry: room for the newest page)
+    index = index.expand(-1, -1, pages.shape[-1] + 1).clone()
+    index[listed, :, : pages.shape[-1]] = pages
+    return PageSelection(index, (index >= 0).sum(dim=-1, dtype=torch.int32))
 
 
 def paged_sparse_attention(
@@ -252,15 +283,51 @@ def paged_sparse_attention(
     """Exact attention over the live tokens of the chosen pages page_index[b, h, :page_count[b, h]]
     (-1 entries skipped), or of every live page for rows whose top_pages is EVERY_PAGE:
     [B, Hq, D], written into `out` when given."""
+    batch = query.shape[0]
+    seq_lens, keep, gap_end = (torch.as_tensor(t, device=query.device).expand(batch) for t in (seq_lens, keep, gap_end))
+    every = (torch.as_tensor(top_pages, device=query.device).expand(batch) == EVERY_PAGE if top_pages is not None
+             else torch.zeros(batch, dtype=torch.bool, device=query.device))
+    if bool(every.all()):
+        result = _attend_live_tokens(query, kv_cache, layout, block_table, seq_lens, keep, gap_end, scale)
+    elif not bool(every.any()):
+        result = _attend_listed_pages(query, kv_cache, layout, block_table, page_index, page_count, seq_lens, keep,
+                                      gap_end, scale)
+    else:
+        result = torch.empty_like(query)
+        result[every] = _attend_live_tokens(query[every], kv_cache, layout, block_table[every], seq_lens[every],
+                                            keep[every], gap_end[every], scale)
+        listed = ~every
+        result[listed] = _attend_listed_pages(query[listed], kv_cache, layout, block_table[listed], page_index[listed],
+                                              page_count[listed], seq_lens[listed], keep[listed], gap_end[listed], scale)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def _attend_live_tokens(query: torch.Tensor, kv_cache: torch.Tensor, layout: KVLayout, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, keep: torch.Tensor, gap_end: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense decode rows: each query over every live token of its request (torch's fused
+    attention over whole gathered blocks); rows without a live token output zeros."""
+    length = max(1, int(seq_lens.max().item()))
+    keys, values = gather_blocks(kv_cache, layout, block_table, length)
+    pos = torch.arange(length, device=query.device)
+    live = (pos < seq_lens[:, None]) & ((pos < keep[:, None]) | (pos >= gap_end[:, None]))  # [B, L]
+    keys, values, mask = keys.float(), values.float(), None
+    if not bool(live.all()):
+        # dead slots may hold anything, NaN included: zero them (gathered copies), not just their weight
+        dead = ~live[:, None, :, None]
+        keys, values, mask = keys.masked_fill_(dead, 0.0), values.masked_fill_(dead, 0.0), live[:, None, None, :]
+    out = F.scaled_dot_product_attention(query.float()[:, :, None], keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)[:, :, 0]
+    return torch.where(live.any(dim=-1)[:, None, None], out, 0.0).to(query.dtype)
+
+
+def _attend_listed_pages(query: torch.Tensor, kv_cache: torch.Tensor, layout: KVLayout, block_table: torch.Tensor,
+                         page_index: torch.Tensor, page_count: torch.Tensor, seq_lens: torch.Tensor, keep: torch.Tensor,
+                         gap_end: torch.Tensor, scale: float) -> torch.Tensor:
+    """Selected decode rows: each KV head's query group over the live tokens of its listed pages."""
     ps = layout.page_size
-    if top_pages is not None:
-        every = torch.as_tensor(top_pages, device=query.device).expand(query.shape[0]) == EVERY_PAGE
-        num_pages = max(1, -(-int(seq_lens.max().item()) // ps))
-        width = max(num_pages, page_index.shape[-1])
-        page_index = torch.nn.functional.pad(page_index, (0, width - page_index.shape[-1]), value=-1)
-        all_pages = torch.arange(width, dtype=page_index.dtype, device=page_index.device).expand_as(page_index)
-        page_index = torch.where(every[:, None, None], all_pages, page_index)
-        page_count = torch.where(every[:, None], width, page_count)
     entry = torch.arange(page_index.shape[-1], device=page_index.device)
     page_index = torch.where(entry < page_count[..., None], page_index.long(), -1)
     offsets = torch.arange(ps, device=kv_cache.device)
@@ -274,11 +341,7 @@ def paged_sparse_attention(
     head = torch.arange(tokens.shape[1], device=kv_cache.device)[None, :, None]
     k = layout.keys(kv_cache)[block, head, tokens % layout.block_size]
     v = layout.values(kv_cache)[block, head, tokens % layout.block_size]
-    result = attend_chosen(query, k, v, chosen, scale)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return attend_chosen(query, k, v, chosen, scale)
 
 
 def oracle_decode_attention(
