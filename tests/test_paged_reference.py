@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rocketkv_vllm.algorithms import hsa_select, page_summaries, snapkv_select, sparse_attention
+from rocketkv_vllm.algorithms import causal_attention, hsa_select, page_summaries, snapkv_select, sparse_attention
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference as ops
 
@@ -100,6 +100,53 @@ def test_paged_hsa_and_attention_match_contiguous(group):
     ok = (pages >= 0).repeat_interleave(4, -1) & live.gather(1, tok.flatten(1)).view_as(tok)
     ref = sparse_attention(query, padded_k, padded_v, torch.where(ok, tok, -1), 0.25)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def live_attention(query, keys, values, seq_len, keep, gap_end, query_positions, scale):
+    """The contiguous oracle: causal attention over one request's live tokens."""
+    live = ops.live_positions(seq_len, keep, gap_end, torch.device("cpu"))
+    return causal_attention(query, keys[:seq_len][live], values[:seq_len][live], query_positions,
+                            torch.arange(seq_len)[live], scale)
+
+
+@pytest.mark.parametrize("seq_len,queries,keep,gap_end", [
+    (90, 90, 90, 90),  # a whole prompt from position 0 (SDPA's causal mask)
+    (90, 41, 90, 90),  # a later chunk, masked in query chunks of 16
+    (90, 30, 20, 52),  # a chunk after an evicted gap
+])
+def test_paged_causal_attention_matches_contiguous(seq_len, queries, keep, gap_end):
+    torch.manual_seed(seq_len + queries + keep)
+    layout, hkv = KVLayout(16, 4), 2
+    kv, table, keys, values = make_request_cache(layout, 16, hkv, 16, [seq_len])
+    query = torch.randn(queries, hkv * 3, 16)
+    out = ops.paged_causal_attention(query, kv, layout, table[0], seq_len, keep, gap_end, 0.3, query_chunk=16)
+    ref = live_attention(query, keys[0], values[0], seq_len, keep, gap_end, torch.arange(seq_len - queries, seq_len), 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_decode_rows_attend_every_live_token():
+    """Rows whose budget is EVERY_PAGE, beside a selecting row: each over every live token of
+    its request around its gap (dead slots hold NaN), a padding row (seq_len 0) gives zeros."""
+    torch.manual_seed(3)
+    layout, hkv, d = KVLayout(16, 2), 2, 16
+    lengths = [70, 45, 1, 33]
+    kv, table, keys, values = make_request_cache(layout, 32, hkv, d, lengths)
+    seq_lens, keep, gap_end = torch.tensor([70, 45, 0, 33]), torch.tensor([30, 45, 0, 33]), torch.tensor([50, 45, 0, 33])
+    top_pages = torch.tensor([ops.EVERY_PAGE, 3, ops.EVERY_PAGE, ops.EVERY_PAGE])
+    query = torch.randn(4, hkv * 2, d)
+    selection = ops.hsa_select_pages(query, kv, layout, table, seq_lens, keep, gap_end, d, top_pages)
+    assert selection.count[[0, 2, 3]].eq(0).all() and selection.count[1].eq(3).all()
+    out = ops.paged_sparse_attention(query, kv, layout, table, *selection, seq_lens, keep, gap_end, 0.3,
+                                     top_pages=top_pages)
+    for row in (0, 3):
+        n = int(seq_lens[row])
+        ref = live_attention(query[row : row + 1], keys[row], values[row], n, int(keep[row]), int(gap_end[row]),
+                             torch.tensor([n - 1]), 0.3)
+        torch.testing.assert_close(out[row : row + 1], ref, rtol=1e-5, atol=1e-5)
+    assert out[2].eq(0).all()
+    listed = ops.paged_sparse_attention(query[1:2], kv, layout, table[1:2], selection.index[1:2], selection.count[1:2],
+                                        seq_lens[1:2], keep[1:2], gap_end[1:2], 0.3)
+    assert torch.equal(out[1:2], listed)
 
 
 @pytest.mark.parametrize("prompt,written,keep", [(37, 43, 20), (40, 50, 12), (33, 36, 33 - 1)])
