@@ -37,6 +37,7 @@ def run(llm, prompt: str, extra_args: dict) -> tuple[str, int]:
 
 
 def main() -> None:
+    import torch
     from fetch_model import DEFAULT_OUT, fetch
     from vllm import LLM
 
@@ -45,8 +46,11 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--repeats", type=int, default=60)
     args = parser.parse_args()
+    # 2048-token prefill chunks: vLLM's start-up runs the model over a whole chunk's worth of
+    # tokens; float32 on CPUs, most of which have no bfloat16 arithmetic (torch emulates it, slowly)
     llm = LLM(fetch(args.model), attention_backend="rocketkv", block_size=16, max_model_len=8192,
-              kv_cache_memory_bytes=512 << 20, enforce_eager=True, enable_prefix_caching=False)
+              max_num_batched_tokens=2048, kv_cache_memory_bytes=1 << 30, enforce_eager=True,
+              enable_prefix_caching=False, dtype="auto" if torch.cuda.is_available() else "float32")
     prompt = passkey_prompt(71432, args.repeats)
     prompt_len = len(llm.get_tokenizer().encode(prompt))
     print(f"\nprompt: {prompt_len} tokens, a pass key (71432) hidden in the middle; block size 16")

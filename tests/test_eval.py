@@ -95,7 +95,7 @@ def test_reduced_run_on_smollm2(tmp_path):
     result = main([
         "--model", default_model(), "--tasks", "niah_single", "multi_turn", "--lengths", "512", "--samples", "1",
         "--budgets", "256", "2048", "--dtype", "float32", "--out", str(out), "--no-progress",
-        "--engine-args", json.dumps({"kv_cache_memory_bytes": 256 << 20, "max_num_seqs": 16}),
+        "--engine-args", json.dumps({"kv_cache_memory_bytes": 256 << 20, "max_num_seqs": 16, "max_num_batched_tokens": 1024}),
     ])
     assert set(result["summary"]) == {"full", "rocketkv", "mt", "snapkv", "quest", "oracle"}
     full = {(p["task"], p["turn"]): p["prediction"] for p in result["predictions"] if p["config"] == "full"}

@@ -26,6 +26,8 @@ def server():
         default_model(), "--attention-backend", "rocketkv",
         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "16", "--enforce-eager",
         "--kv-cache-memory-bytes", str(160 << 20), "--max-num-seqs", "4",
+        # (vLLM's start-up runs the model over this many tokens: a prompt's worth, not the default 2048)
+        "--max-num-batched-tokens", str(MAX_MODEL_LEN),
         "--additional-config", json.dumps(settings),
     ) as running:
         yield running.base
