@@ -215,9 +215,14 @@ def page_lengths(
     seq_lens: torch.Tensor, keep: torch.Tensor, gap_end: torch.Tensor, num_pages: int, page_size: int
 ) -> torch.Tensor:
     """Live tokens per logical page: [B, num_pages] int32 (0 = skip the page)."""
-    pos = torch.arange(num_pages * page_size, device=seq_lens.device)
-    live = (pos[None] < seq_lens[:, None]) & ((pos[None] < keep[:, None]) | (pos[None] >= gap_end[:, None]))
+    live = live_tokens(seq_lens, keep, gap_end, num_pages * page_size)
     return live.view(-1, num_pages, page_size).sum(dim=-1, dtype=torch.int32)
+
+
+def live_tokens(seq_lens: torch.Tensor, keep: torch.Tensor, gap_end: torch.Tensor, length: int) -> torch.Tensor:
+    """Bool [B, length]: which of each request's logical positions [0, length) hold live tokens."""
+    pos = torch.arange(length, device=seq_lens.device)
+    return (pos < seq_lens[:, None]) & ((pos < keep[:, None]) | (pos >= gap_end[:, None]))
 
 
 def gather_page_summaries(
@@ -311,8 +316,7 @@ def _attend_live_tokens(query: torch.Tensor, kv_cache: torch.Tensor, layout: KVL
     attention over whole gathered blocks); rows without a live token output zeros."""
     length = max(1, int(seq_lens.max().item()))
     keys, values = gather_blocks(kv_cache, layout, block_table, length)
-    pos = torch.arange(length, device=query.device)
-    live = (pos < seq_lens[:, None]) & ((pos < keep[:, None]) | (pos >= gap_end[:, None]))  # [B, L]
+    live = live_tokens(seq_lens, keep, gap_end, length)
     keys, values, mask = keys.float(), values.float(), None
     if not bool(live.all()):
         # dead slots may hold anything, NaN included: zero them (gathered copies), not just their weight
