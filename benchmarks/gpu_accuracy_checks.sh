@@ -25,18 +25,22 @@ checks() {
   RAY_EXECUTOR_LIMIT=150 RAY_DATA_LIMIT=170 bash benchmarks/gpu_ray_checks.sh "$model" > "$out/ray_checks.txt" 2>&1
 }
 
-evaluate() {  # NAME LENGTH PAGE SAMPLES METHODS BUDGETS
+evaluate() {  # NAME LENGTH ROCKETKV_CONFIG SAMPLES METHODS BUDGETS
   timeout "${EVAL_LIMIT:-550}" python -m rocketkv_vllm.eval --model "$model" --dtype bfloat16 --no-progress \
     --lengths "$2" --samples "$4" --methods $5 --budgets $6 --engine-args "$kv" \
-    --rocketkv-config "{\"page_size\": $3}" --out "$out/$1.json" > "$out/$1.log" 2>&1
+    --rocketkv-config "$3" --out "$out/$1.json" > "$out/$1.log" 2>&1
   echo "eval exit $?" >> "$out/$1.log"
 }
 
-checks &
-# session 10 ran 2K (full rocketkv mt quest) and 4K (+ snapkv) with 2-token pages; next: 7K, and 4K
-# with 4-token pages for the page-size comparison
-evaluate accuracy_7k_page2 7168 2 12 "full rocketkv mt snapkv quest" "128 256 512 1024 2048" &
-evaluate accuracy_4k_page4 4096 4 16 "full rocketkv mt quest" "128 256 512 1024 2048" &
+# CHECKS=0 skips the bf16 engine test and the Ray checks (Ray not staged)
+[ "${CHECKS:-1}" = 1 ] && checks &
+# session 17: the dense_below default (exact decode over kept contexts up to 16K) against HSA on
+# every row ({"dense_below": 0}); sessions 10-13 ran page sizes and 7K
+hsa='{"dense_below": 0}'
+evaluate dense_default_2k 2048 '{}' 20 "full rocketkv" "128 256 512 1024" &
+evaluate hsa_2k 2048 "$hsa" 20 "rocketkv" "128 256 512 1024" &
+evaluate dense_default_4k 4096 '{}' 20 "full rocketkv" "128 256 512 1024" &
+evaluate hsa_4k 4096 "$hsa" 20 "rocketkv" "128 256 512 1024" &
 wait
 tar -C "$out" -czf "$dest/gpu_accuracy_checks.tar.gz" .
 cp "$out"/*.md "$out/pytest_bf16.txt" "$out/ray_checks.txt" "$dest"/ 2>/dev/null

@@ -11,13 +11,14 @@
 #   bash benchmarks/gpu_bench_session.sh serve128k  # vllm serve at 128K in / 256 out, 8 prompts at once
 #   bash benchmarks/gpu_bench_session.sh bigbatch   # 64 requests of 32K decoding at once
 #   bash benchmarks/gpu_bench_session.sh eager      # steps without a full graph: per-layer graphs
+#   bash benchmarks/gpu_bench_session.sh mt_dense   # mt: exact decode vs HSA at 8K/16K (attention alone)
 #
 # Results go to $OUT (the device tool brings back at most 8 files): bench_<part>.tar.gz with
 # every JSON, plot and log, plus the part's JSON files and a summary.txt beside it.
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager}"
+part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|mt_dense}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -107,14 +108,30 @@ case "$part" in
     # 1 with 4-token pages, a pool of ~708K; stock holds 26, so it never has all 64 decoding and
     # reports no TPOT, only that it ran): per backend start ~80 s, 64 prefills ~81 s (4 steps each,
     # so the first request decodes ~256 tokens before the last prefill ends), then ~190 steps
+    # BACKENDS=rocketkv skips stock (it holds 26 of the 64, so it reports no step time: ~3.5 min saved)
     log "decode 32K x 64"
-    timeout 540 python benchmarks/bench_decode.py --cases 32768x64 --out 448 --repeats 1 --warmup-ctx 2048 \
+    timeout 540 python benchmarks/bench_decode.py --backends ${BACKENDS:-FLASH_ATTN rocketkv} --cases 32768x64 --out 448 --repeats 1 --warmup-ctx 2048 \
       --max-num-seqs 256 --rocketkv-config '{"page_size": 4}' --budget "$BUDGET" \
       --json "$results/decode_b64.json" > "$results/decode_b64.txt" 2>&1
     log "exit $?"
     ;;
+  mt_dense)
+    # ~2.5 min: mt requests (whole prompts kept) decoding exactly over every token against HSA, at
+    # 8K and 16K, batch 1 and 8: the attention of 32 layers alone (bench_eager_host.py), per mode
+    for ctx in 8192 16384; do
+      for batch in 1 8; do
+        for dense in 0 32768; do
+          name="mt_${ctx}x${batch}_dense$dense"
+          log "$name"
+          timeout 100 python benchmarks/bench_eager_host.py --mode mt --batch $batch --context $ctx --layers 32 \
+            --repeats 3 --dense-below $dense > "$results/$name.json" 2> "$results/$name.log"
+          log "exit $?"
+        done
+      done
+    done
+    ;;
   *)
-    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager)" >&2
+    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|mt_dense)" >&2
     exit 2
     ;;
 esac
@@ -124,6 +141,7 @@ for f in "$results"/*.txt; do  # each script ends with its summary lines
   [ "$f" != "$results/summary.txt" ] && { echo "== $(basename "$f")"; tail -n 8 "$f"; } >> "$results/summary.txt"
 done
 tar -C "$work" -czf "$OUT/bench_$part.tar.gz" results
-cp "$results"/*.json "$results/summary.txt" "$OUT"/ 2>/dev/null
+[ "$(ls "$results"/*.json 2>/dev/null | wc -l)" -le 6 ] && cp "$results"/*.json "$OUT"/
+cp "$results/summary.txt" "$OUT"/
 ls -la "$OUT"
 rm -rf "$work"
