@@ -11,14 +11,15 @@
 #   bash benchmarks/gpu_bench_session.sh serve128k  # vllm serve at 128K in / 256 out, 8 prompts at once
 #   bash benchmarks/gpu_bench_session.sh bigbatch   # 64 requests of 32K decoding at once
 #   bash benchmarks/gpu_bench_session.sh eager      # steps without a full graph: per-layer graphs
-#   bash benchmarks/gpu_bench_session.sh mt_dense   # mt: exact decode vs HSA at 8K/16K (attention alone)
+#   bash benchmarks/gpu_bench_session.sh decode     # the decode half of offline
+#   bash benchmarks/gpu_bench_session.sh dense_attn # dense decode attention: rocketkv 130K x 3 eager vs graph; mt vs HSA
 #
 # Results go to $OUT (the device tool brings back at most 8 files): bench_<part>.tar.gz with
 # every JSON, plot and log, plus the part's JSON files and a summary.txt beside it.
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|mt_dense}"
+part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -59,17 +60,19 @@ case "$part" in
       --budget "$BUDGET" --json "$results/capacity_128k_40.json" > "$results/capacity_128k_40.txt" 2>&1
     log "exit $?"
     ;;
-  offline)
-    # ~7 min: decode per backend start ~50 s + 3 repeats of 8192x1, 32768x1, 32768x8 at 256 out ~55 s;
-    # capacity per backend start ~50 s + 32 x 32K prompts, 512 out ~45-60 s
+  offline|decode)
+    # ~7 min (decode alone ~4.5): decode per backend start ~50 s + 3 repeats of 8192x1, 32768x1,
+    # 32768x8 at 256 out ~55 s; capacity per backend start ~50 s + 32 x 32K prompts, 512 out ~45-60 s
     log "decode 8K/32K"
     timeout 260 python benchmarks/bench_decode.py --cases 8192x1 32768x1 32768x8 --out 256 --repeats 3 \
       --budget "$BUDGET" --json "$results/decode.json" > "$results/decode.txt" 2>&1
     log "exit $?"
-    log "capacity 32K"
-    timeout 250 python benchmarks/bench_capacity.py --ctx 32768 --prompts 32 --out 512 --budget "$BUDGET" \
-      --json "$results/capacity_32k.json" > "$results/capacity_32k.txt" 2>&1
-    log "exit $?"
+    if [ "$part" = offline ]; then
+      log "capacity 32K"
+      timeout 250 python benchmarks/bench_capacity.py --ctx 32768 --prompts 32 --out 512 --budget "$BUDGET" \
+        --json "$results/capacity_32k.json" > "$results/capacity_32k.txt" 2>&1
+      log "exit $?"
+    fi
     ;;
   long)
     # ~8 min: decode 130000x1, 3 repeats (~10 s prefill + 256 steps each) per backend ~90 s;
@@ -115,23 +118,23 @@ case "$part" in
       --json "$results/decode_b64.json" > "$results/decode_b64.txt" 2>&1
     log "exit $?"
     ;;
-  mt_dense)
-    # ~2.5 min: mt requests (whole prompts kept) decoding exactly over every token against HSA, at
-    # 8K and 16K, batch 1 and 8: the attention of 32 layers alone (bench_eager_host.py), per mode
-    for ctx in 8192 16384; do
-      for batch in 1 8; do
-        for dense in 0 32768; do
-          name="mt_${ctx}x${batch}_dense$dense"
-          log "$name"
-          timeout 100 python benchmarks/bench_eager_host.py --mode mt --batch $batch --context $ctx --layers 32 \
-            --repeats 3 --dense-below $dense > "$results/$name.json" 2> "$results/$name.log"
-          log "exit $?"
-        done
-      done
+  dense_attn)
+    # ~3 min, the attention of 32 layers alone (bench_eager_host.py: eager, per-layer graphs, full
+    # graph, FA3): rocketkv's dense default at 130K x 3 (its per-layer graphs against its full graph),
+    # then mt requests (whole prompts kept) decoding exactly against HSA at 8K and 16K
+    runs="rocketkv:131072:3:16384"
+    for shape in 8192:1 16384:1 16384:8; do runs="$runs mt:$shape:0 mt:$shape:32768"; done
+    for run in $runs; do
+      IFS=: read -r mode ctx batch dense <<< "$run"
+      name="${mode}_${ctx}x${batch}_dense$dense"
+      log "$name"
+      timeout 100 python benchmarks/bench_eager_host.py --mode "$mode" --batch "$batch" --context "$ctx" \
+        --layers 32 --repeats 3 --dense-below "$dense" > "$results/$name.json" 2> "$results/$name.log"
+      log "exit $?"
     done
     ;;
   *)
-    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|mt_dense)" >&2
+    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode)" >&2
     exit 2
     ;;
 esac
