@@ -11,10 +11,12 @@ batch of a Llama-3.1-8B shape (Hq 32, Hkv 8, D 128, 32 layers, each its own KV c
   SelectionPlanner: host decisions made once, scratch from a workspace allocated once);
 - layer_graphs:    each layer's selection + attention replayed from its own graph over
                    fixed-address rows padded to a power of two, queries copied in and the
-                   output out (the impl's path for steps without a full graph, layer_graphs.py);
+                   output out (the impl's path for steps without a full graph, layer_graphs.py;
+                   as there, no selection when no row chooses pages: dense rows only);
 - layer_graphs_no_copies: the same replays without the query and output copies (what
                    the copies cost, against what launching a graph per layer costs);
-- graph:           eager_planned captured once and replayed (the full-CUDA-graph path);
+- graph:           eager_planned captured once and replayed (the full-CUDA-graph path,
+                   which launches the selection whatever the rows);
 - attend_all_pages_graph: the attention kernel alone over every live page, no selection, as
                    a full graph (the floor of a dense decode path for short kept contexts);
 - fa3_graph:       (when vLLM is importable) stock's decode: FlashAttention 3 over the whole
@@ -92,6 +94,7 @@ class DecodeLayers:
         plan = plan_for_params(SimpleNamespace(extra_args=None, max_tokens=args.max_tokens), ctx, config, HEAD_DIM,
                                args.block_size)
         self.plan = plan
+        self.selects = bool(plan.sparse)  # else no selection is launched outside full graphs (the impl's rule)
         full = lambda v: torch.full((b,), v, dtype=torch.int32, device=device)  # noqa: E731
         self.seq = full(ctx + 1)
         self.keep, self.gap = full(plan.keep if plan.evicts else ctx), full(ctx)
@@ -102,7 +105,7 @@ class DecodeLayers:
         self.query = torch.randn(b, Q_HEADS, HEAD_DIM, dtype=dtype, device=device)
         self.new_kv = torch.randn(b, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
         self.out = torch.empty_like(self.query)
-        # the builder's per-step newest pages (ops/newest_page.py), appended per layer as the impl does
+        # the builder's per-step newest pages (ops/newest_page.py), appended by each layer's selection
         self.newest = NewestPages.of(self.seq, config.page_size) if config.attend_newest_page else None
         self.layers = args.layers
         self.ops = get_ops(device)
@@ -129,11 +132,13 @@ class DecodeLayers:
         self.graphs = [LayerGraphs() for _ in range(self.layers)]
 
     def _select_and_attend(self, kv: torch.Tensor, p: SimpleNamespace) -> None:
-        scored = p.newest.scored_seq_lens if p.newest else p.seq
-        selection = self.ops.hsa_select_pages(p.query, kv, self.layout, p.table, scored, p.keep, p.gap,
-                                              p.top_channels, p.top_pages, plan=p.plan)
-        if p.newest:
-            p.newest.append_to(selection)
+        if self.selects:
+            scored = p.newest.scored_seq_lens if p.newest else p.seq
+            selection = self.ops.hsa_select_pages(p.query, kv, self.layout, p.table, scored, p.keep, p.gap,
+                                                  p.top_channels, p.top_pages,
+                                                  newest_page=p.newest.page if p.newest else None, plan=p.plan)
+        else:
+            selection = p.plan.unlisted()
         self.ops.paged_sparse_attention(p.query, kv, self.layout, p.table, selection.index, selection.count, p.seq,
                                         p.keep, p.gap, 1.0 / HEAD_DIM ** 0.5, out=p.out, top_pages=p.top_pages)
 
@@ -162,6 +167,8 @@ class DecodeLayers:
                                             self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out)
 
     def step(self, planned: bool) -> None:
+        """Every layer launched from Python: with the builder's plan (planned) or one per call;
+        all layers select, as inside a full graph."""
         ops, layout = self.ops, self.layout
         selection_plan = self.planner(self.batch) if planned else None  # once per step (the builder)
         for layer in range(self.layers):
@@ -169,9 +176,8 @@ class DecodeLayers:
             ops.write_kv(kv, layout, self.new_kv, self.new_kv, self.slots)
             scored = self.newest.scored_seq_lens if self.newest else self.seq
             selection = ops.hsa_select_pages(self.query, kv, layout, self.table, scored, self.keep, self.gap,
-                                             self.top_channels, self.top_pages, plan=selection_plan)
-            if self.newest:
-                self.newest.append_to(selection)
+                                             self.top_channels, self.top_pages,
+                                             newest_page=self.newest.page if self.newest else None, plan=selection_plan)
             ops.paged_sparse_attention(self.query, kv, layout, self.table, selection.index, selection.count, self.seq,
                                        self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out,
                                        top_pages=self.top_pages)

@@ -119,11 +119,12 @@ case "$part" in
     log "exit $?"
     ;;
   dense_attn)
-    # ~3 min, the attention of 32 layers alone (bench_eager_host.py: eager, per-layer graphs, full
-    # graph, FA3): rocketkv's dense default at 130K x 3 (its per-layer graphs against its full graph),
-    # then mt requests (whole prompts kept) decoding exactly against HSA at 8K and 16K
-    runs="rocketkv:131072:3:16384"
-    for shape in 8192:1 16384:1 16384:8; do runs="$runs mt:$shape:0 mt:$shape:32768"; done
+    # ~3.5 min, the attention of 32 layers alone (bench_eager_host.py: eager, per-layer graphs, full
+    # graph, FA3): rocketkv's dense default at 130K x 3, 8K x 1 and 32K x 1 (per-layer graphs without
+    # selection against the full graph; FA3), then mt requests (whole prompts kept) decoding
+    # exactly against HSA at 8K x 1 and 16K x 8
+    runs="rocketkv:131072:3:16384 rocketkv:8192:1:16384 rocketkv:32768:1:16384"
+    for shape in 8192:1 16384:8; do runs="$runs mt:$shape:0 mt:$shape:32768"; done
     for run in $runs; do
       IFS=: read -r mode ctx batch dense <<< "$run"
       name="${mode}_${ctx}x${batch}_dense$dense"

@@ -8,7 +8,8 @@ void write_kv_cuda(at::Tensor kv_cache, at::Tensor key, at::Tensor value, at::Te
 
 void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at::Tensor keep_lens,
                    at::Tensor gap_ends, at::Tensor top_pages, int64_t page_size, at::Tensor index, at::Tensor count,
-                   at::Tensor keys, at::Tensor cand_key, at::Tensor cand_page, at::Tensor ticket, int64_t chunk);
+                   at::Tensor keys, at::Tensor cand_key, at::Tensor cand_page, at::Tensor ticket, int64_t chunk,
+                   const std::optional<at::Tensor>& newest);
 
 TORCH_LIBRARY(rocketkv, m) {
   m.def(
@@ -17,7 +18,7 @@ TORCH_LIBRARY(rocketkv, m) {
   m.def(
       "hsa_topk(Tensor logits, Tensor stats, Tensor seq_lens, Tensor keep_lens, Tensor gap_ends, Tensor top_pages, "
       "int page_size, Tensor(a!) index, Tensor(b!) count, Tensor(c!) keys, Tensor(d!) cand_key, Tensor(e!) cand_page, "
-      "Tensor(f!) ticket, int chunk) -> ()");
+      "Tensor(f!) ticket, int chunk, Tensor? newest_page) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rocketkv, CUDA, m) {

@@ -20,6 +20,7 @@
 #include "hsa_pages.cuh"
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 
 namespace rocketkv {
@@ -197,12 +198,22 @@ __device__ void group_weights(const float* __restrict__ stats, int64_t bh, int n
   __syncthreads();
 }
 
+// The count of a list of `written` pages once the row's newest page (newest[b]; -1 or no
+// newest: none) is appended at idx[written] (ops/newest_page.py). Thread 0 alone.
+__device__ __forceinline__ int with_newest(int* idx, int written, const int* __restrict__ newest, int64_t b,
+                                           int64_t npv) {
+  const int page = newest != nullptr ? newest[b] : -1;
+  if (page < 0 || written >= npv) return written;
+  idx[written] = page;
+  return written + 1;
+}
+
 __global__ void __launch_bounds__(kThreads) hsa_topk_kernel(
     const int* __restrict__ seq_lens, const int* __restrict__ keep_lens, const int* __restrict__ gap_ends,
     const int* __restrict__ top_pages, const float* __restrict__ logits, const float* __restrict__ stats,
     int* __restrict__ keys, int* __restrict__ cand_key, int* __restrict__ cand_page, int* __restrict__ ticket,
-    int* __restrict__ index, int* __restrict__ count, int64_t npv, int ns, int g_p, int group, int page_size,
-    int chunk) {
+    int* __restrict__ index, int* __restrict__ count, const int* __restrict__ newest, int64_t npv, int ns, int g_p,
+    int group, int page_size, int chunk) {
   __shared__ Shared sh;
   const int64_t b = blockIdx.x, hkv = gridDim.y, bh = b * hkv + blockIdx.y;
   const int part = blockIdx.z;
@@ -223,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) hsa_topk_kernel(
     const auto live_key = [&](int v) { return pages.live(v) ? 0 : -1; };
     const auto emit = [&](int slot, int v) { idx[slot] = pages.logical(v); };
     const int written = write_chosen(live_key, n, kAll, emit, sh);
-    if (threadIdx.x == 0) count[bh] = written;
+    if (threadIdx.x == 0) count[bh] = with_newest(idx, written, newest, b, npv);
     return;
   }
   if (part >= parts) return;
@@ -256,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) hsa_topk_kernel(
   if (parts == 1) {
     const auto emit = [&](int slot, int c) { idx[slot] = pages.logical(v0 + c); };
     const int written = select_and_write(chunk_key, here, k, emit, sh);
-    if (threadIdx.x == 0) count[bh] = written;
+    if (threadIdx.x == 0) count[bh] = with_newest(idx, written, newest, b, npv);
     return;
   }
   // candidates: `per` slots a chunk, its chosen in page order, then absent keys
@@ -299,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) hsa_topk_kernel(
     const auto emit = [&](int slot, int i) { idx[slot] = __ldcg(all_page + i); };
     written = select_and_write(global_key, total, k, emit, sh);
   }
-  if (threadIdx.x == 0) count[bh] = written;
+  if (threadIdx.x == 0) count[bh] = with_newest(idx, written, newest, b, npv);
 }
 
 void check_int32(const at::Tensor& t, const char* name) {
@@ -312,7 +323,8 @@ void check_int32(const at::Tensor& t, const char* name) {
 
 void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at::Tensor keep_lens,
                    at::Tensor gap_ends, at::Tensor top_pages, int64_t page_size, at::Tensor index, at::Tensor count,
-                   at::Tensor keys, at::Tensor cand_key, at::Tensor cand_page, at::Tensor ticket, int64_t chunk) {
+                   at::Tensor keys, at::Tensor cand_key, at::Tensor cand_page, at::Tensor ticket, int64_t chunk,
+                   const std::optional<at::Tensor>& newest) {
   using namespace rocketkv;
   TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.dim() == 4,
               "hsa_topk: logits must be a contiguous float32 CUDA tensor [rows, Hkv, G, P]");
@@ -339,6 +351,10 @@ void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at:
   TORCH_CHECK(cand_key.numel() >= batch * hkv * parts * chunk && cand_page.numel() >= batch * hkv * parts * chunk,
               "hsa_topk: candidate buffers too small");
   TORCH_CHECK(hkv <= 65535 && parts <= 65535, "hsa_topk: grid too large");
+  if (newest) {
+    check_int32(*newest, "newest_page");
+    TORCH_CHECK(newest->numel() >= batch, "hsa_topk: newest_page shorter than the batch");
+  }
   if (batch == 0 || hkv == 0) return;
   const c10::cuda::CUDAGuard guard(logits.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
@@ -358,7 +374,8 @@ void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at:
   C10_CUDA_CHECK(cudaLaunchKernelEx(
       &config, hsa_topk_kernel, seq_lens.data_ptr<int>(), keep_lens.data_ptr<int>(), gap_ends.data_ptr<int>(), top_pages.data_ptr<int>(),
       logits.data_ptr<float>(), stats.data_ptr<float>(), keys.data_ptr<int>(), cand_key.data_ptr<int>(),
-      cand_page.data_ptr<int>(), ticket.data_ptr<int>(), index.data_ptr<int>(), count.data_ptr<int>(), npv,
+      cand_page.data_ptr<int>(), ticket.data_ptr<int>(), index.data_ptr<int>(), count.data_ptr<int>(),
+      newest ? newest->data_ptr<int>() : nullptr, npv,
       static_cast<int>(stats.size(2)), static_cast<int>(stats.size(4)), static_cast<int>(group),
       static_cast<int>(page_size), static_cast<int>(chunk)));
 }

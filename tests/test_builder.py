@@ -69,6 +69,27 @@ def test_pure_decode_step_covers_padding_rows_with_fixed_addresses():
     assert top_pages[3] == EVERY_PAGE and d.seq_lens[3] == 0  # padding: nothing to read
 
 
+def test_steps_without_a_choosing_row_launch_no_selection():
+    """With the kernels' planner, a step whose decode rows all attend every live page (exact
+    plans, padding) is marked not to select (steps outside vLLM's full graphs then launch no
+    selection, and the attention gets the plan's unwritten lists); a step with a choosing row
+    selects. The reference path always selects (its selection returns at once)."""
+    from rocketkv_vllm.kernels.triton_ops import SelectionPlanner
+
+    kernels = make_builder()
+    kernels._planner_cls, kernels._planners = SelectionPlanner, {}
+    exact, choosing = [request(40), request(45)], [request(300), request(40)]
+    cm = common([1, 1], [41, 46], num_reqs=4)
+    with rows_of_batch(exact):
+        d = kernels.build(0, cm).decode
+        assert make_builder().build(0, cm).decode.selects
+    assert not d.selects and d.top_pages.tolist() == [EVERY_PAGE] * 4
+    index, count = d.selection.unlisted()
+    assert index.shape[:2] == count.shape == (4, SPEC.num_kv_heads)
+    with rows_of_batch(choosing):
+        assert kernels.build(0, common([1, 1], [310, 41], num_reqs=4)).decode.selects
+
+
 def test_prompt_chunks_and_mixed_rows():
     builder = make_builder()
     # decode, the one-token chunk completing an evicting prompt, a one-token MT prompt chunk, a prefill chunk
@@ -249,7 +270,7 @@ def test_vectorized_build_matches_the_row_rules(seed):
     assert d.seq_lens.tolist() == cm.seq_lens[padded].tolist()
     newest = NewestPages.of(d.seq_lens, CONFIG.page_size)  # what the impl computed per layer
     assert d.newest.scored_seq_lens.tolist() == newest.scored_seq_lens.tolist()
-    assert d.newest.page.tolist() == newest.page.tolist() and d.newest.live.tolist() == newest.live.tolist()
+    assert d.newest.page.tolist() == newest.page.tolist()
 
 
 def test_packed_dense_rows_for_flash_attention():

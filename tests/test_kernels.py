@@ -26,6 +26,7 @@ from rocketkv_vllm.kernels import triton_ops as T  # noqa: E402
 from rocketkv_vllm.kernels.triton_hsa import _digit_hist, _radix_refine  # noqa: E402
 from rocketkv_vllm.kv_layout import FEW_CHANNEL_GROUP, KVLayout  # noqa: E402
 from rocketkv_vllm.ops import reference as R  # noqa: E402
+from rocketkv_vllm.ops.newest_page import NewestPages  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 # context lengths of the ragged batches: small under the interpreter, bigger on a GPU
@@ -294,6 +295,33 @@ def test_hsa_select_pages(group, block_size, page_size, dtype, summary_group, d,
     # fewer programs than tiles: each program strides over several tiles of its request
     strided = T.hsa_select_pages(query, kv, layout, table, seq, keep, gap, tc, tp, splits=1)
     assert_same_selection(strided, ref, scores)
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_hsa_select_appends_the_newest_page(monkeypatch, chunk, poisoned_scratch):
+    """The top-k writes each listed row's newest page after its chosen ones (no launch of its
+    own), as the reference does: rows of one chunk and of many (16-page chunks: merged
+    candidates), a row whose budget covers its context, one whose context is all evicted, an
+    EVERY_PAGE row (no list) and a row without a newest page (-1: CUDA-graph padding)."""
+    from rocketkv_vllm.kernels import triton_hsa
+
+    if chunk:
+        monkeypatch.setattr(triton_hsa, "PAGE_CHUNK", chunk)
+    layout, kv, table, seq, keep, gap, query, tc, tp = _select_inputs(4, 16, 1, torch.float32, HEAD_DIMS[0], 5)
+    tp[2] = R.EVERY_PAGE
+    newest = NewestPages.of(seq, layout.page_size)
+    page = newest.page.clone()
+    page[3] = -1
+    args = (query, kv, layout, table, newest.scored_seq_lens, keep, gap, tc, tp)
+    ref = R.hsa_select_pages(*args, newest_page=page)
+    got = T.hsa_select_pages(*args, newest_page=page)
+    plain = R.hsa_select_pages(*args)
+    scores, _ = oracle_scores(query, kv, layout, table, newest.scored_seq_lens, keep, gap, tc)
+    assert_same_selection(got, ref, torch.nn.functional.pad(scores, (0, 2), value=0.0))
+    appended = (page >= 0) & (tp != R.EVERY_PAGE)
+    assert torch.equal(ref.count.cpu(), (plain.count + appended[:, None].int()).cpu())
+    for b in appended.nonzero()[:, 0].tolist():
+        assert (got.index[b, torch.arange(kv.shape[1]), got.count[b] - 1] == page[b]).all()
 
 
 def test_hsa_select_in_row_groups(monkeypatch):
@@ -805,6 +833,9 @@ def test_cuda_cpp_topk_matches_triton(case, poisoned_scratch):
     seq = gap + torch.tensor([tail * ps for _, _, tail, _ in requests], dtype=torch.int32, device=DEV)
     k = torch.tensor([r[3] for r in requests], dtype=torch.int32, device=DEV)
     live = torch.tensor([kept + tail for kept, _, tail, _ in requests], device=DEV)
+    # the newest page, appended to the lists of every other request (the page after the tail)
+    newest = torch.tensor([kept + evicted + tail if i % 2 == 0 else -1 for i, (kept, evicted, tail, _) in enumerate(requests)],
+                          dtype=torch.int32, device=DEV)
     logits = torch.randn(batch, hkv, group, npv, device=DEV) * 3
     if tied:
         logits.zero_()
@@ -822,9 +853,9 @@ def test_cuda_cpp_topk_matches_triton(case, poisoned_scratch):
         keys = torch.full((batch, hkv, npv), -5, dtype=torch.int32, device=DEV)
         args = (logits, stats, seq, keep, gap, k, ps, index, count, keys)
         if name == "cuda":
-            cuda_ops.top_pages_from_logits(*args, chunk=chunk)
+            cuda_ops.top_pages_from_logits(*args, chunk=chunk, newest_page=newest)
         else:
-            triton_hsa.top_pages_from_logits(*args)
+            triton_hsa.top_pages_from_logits(*args, newest_page=newest)
         outs[name] = R.PageSelection(index, count), keys
     (got, got_keys), (ref, ref_keys) = outs["cuda"], outs["triton"]
     scores = torch.full((batch, hkv, npv * 2), float("-inf"), device=DEV)
@@ -836,7 +867,8 @@ def test_cuda_cpp_topk_matches_triton(case, poisoned_scratch):
         logical = torch.cat([torch.arange(kept), torch.arange(kept + evicted, kept + evicted + tail)]).to(DEV)
         scores[b][:, logical] = ref_keys[b, :, :n].view(torch.float32) if kb < n else 0.0
     assert_same_selection(got, ref, scores)
-    listed = torch.where(k.cpu() == R.EVERY_PAGE, 0, torch.minimum(k.cpu(), live.cpu()))
+    every = k.cpu() == R.EVERY_PAGE
+    listed = torch.where(every, 0, torch.minimum(k.cpu(), live.cpu()) + (newest.cpu() >= 0).long())
     assert torch.equal(got.count.cpu(), listed[:, None].expand(batch, hkv).int())
 
 

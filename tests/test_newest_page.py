@@ -18,11 +18,11 @@ def test_selection_plus_newest_page():
     table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]])
     query = torch.randn(3, 4, dim)
     newest = NewestPages.of(seq_lens, layout.page_size)
-    assert newest.scored_seq_lens.tolist() == [44, 0, 28]
-    args = (query, cache, layout, table)
-    scored = reference.hsa_select_pages(*args, newest.scored_seq_lens, keep, gap_end, torch.full((3,), dim), torch.full((3,), top))
-    before = [scored.index[b, h, : scored.count[b, h]].tolist() for b in range(3) for h in range(kv_heads)]
-    newest.append_to(scored)
+    assert newest.scored_seq_lens.tolist() == [44, 0, 28] and newest.page.tolist() == [11, -1, 7]
+    args = (query, cache, layout, table, newest.scored_seq_lens, keep, gap_end, torch.full((3,), dim), torch.full((3,), top))
+    plain = reference.hsa_select_pages(*args)
+    before = [plain.index[b, h, : plain.count[b, h]].tolist() for b in range(3) for h in range(kv_heads)]
+    scored = reference.hsa_select_pages(*args, newest_page=newest.page)
     for b, last_page in ((0, 11), (2, 7)):
         for h in range(kv_heads):
             chosen = scored.index[b, h, : scored.count[b, h]].tolist()

@@ -89,6 +89,7 @@ def top_pages_from_logits(
     *,
     chunk: int,
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+    newest_page: torch.Tensor | None = None,
 ) -> None:
     """triton_hsa.top_pages_from_logits in CUDA C++ (same arguments and results); chunk:
     pages per CUDA block, a power of two <= 4096."""
@@ -96,4 +97,4 @@ def top_pages_from_logits(
         raise RuntimeError(f"rocketkv_vllm._C is not available: {_IMPORT_ERROR}")
     cand_key, cand_page, ticket = topk_scratch(index, chunk, ticket, candidates)
     torch.ops.rocketkv.hsa_topk(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys, cand_key,
-                                cand_page, ticket, chunk)
+                                cand_page, ticket, chunk, newest_page)

@@ -395,12 +395,24 @@ def _top_in_registers(key, vm, k, CHUNK: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _with_newest(idx, written, newest_ptr, b, NPV, HAS_NEWEST: tl.constexpr):
+    """The count of a list of `written` pages after the row's newest page (newest_ptr[b], -1
+    for none) is appended at idx[written] (ops.newest_page)."""
+    if HAS_NEWEST:
+        page = tl.load(newest_ptr + b)
+        add = (page >= 0) & (written < NPV)
+        tl.store(idx + written, page, mask=add)
+        written += add.to(tl.int32)
+    return written
+
+
+@triton.jit
 def _hsa_topk_kernel(
     seq_ptr, keep_ptr, gap_ptr, k_ptr,
-    logit_ptr, stat_ptr, key_ptr, cand_key_ptr, cand_page_ptr, ticket_ptr, idx_ptr, cnt_ptr,
+    logit_ptr, stat_ptr, key_ptr, cand_key_ptr, cand_page_ptr, ticket_ptr, idx_ptr, cnt_ptr, newest_ptr,
     NPV, NS,
     G: tl.constexpr, PS: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr, NS_P: tl.constexpr,
-    W_REGS: tl.constexpr, W_MEMORY: tl.constexpr, EVERY: tl.constexpr,
+    W_REGS: tl.constexpr, W_MEMORY: tl.constexpr, EVERY: tl.constexpr, HAS_NEWEST: tl.constexpr,
 ):
     # One program per chunk of a request's pages (program_id(2)). A request of one chunk
     # (most) is selected by its one program with logits and keys in registers. A longer one:
@@ -429,7 +441,7 @@ def _hsa_topk_kernel(
             for v0 in range(0, n, CHUNK):
                 p = logical_page(v0 + c, nk, tail)
                 written = _write_chosen(idx, p, (v0 + c < n) & (page_len(p, seq, keep, gap, PS) > 0), written)
-            tl.store(cnt_ptr + bh, written)
+            tl.store(cnt_ptr + bh, _with_newest(idx, written, newest_ptr, b, NPV, HAS_NEWEST))
     elif part < parts:
         m, ssum = _combined_stats(stat_ptr, bh, NS, NS_P, G_P)  # (before the logits take the registers)
         m, inv = _group_weights(m, ssum, G)
@@ -441,7 +453,8 @@ def _hsa_topk_kernel(
         tl.store(key_ptr + bh * NPV + v, key, mask=vm)  # only hsa_page_scores reads them back
         chosen = _top_in_registers(key, vm, k, CHUNK, W_REGS)
         if parts == 1:
-            tl.store(cnt_ptr + bh, _write_chosen(idx, pages, chosen, tl.zeros([], tl.int32)))
+            written = _write_chosen(idx, pages, chosen, tl.zeros([], tl.int32))
+            tl.store(cnt_ptr + bh, _with_newest(idx, written, newest_ptr, b, NPV, HAS_NEWEST))
         else:
             # candidates: `per` slots a chunk (its chosen in page order, then absent keys)
             per = tl.minimum(k, CHUNK)
@@ -479,7 +492,7 @@ def _hsa_topk_kernel(
                         chosen, equal_seen = _chosen_by_key(key, cm & (key >= 0), threshold, shift, take_equal, equal_seen)
                         written = _write_chosen(idx, tl.load(cp + v0 + c, mask=cm, other=0, cache_modifier=".cg"),
                                                 chosen, written)
-                tl.store(cnt_ptr + bh, written)
+                tl.store(cnt_ptr + bh, _with_newest(idx, written, newest_ptr, b, NPV, HAS_NEWEST))
 
 
 def topk_chunk(group: int) -> int:
@@ -541,6 +554,11 @@ class SelectionPlan:
     cuda_topk: bool  # the CUDA C++ top-k (else Triton's); same result
     topk_chunk: int
     scratch: dict[str, torch.Tensor]
+
+    def unlisted(self) -> PageSelection:
+        """The plan's page lists, as hsa_select_pages returns them but not written: for a batch of
+        EVERY_PAGE rows only, whose attention reads no list (no selection launched)."""
+        return PageSelection(self.scratch["index"], self.scratch["count"])
 
     def check(self, query: torch.Tensor, kv_cache: torch.Tensor, layout: KVLayout, block_table: torch.Tensor) -> None:
         shape = self.shape
@@ -687,6 +705,7 @@ def _launch(
     splits: int | None,
     keep_keys: bool = False,
     plan: SelectionPlan | None = None,
+    newest_page: torch.Tensor | None = None,
 ) -> tuple[PageSelection, torch.Tensor | None]:
     check_cache(kv_cache, layout)
     group = check_group(query, kv_cache)
@@ -708,6 +727,7 @@ def _launch(
     seq, kp, ge = (per_request(t, batch, device) for t in (seq_lens, keep, gap_end))
     r = per_request(top_channels, batch, device)
     k = per_request(top_pages, batch, device)
+    newest = per_request(newest_page, batch, device) if newest_page is not None else None
     sc = plan.scratch
     index, count, qm, temp, chan, logits, stats, keys, ticket = (
         sc[name] for name in ("index", "count", "qm", "temp", "chan", "logits", "stats", "keys", "ticket"))
@@ -716,10 +736,12 @@ def _launch(
         n = min(batch, r0 + rows) - r0
         if n == batch:  # (most steps: one group, no slicing)
             q_p, bt_p, seq_p, kp_p, ge_p, k_p, r_p, index_p, count_p = query, bt, seq, kp, ge, k, r, index, count
+            newest_p = newest
         else:
             part = slice(r0, r0 + n)
             q_p, bt_p, seq_p, kp_p, ge_p, k_p, r_p, index_p, count_p = (
                 t[part] for t in (query, bt, seq, kp, ge, k, r, index, count))
+            newest_p = newest[part] if newest is not None else None
         _hsa_prep_kernel[(n, hkv)](
             q_p, r_p, qm, temp, chan, ticket, query.stride(0), query.stride(1), group, head_dim,
             G_P=g_p, BLOCK_D=block_d, R_LIST=r_list, PDL=pdl, num_warps=4,
@@ -738,10 +760,10 @@ def _launch(
         )
         if plan.cuda_topk:
             cuda_ops.top_pages_from_logits(logits, stats, seq_p, kp_p, ge_p, k_p, ps, index_p, count_p, keys, ticket,
-                                           chunk=plan.topk_chunk, candidates=candidates)
+                                           chunk=plan.topk_chunk, candidates=candidates, newest_page=newest_p)
         else:
             top_pages_from_logits(logits, stats, seq_p, kp_p, ge_p, k_p, ps, index_p, count_p, keys, ticket,
-                                  candidates=candidates)
+                                  candidates=candidates, newest_page=newest_p)
     return PageSelection(index, count), keys if keep_keys else None
 
 
@@ -758,23 +780,25 @@ def top_pages_from_logits(
     keys: torch.Tensor,
     ticket: torch.Tensor | None = None,
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+    newest_page: torch.Tensor | None = None,
 ) -> None:
     """The top-k kernel alone (also what benchmarks/bench_topk.py times): from the page
     logits [>= B, Hkv, G, P] of B requests and their softmax statistics in parts
     [>= B, Hkv, parts, 2, np2(G)] (each part's max and sum of exp per query head; the logits
     kernel writes one part per program), their chosen pages into index [B, Hkv, P] and
-    count [B, Hkv]; keys [>= B, Hkv, P] is scratch (the page scores, as int32 keys), ticket
-    [>= B, Hkv] zeros (the chunks' arrival counters; made here when not given), candidates
-    the chunks' candidate keys and pages (topk_scratch; made here when not given)."""
+    count [B, Hkv], each list followed by newest_page[b] where given and >= 0; keys
+    [>= B, Hkv, P] is scratch (the page scores, as int32 keys), ticket [>= B, Hkv] zeros (the
+    chunks' arrival counters; made here when not given), candidates the chunks' candidate
+    keys and pages (topk_scratch; made here when not given)."""
     batch, hkv = index.shape[:2]
     group, num_pages = logits.shape[2:]
     chunk = min(topk_chunk(group), np2(num_pages))
     cand_key, cand_page, ticket = topk_scratch(index, chunk, ticket, candidates)
     _hsa_topk_kernel[(batch, hkv, triton.cdiv(num_pages, chunk))](
-        seq, keep, gap_end, top_pages, logits, stats, keys, cand_key, cand_page, ticket, index, count, num_pages,
-        stats.shape[2],
+        seq, keep, gap_end, top_pages, logits, stats, keys, cand_key, cand_page, ticket, index, count,
+        top_pages if newest_page is None else newest_page, num_pages, stats.shape[2],
         G=group, PS=page_size, G_P=np2(group), CHUNK=chunk, NS_P=np2(stats.shape[2]),
-        W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY, EVERY=EVERY_PAGE,
+        W_REGS=RADIX_BITS_REGISTERS, W_MEMORY=RADIX_BITS_MEMORY, EVERY=EVERY_PAGE, HAS_NEWEST=newest_page is not None,
         num_warps=16,  # a 4096-page chunk of a group's logits stays in registers
     )
 
@@ -790,19 +814,21 @@ def hsa_select_pages(
     top_channels,
     top_pages,
     *,
+    newest_page: torch.Tensor | None = None,
     splits: int | None = None,
     plan: SelectionPlan | None = None,
 ) -> PageSelection:
     """HSA over the paged cache: per request and KV head, the top_pages live pages with the
     highest approximate attention (all live pages when top_pages covers them, none when
-    top_pages is 0 or EVERY_PAGE: see paged_sparse_attention's top_pages).
+    top_pages is 0 or EVERY_PAGE: see paged_sparse_attention's top_pages), then
+    newest_page[b] (ops.newest_page; -1: none) appended to each list (by the top-k kernel).
 
     No host synchronisation; shapes depend only on the batch and the block table width.
     plan: plan_selection's for this batch (its scratch and launch decisions), else one is
     made here; `splits` is then ignored.
     """
     selection, _ = _launch(query, kv_cache, layout, block_table, seq_lens, keep, gap_end, top_channels, top_pages, splits,
-                           plan=plan)
+                           plan=plan, newest_page=newest_page)
     return selection
 
 

@@ -246,12 +246,13 @@ def hsa_select_pages(
     top_channels: torch.Tensor,
     top_pages: torch.Tensor,
     *,
+    newest_page: torch.Tensor | None = None,
     plan: object = None,
 ) -> PageSelection:
     """HSA over the paged cache: per request and KV head, the top_pages live pages with the
     highest approximate attention (every live page when top_pages covers them; no list for
-    EVERY_PAGE rows). `plan`, the kernels' launch plan, is accepted for a common signature
-    and not needed here."""
+    EVERY_PAGE rows), then newest_page[b] (ops.newest_page; -1: none) appended to each list.
+    `plan`, the kernels' launch plan, is accepted for a common signature and not needed here."""
     batch = query.shape[0]
     top_pages = torch.as_tensor(top_pages, device=query.device).expand(batch)
     listed = (top_pages != EVERY_PAGE).nonzero()[:, 0]
@@ -268,7 +269,15 @@ def hsa_select_pages(
     # (one spare entry: room for the newest page)
     index = index.expand(-1, -1, pages.shape[-1] + 1).clone()
     index[listed, :, : pages.shape[-1]] = pages
-    return PageSelection(index, (index >= 0).sum(dim=-1, dtype=torch.int32))
+    count = (index >= 0).sum(dim=-1, dtype=torch.int32)
+    if newest_page is not None:
+        page = torch.as_tensor(newest_page, device=query.device).expand(batch)[listed]
+        rows = listed[page >= 0]
+        appended = index[rows].scatter_(2, count[rows].long().unsqueeze(-1),
+                                        page[page >= 0].to(torch.int32)[:, None, None].expand(-1, index.shape[1], 1))
+        index[rows] = appended
+        count[rows] += 1
+    return PageSelection(index, count)
 
 
 def paged_sparse_attention(

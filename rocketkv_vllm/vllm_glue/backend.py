@@ -149,6 +149,9 @@ class DecodeBatch:
     selection: Any = None
     newest: NewestPages | None = None  # each row's newest page (config.attend_newest_page)
     graph: "GraphRows | None" = None  # the same rows for the impl's per-layer CUDA graphs
+    # some row chooses pages (top_pages below EVERY_PAGE); when none does, steps outside vLLM's
+    # full graphs launch no page selection (a full graph, captured for any rows, always does)
+    selects: bool = True
 
 
 @dataclass
@@ -295,8 +298,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         self.plans = PlanTable(config, self.head_dim, self.block_size)
         self.flash_prefill = flash_prefill.available(device, kv_cache_spec.dtype)
         # keep, gap_end, top_channels, top_pages of each decode row, its newest page
-        # (scored seq_len, page, live) and its seq_len; persistent for CUDA graphs
-        self._columns = CpuGpuBuffer(8, max_rows, dtype=torch.int32, device=device)
+        # (scored seq_len, page) and its seq_len; persistent for CUDA graphs
+        self._columns = CpuGpuBuffer(7, max_rows, dtype=torch.int32, device=device)
         # the decode rows' block-table rows and query/output buffers of the per-layer graphs
         self._graph_tables: dict[int, torch.Tensor] = {}
         self._graph_io: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -379,12 +382,13 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         graph_rows = padded_rows(num_rows, self.max_rows) if self._graph_io is not None else 0
         host = self._columns.np
         host[:4, :count] = kinds.columns[:, rows]
-        host[7, :count] = seq_lens[rows]
-        host[:, count : max(num_rows, graph_rows)] = (
-            (0,), (0,), (self.head_dim,), (EVERY_PAGE,), (0,), (0,), (0,), (0,))
+        host[6, :count] = seq_lens[rows]
+        host[:, count : max(num_rows, graph_rows)] = ((0,), (0,), (self.head_dim,), (EVERY_PAGE,), (0,), (-1,), (0,))
         if self.config.attend_newest_page:  # (NewestPages.of, from the host's seq_lens)
             last = np.maximum(seq_lens[rows] - 1, 0) // self.layout.page_size
-            host[4, :count], host[5, :count], host[6, :count] = last * self.layout.page_size, last, seq_lens[rows] > 0
+            host[4, :count], host[5, :count] = last * self.layout.page_size, np.where(seq_lens[rows] > 0, last, -1)
+        # (the reference path always selects: without listed rows its selection returns at once)
+        selects = self._planner_cls is None or bool((kinds.columns[3, rows] != EVERY_PAGE).any())
         all_cols = self._columns.copy_to_gpu()
         cols = all_cols[:, :num_rows]
         if contiguous:
@@ -398,19 +402,20 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             block_table, seq_lens_rows = cm.block_table_tensor[index], cm.seq_lens[index]
         width = cm.block_table_tensor.shape[1]
         decode = DecodeBatch(token_index, num_rows, block_table, seq_lens_rows, *cols[:4],
-                             self._plan(width, num_rows), self._newest(cols))
+                             self._plan(width, num_rows), self._newest(cols), selects=selects)
         if graph_rows:
-            decode.graph = self._graph_rows(cm.block_table_tensor, index, count, graph_rows, all_cols[:, :graph_rows])
+            decode.graph = self._graph_rows(cm.block_table_tensor, index, count, graph_rows, all_cols[:, :graph_rows],
+                                            selects)
         return decode
 
     def _newest(self, cols: torch.Tensor) -> NewestPages | None:
-        return NewestPages(cols[4], cols[5][:, None, None], cols[6][:, None]) if self.config.attend_newest_page else None
+        return NewestPages(cols[4], cols[5]) if self.config.attend_newest_page else None
 
     def _plan(self, width: int, rows: int):
         return self._planner(width)(rows) if self._planner_cls is not None else None
 
     def _graph_rows(self, block_table: torch.Tensor, index: torch.Tensor | None, count: int, graph_rows: int,
-                    cols: torch.Tensor) -> GraphRows:
+                    cols: torch.Tensor, selects: bool) -> GraphRows:
         """The decode rows as GraphRows: their block-table rows copied into a persistent table
         (one device copy a step), the rest of it unread (seq_len 0)."""
         width = block_table.shape[1]
@@ -422,8 +427,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             table[:count].copy_(block_table[:count], non_blocking=True)
         else:
             torch.index_select(block_table, 0, index, out=table[:count])
-        batch = DecodeBatch(None, graph_rows, table[:graph_rows], cols[7], *cols[:4], self._plan(width, graph_rows),
-                            self._newest(cols))
+        batch = DecodeBatch(None, graph_rows, table[:graph_rows], cols[6], *cols[:4], self._plan(width, graph_rows),
+                            self._newest(cols), selects=selects)
         query, output = self._graph_io
         return GraphRows(batch, query[:graph_rows], output[:graph_rows], self._builder_id)
 

@@ -83,30 +83,34 @@ class RocketKVImpl(AttentionImpl):
         shape = selection_shape(self._selection_heads, self.num_kv_heads, self.head_size, self.layout, width, device)
         self._workspace = planner.workspace_for(shape, rows)
 
-    def _decode(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, d: DecodeBatch,
-                out: torch.Tensor | None) -> torch.Tensor:
-        """HSA page selection, the newest page appended, sparse attention: [rows, Hq, D]."""
+    def _decode(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, d: DecodeBatch, out: torch.Tensor | None,
+                select: bool) -> torch.Tensor:
+        """HSA page selection (the newest page appended), sparse attention: [rows, Hq, D]. Without
+        `select` (no row chooses pages) every row attends all its live pages, unselected."""
         newest = d.newest  # (the builder's, from the host's seq_lens: no ops here)
-        selection = ops.hsa_select_pages(
-            self.selection_queries(q), kv_cache, self.layout, d.block_table,
-            newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
-            plan=d.selection,
-        )
-        if newest:
-            newest.append_to(selection)
+        if select:
+            selection = ops.hsa_select_pages(
+                self.selection_queries(q), kv_cache, self.layout, d.block_table,
+                newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
+                newest_page=newest.page if newest else None, plan=d.selection,
+            )
+        else:
+            selection = d.selection.unlisted()
         return ops.paged_sparse_attention(
             q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
             self.scale, out=out, top_pages=d.top_pages,
         )
 
     def _decode_in_graph(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, rows: GraphRows) -> torch.Tensor:
-        """_decode over the padded GraphRows, replayed from this layer's graph of their size."""
+        """_decode over the padded GraphRows, replayed from this layer's graph of their size
+        (two graphs a size: with and without the page selection)."""
         if rows.builder_id != self._graphs_builder_id:  # a new builder: the earlier graphs' buffers are gone
             self._graphs, self._graphs_builder_id = type(self._graphs)(), rows.builder_id
         n = q.shape[0]
         rows.query[:n].copy_(q)
-        key = (rows.batch.num_rows, rows.batch.block_table.data_ptr(), rows.query.data_ptr(), kv_cache.data_ptr())
-        self._graphs.replay(key, lambda: self._decode(ops, rows.query, kv_cache, rows.batch, rows.output),
+        select = rows.batch.selects
+        key = (rows.batch.num_rows, select, rows.batch.block_table.data_ptr(), rows.query.data_ptr(), kv_cache.data_ptr())
+        self._graphs.replay(key, lambda: self._decode(ops, rows.query, kv_cache, rows.batch, rows.output, select),
                             kv_cache.device)
         return rows.output[:n]
 
@@ -171,12 +175,14 @@ class RocketKVImpl(AttentionImpl):
         if d is not None:
             # (tokens past num_rows, if any, are CUDA-graph padding that nobody reads)
             q = query[: d.num_rows] if d.token_index is None else query[d.token_index]
-            # (inside vLLM's own capture of a full graph, launch directly: graphs do not nest)
+            # (inside vLLM's own capture of a full graph, launch directly: graphs do not nest; and
+            # select, since the graph replays whatever rows later steps hold)
             capturing = kv_cache.is_cuda and torch.cuda.is_current_stream_capturing()
             if d.graph is not None and self._graphs is not None and not capturing:
                 result = self._decode_in_graph(ops, q, kv_cache, d.graph)
             else:
-                result = self._decode(ops, q, kv_cache, d, out[: d.num_rows] if d.token_index is None else None)
+                result = self._decode(ops, q, kv_cache, d, out[: d.num_rows] if d.token_index is None else None,
+                                      d.selects or capturing)
             if d.token_index is not None:
                 out[d.token_index] = result
             elif result.data_ptr() != out.data_ptr():
