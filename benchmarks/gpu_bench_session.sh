@@ -61,10 +61,11 @@ case "$part" in
     log "exit $?"
     ;;
   offline|decode)
-    # ~7 min (decode alone ~4.5): decode per backend start ~50 s + 3 repeats of 8192x1, 32768x1,
-    # 32768x8 at 256 out ~55 s; capacity per backend start ~50 s + 32 x 32K prompts, 512 out ~45-60 s
+    # ~9 min (decode alone ~5.5, one call each): decode per backend ~150 s (engine start ~65 s, 3
+    # repeats of 8192x1, 32768x1, 32768x8 at 256 out; session 17's 260-s limit cut RocketKV's half
+    # off); capacity per backend start ~50 s + 32 x 32K prompts, 512 out ~45-60 s
     log "decode 8K/32K"
-    timeout 260 python benchmarks/bench_decode.py --cases 8192x1 32768x1 32768x8 --out 256 --repeats 3 \
+    timeout 380 python benchmarks/bench_decode.py --cases 8192x1 32768x1 32768x8 --out 256 --repeats 3 \
       --budget "$BUDGET" --json "$results/decode.json" > "$results/decode.txt" 2>&1
     log "exit $?"
     if [ "$part" = offline ]; then
