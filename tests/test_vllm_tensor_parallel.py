@@ -66,12 +66,17 @@ def engines(request, tmp_path_factory):
     kv_heads, parallel = PARALLEL[request.param]
     model = tiny_llama(str(tmp_path_factory.mktemp(f"kv{kv_heads}")), num_key_value_heads=kv_heads,
                        initializer_range=0.1)  # a wider init than HF's: varied greedy tokens
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     one = engine(model, kv_heads)
     two = engine(model, kv_heads, **parallel, **multiprocess())
     yield one, two
     two.llm_engine.engine_core.shutdown()  # its worker processes
     del one, two
     gc.collect()
+    if bind is None:  # later engines of this test process bind as before (tests/conftest.py)
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    else:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
 
 
 def test_equals_one_rank_when_budget_covers_prompt(engines):
