@@ -63,9 +63,10 @@ case "$part" in
   offline|decode)
     # ~9 min (decode alone ~5.5, one call each): decode per backend ~150 s (engine start ~65 s, 3
     # repeats of 8192x1, 32768x1, 32768x8 at 256 out; session 17's 260-s limit cut RocketKV's half
-    # off); capacity per backend start ~50 s + 32 x 32K prompts, 512 out ~45-60 s
+    # off: it runs first now); capacity per backend start ~50 s + 32 x 32K prompts, 512 out ~45-60 s
     log "decode 8K/32K"
-    timeout 380 python benchmarks/bench_decode.py --cases 8192x1 32768x1 32768x8 --out 256 --repeats 3 \
+    timeout 380 python benchmarks/bench_decode.py --backends rocketkv FLASH_ATTN --cases 8192x1 32768x1 32768x8 \
+      --out 256 --repeats 3 \
       --budget "$BUDGET" --json "$results/decode.json" > "$results/decode.txt" 2>&1
     log "exit $?"
     if [ "$part" = offline ]; then
