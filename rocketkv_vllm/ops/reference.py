@@ -272,10 +272,9 @@ def hsa_select_pages(
     count = (index >= 0).sum(dim=-1, dtype=torch.int32)
     if newest_page is not None:
         page = torch.as_tensor(newest_page, device=query.device).expand(batch)[listed]
-        rows = listed[page >= 0]
-        appended = index[rows].scatter_(2, count[rows].long().unsqueeze(-1),
-                                        page[page >= 0].to(torch.int32)[:, None, None].expand(-1, index.shape[1], 1))
-        index[rows] = appended
+        has = page >= 0
+        rows, page = listed[has], page[has].to(torch.int32)[:, None, None].expand(-1, index.shape[1], 1)
+        index[rows] = index[rows].scatter(2, count[rows].long().unsqueeze(-1), page)
         count[rows] += 1
     return PageSelection(index, count)
 
