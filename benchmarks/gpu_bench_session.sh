@@ -13,13 +13,15 @@
 #   bash benchmarks/gpu_bench_session.sh eager      # steps without a full graph: per-layer graphs
 #   bash benchmarks/gpu_bench_session.sh decode     # the decode half of offline
 #   bash benchmarks/gpu_bench_session.sh dense_attn # dense decode attention: rocketkv 130K x 3 eager vs graph; mt vs HSA
+#   bash benchmarks/gpu_bench_session.sh conditional  # CUDA graph conditional nodes: probe, GPU tests, attention with/without
+#   bash benchmarks/gpu_bench_session.sh mt_dense   # mt requests decoding exactly vs HSA, 8K-16K, batch 1 and 8
 #
 # Results go to $OUT (the device tool brings back at most 8 files): bench_<part>.tar.gz with
 # every JSON, plot and log, plus the part's JSON files and a summary.txt beside it.
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode}"
+part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -136,8 +138,44 @@ case "$part" in
       log "exit $?"
     done
     ;;
+  conditional)
+    # ~5 min: what a conditional node costs against the three selection launches it skips
+    # (graph_conditional_probe.cu, ~10 s), the GPU tests of run_if_any and of full graphs
+    # replaying selecting and dense steps (~1 min), then the attention of 32 layers with
+    # graph_conditional beside graph, attend_all_pages_graph and FA3: rocketkv's dense default
+    # (8K x 1, 32K x 1, 130K x 3) and HSA on every row (8K x 1, 130K x 3; what a selecting step pays)
+    log "probe"
+    nvcc -O2 -std=c++17 -arch=sm_90 benchmarks/graph_conditional_probe.cu -o "$work/probe" \
+      && timeout 60 "$work/probe" > "$results/probe.txt" 2>&1
+    log "exit $?"
+    log "pytest conditional"
+    timeout 240 python -m pytest -q -n 0 tests/test_decode_graphs.py > "$results/pytest_decode_graphs.txt" 2>&1
+    log "exit $?"
+    for run in 8192:1:16384 32768:1:16384 131072:3:16384 8192:1:0 131072:3:0; do
+      IFS=: read -r ctx batch dense <<< "$run"
+      name="rocketkv_${ctx}x${batch}_dense${dense}"
+      log "$name"
+      timeout 100 python benchmarks/bench_eager_host.py --mode rocketkv --batch "$batch" --context "$ctx" \
+        --layers 32 --repeats 3 --dense-below "$dense" > "$results/$name.json" 2> "$results/$name.log"
+      log "exit $?"
+    done
+    ;;
+  mt_dense)
+    # ~3.5 min: mt requests (whole prompts kept) decoding exactly against HSA between the
+    # session-17 points (exact 37% faster at 8K x 1, 19% slower at 16K x 8): a per-mode dense_below default
+    for shape in 8192:8 12288:1 12288:8 16384:1; do
+      for dense in 0 32768; do
+        IFS=: read -r ctx batch <<< "$shape"
+        name="mt_${ctx}x${batch}_dense$dense"
+        log "$name"
+        timeout 100 python benchmarks/bench_eager_host.py --mode mt --batch "$batch" --context "$ctx" \
+          --layers 32 --repeats 3 --dense-below "$dense" > "$results/$name.json" 2> "$results/$name.log"
+        log "exit $?"
+      done
+    done
+    ;;
   *)
-    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode)" >&2
+    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense)" >&2
     exit 2
     ;;
 esac

@@ -76,6 +76,11 @@ class RocketKVConfig:
                   decodes, uncaptured batch sizes, --enforce-eager) replay each layer's decode
                   attention as a CUDA graph captured per padded row count (kernels/layer_graphs.py);
                   False launches its kernels from Python.
+    conditional_selection: inside vLLM's full CUDA graphs, each layer's page selection is the body
+                  of a CUDA conditional node (csrc/graph_if.cu) that a replay runs only when some
+                  row of the step selects pages, instead of three launches that exit at once in
+                  steps of dense rows only (~2 us each, a layer; CUDA 12.4+ with the extension
+                  built). Off by default until timed on the GPU (benchmarks/graph_conditional_probe.cu).
     """
 
     budget: int = 2048
@@ -90,6 +95,7 @@ class RocketKVConfig:
     summary_group: int | None = None
     dense_below: int | None = None
     decode_graphs: bool = True
+    conditional_selection: bool = False
 
     def __post_init__(self) -> None:
         for name in ("budget", "output_tokens", "window", "pool_kernel", "page_size"):
@@ -100,7 +106,7 @@ class RocketKVConfig:
             if getattr(self, name) is not None:
                 _int_field(f"rocketkv.{name}", getattr(self, name), 1)
         object.__setattr__(self, "mode", _mode_field("rocketkv.mode", self.mode))
-        for name in ("attend_newest_page", "decode_graphs"):
+        for name in ("attend_newest_page", "decode_graphs", "conditional_selection"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rocketkv.{name} must be true or false, got {getattr(self, name)!r}")
         if self.pool_kernel % 2 == 0:

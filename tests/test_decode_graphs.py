@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rocketkv_vllm.config import RocketKVConfig
-from rocketkv_vllm.kernels import get_ops
+from rocketkv_vllm.kernels import cuda_ops, get_ops
 from rocketkv_vllm.kernels import layer_graphs
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs, padded_rows
 from rocketkv_vllm.ops import reference as R
@@ -23,6 +23,7 @@ from rocketkv_vllm.plan import plan_for_params
 from rocketkv_vllm.ops.reference import EVERY_PAGE
 from rocketkv_vllm.vllm_glue.backend import RocketKVMetadataBuilder
 from rocketkv_vllm.vllm_glue.batch_context import rows_of_batch
+from rocketkv_vllm.vllm_glue import impl as impl_module
 from rocketkv_vllm.vllm_glue.impl import RocketKVImpl
 from rocketkv_vllm.vllm_glue.request_plans import attach_plan
 from rocketkv_vllm.vllm_glue.tp_groups import selection_queries  # noqa: F401  (the impl's own-queries default)
@@ -266,3 +267,94 @@ def test_an_invalidated_capture_leaves_the_device_usable():
     assert len(graphs) == 0 and x.tolist() == [3.0] * 4  # the warm-up run, then two direct runs
     assert torch.randn(8, device=DEV).isfinite().all()
     assert not torch.cuda.is_current_stream_capturing()
+
+
+def test_conditional_selection_falls_back_where_unsupported(monkeypatch):
+    """Without conditional-node support (no extension, CUDA < 12.4) a full-graph capture launches
+    the selection as before, once warned; outside a full-graph capture nothing is wrapped."""
+    monkeypatch.setattr(cuda_ops, "conditional_capture_supported", lambda: False)
+    warnings = []
+    monkeypatch.setattr(impl_module.logger, "warning", lambda message, *args: warnings.append(message % args))
+    impl = make_impl(make_builder(), None)
+    impl._conditional_selection = True
+    assert isinstance(impl._conditional(False, None), contextlib.nullcontext) and not warnings
+    assert isinstance(impl._conditional(True, None), contextlib.nullcontext)
+    assert impl._conditional_selection is False and len(warnings) == 1 and "12.4" in warnings[0]
+
+
+CONDITIONAL = CUDA and cuda_ops.conditional_capture_supported()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CONDITIONAL, reason="needs the CUDA C++ extension with CUDA 12.4+")
+def test_run_if_any_runs_its_body_only_when_some_value_differs():
+    values = torch.full((5,), -1, dtype=torch.int32, device=DEV)
+    x, y = torch.zeros(4, device=DEV), torch.zeros(4, device=DEV)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.add_(1)
+        with cuda_ops.run_if_any(values, -1):
+            y.add_(1)
+            y.mul_(2)
+        x.add_(y)
+    graph.replay()
+    assert x.tolist() == [1.0] * 4 and y.tolist() == [0.0] * 4
+    values[3] = 7
+    graph.replay()
+    assert y.tolist() == [2.0] * 4 and x.tolist() == [4.0] * 4  # the body ran before what followed it
+    values[3] = -1
+    graph.replay()
+    assert y.tolist() == [2.0] * 4 and x.tolist() == [7.0] * 4
+    assert not torch.cuda.is_current_stream_capturing()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("conditional", [False, True])
+def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not(conditional):
+    """vLLM's capture of a full graph, as the impl sees it (forward while the stream captures):
+    replayed for steps whose rows select pages and steps whose rows do not, it gives the direct
+    launch's output; with conditional_selection the selection of a step without selecting rows
+    does not run (its scratch is left as it was)."""
+    if conditional and not CONDITIONAL:
+        pytest.skip("needs the CUDA C++ extension with CUDA 12.4+")
+    torch.manual_seed(11)
+    builder = make_builder()
+    seq_lens = [301, 201, 121]
+    kv, table = filled_cache(builder.layout, seq_lens)
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)  # vLLM's persistent seq_lens
+    steps = {"selecting": [request(300, "rocketkv"), request(200, "mt"), request(120, "full")],
+             "dense": [request(n - 1, "full") for n in seq_lens]}
+
+    def build(states):
+        cm = common([1, 1, 1], seq_lens, table)
+        cm.seq_lens = seq
+        with rows_of_batch(states):
+            return builder.build(0, cm)
+
+    captured = make_impl(builder, None)
+    captured._conditional_selection = conditional
+    direct = make_impl(builder, None)
+    query = torch.randn(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
+    out = torch.empty(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
+    meta = build(steps["selecting"])
+    assert meta.decode.graph is not None and meta.decode.selects
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # (compiles the kernels)
+        captured.forward(None, query, None, None, kv, meta, out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.forward(None, query, None, None, kv, meta, out)
+    for name in ("dense", "selecting", "dense"):
+        meta = build(steps[name])
+        assert meta.decode.selects == (name == "selecting")
+        query.copy_(torch.randn_like(query))
+        temp = meta.decode.selection.scratch["temp"]
+        temp.fill_(float("nan"))  # the prep kernel writes it whenever the selection runs
+        graph.replay()
+        expected = torch.empty_like(out)
+        direct.forward(None, query, None, None, kv, meta, expected)
+        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+        skipped = conditional and name == "dense"
+        assert bool(temp[0].isnan().all()) == skipped, name

@@ -1,18 +1,24 @@
 """RocketKV attention forward pass: store KV + summaries, exact prefill, SnapKV++ compaction, HSA decode."""
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
 
 from rocketkv_vllm.algorithms import snapkv_select
 from rocketkv_vllm.config import RocketKVConfig
-from rocketkv_vllm.kernels import flash_prefill, get_ops
+from rocketkv_vllm.kernels import cuda_ops, flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs
 from rocketkv_vllm.vllm_glue.backend import DecodeBatch, GraphRows, RocketKVMetadata, decode_bounds, selection_shape
+from rocketkv_vllm.ops.reference import EVERY_PAGE
 from rocketkv_vllm.vllm_glue.tp_groups import gathers_queries, selection_num_heads, selection_queries
+
+logger = logging.getLogger("vllm.rocketkv")
 
 
 class RocketKVImpl(AttentionImpl):
@@ -61,6 +67,9 @@ class RocketKVImpl(AttentionImpl):
         gathers = gathers_queries(self.num_heads, vllm_config)
         self._graphs = LayerGraphs() if self.config.decode_graphs and not gathers else None
         self._graphs_builder_id = 0  # whose GraphRows the graphs were captured over
+        # vLLM's full graphs run each layer's selection as a conditional node (not where selecting
+        # gathers queries: a collective cannot be in a node's body); checked on the first capture
+        self._conditional_selection = self.config.conditional_selection and not gathers
         # the page selection's workspace, allocated during memory profiling (reserve_selection_workspace)
         self._selection_heads = selection_num_heads(self.num_heads, vllm_config)
         self._decode_bounds = decode_bounds(vllm_config)
@@ -83,17 +92,30 @@ class RocketKVImpl(AttentionImpl):
         shape = selection_shape(self._selection_heads, self.num_kv_heads, self.head_size, self.layout, width, device)
         self._workspace = planner.workspace_for(shape, rows)
 
+    def _conditional(self, capturing_full_graph: bool, d: DecodeBatch):
+        """Inside vLLM's capture of a full graph (config.conditional_selection): the page selection
+        launched in this block runs at replay only when some row selects (cuda_ops.run_if_any)."""
+        if not (capturing_full_graph and self._conditional_selection):
+            return contextlib.nullcontext()
+        if not cuda_ops.conditional_capture_supported():
+            logger.warning("rocketkv.conditional_selection needs the CUDA C++ extension built with CUDA 12.4+: "
+                           "full CUDA graphs launch the page selection in every step instead")
+            self._conditional_selection = False
+            return contextlib.nullcontext()
+        return cuda_ops.run_if_any(d.top_pages, EVERY_PAGE)
+
     def _decode(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, d: DecodeBatch, out: torch.Tensor | None,
-                select: bool) -> torch.Tensor:
+                select: bool, capturing_full_graph: bool = False) -> torch.Tensor:
         """HSA page selection (the newest page appended), sparse attention: [rows, Hq, D]. Without
         `select` (no row chooses pages) every row attends all its live pages, unselected."""
         newest = d.newest  # (the builder's, from the host's seq_lens: no ops here)
         if select:
-            selection = ops.hsa_select_pages(
-                self.selection_queries(q), kv_cache, self.layout, d.block_table,
-                newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
-                newest_page=newest.page if newest else None, plan=d.selection,
-            )
+            with self._conditional(capturing_full_graph, d):
+                selection = ops.hsa_select_pages(
+                    self.selection_queries(q), kv_cache, self.layout, d.block_table,
+                    newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
+                    newest_page=newest.page if newest else None, plan=d.selection,
+                )
         else:
             selection = d.selection.unlisted()
         return ops.paged_sparse_attention(
@@ -182,7 +204,7 @@ class RocketKVImpl(AttentionImpl):
                 result = self._decode_in_graph(ops, q, kv_cache, d.graph)
             else:
                 result = self._decode(ops, q, kv_cache, d, out[: d.num_rows] if d.token_index is None else None,
-                                      d.selects or capturing)
+                                      d.selects or capturing, capturing_full_graph=capturing)
             if d.token_index is not None:
                 out[d.token_index] = result
             elif result.data_ptr() != out.data_ptr():
