@@ -15,13 +15,14 @@
 #   bash benchmarks/gpu_bench_session.sh dense_attn # dense decode attention: rocketkv 130K x 3 eager vs graph; mt vs HSA
 #   bash benchmarks/gpu_bench_session.sh conditional  # CUDA graph conditional nodes: probe, GPU tests, attention with/without
 #   bash benchmarks/gpu_bench_session.sh mt_dense   # mt requests decoding exactly vs HSA, 8K-16K, batch 1 and 8
+#   bash benchmarks/gpu_bench_session.sh dense_sweep  # dense decode attention's launch settings vs FA3 per token
 #
 # Results go to $OUT (the device tool brings back at most 8 files): bench_<part>.tar.gz with
 # every JSON, plot and log, plus the part's JSON files and a summary.txt beside it.
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense}"
+part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense|dense_sweep}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -174,8 +175,15 @@ case "$part" in
       done
     done
     ;;
+  dense_sweep)
+    # ~3 min: the split kernel over every kept token (rocketkv's dense default) at 6 shapes, 32
+    # launch settings each (8 Triton compiles), against FA3 over as many tokens
+    log "dense attention sweep"
+    timeout 400 python benchmarks/sweep_dense_attention.py > "$results/dense_sweep.json" 2> "$results/dense_sweep.txt"
+    log "exit $?"
+    ;;
   *)
-    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense)" >&2
+    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense|dense_sweep)" >&2
     exit 2
     ;;
 esac

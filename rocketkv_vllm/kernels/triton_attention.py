@@ -201,11 +201,14 @@ def paged_sparse_attention(
     tokens_per_iter: int | None = None,
     out: torch.Tensor | None = None,
     top_pages: torch.Tensor | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Exact attention over the live tokens of the chosen pages page_index[b, h, :page_count[b, h]]
     (-1 entries are skipped), or of every live page for rows whose top_pages (the [B] budgets
     given to hsa_select_pages) is EVERY_PAGE: [B, Hq, D] in query's dtype, written into `out`
-    when given."""
+    when given. num_splits, tokens_per_iter, num_warps, num_stages: the split kernel's launch
+    (benchmarks/sweep_dense_attention.py tunes them)."""
     check_cache(kv_cache, layout)
     group = check_group(query, kv_cache)
     batch, num_q_heads, head_dim = query.shape
@@ -245,7 +248,7 @@ def paged_sparse_attention(
         group, head_dim, pidx.shape[-1], bt.shape[1] * layout.pages_per_block,
         BS=layout.block_size, PS=ps, G_P=g_p, BLOCK_D=block_d, TOK=tok, LOWP=lowp,
         HAS_K=top_pages is not None, EVERY=EVERY_PAGE, MIN_ITERS=MIN_ITERS_PER_SPLIT,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _sparse_attn_reduce_kernel[(batch, num_q_heads)](
         acc, m, l, out, out.stride(0), out.stride(1), group, head_dim, num_splits,
