@@ -16,13 +16,14 @@
 #   bash benchmarks/gpu_bench_session.sh conditional  # CUDA graph conditional nodes: probe, GPU tests, attention with/without
 #   bash benchmarks/gpu_bench_session.sh mt_dense   # mt requests decoding exactly vs HSA, 8K-16K, batch 1 and 8
 #   bash benchmarks/gpu_bench_session.sh dense_sweep  # dense decode attention's launch settings vs FA3 per token
+#   BACKEND=FLASH_ATTN bash benchmarks/gpu_bench_session.sh serve128k_rate  # 128K in / 512 out at 0.05 req/s, one backend
 #
 # Results go to $OUT (the device tool brings back at most 8 files): bench_<part>.tar.gz with
 # every JSON, plot and log, plus the part's JSON files and a summary.txt beside it.
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense|dense_sweep}"
+part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense|dense_sweep|serve128k_rate}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -175,6 +176,18 @@ case "$part" in
       done
     done
     ;;
+  serve128k_rate)
+    # the 128K TPOT at an equal request rate, one backend a call (BACKEND, default rocketkv):
+    # 5 prompts of 128K at 0.05 req/s (Poisson, seed 0), so that requests mostly decode in steps
+    # of their own (at rate inf every step carries another request's prefill chunk). ~4.5 min:
+    # start ~100 s, arrivals over ~100 s, then the last request's prefill ~10 s and 512 steps
+    backend="${BACKEND:-rocketkv}"
+    log "serve 128K/512 at 0.05 req/s, $backend"
+    timeout 580 python benchmarks/bench_serve.py --backends "$backend" --input-len 130000 --output-len 512 --rates 0.05 \
+      --prompts 5 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 300 \
+      --json "$results/serve_128k_rate_$backend.json" > "$results/serve_128k_rate_$backend.txt" 2>&1
+    log "exit $?"
+    ;;
   dense_sweep)
     # ~3 min: the split kernel over every kept token (rocketkv's dense default) at 6 shapes, 32
     # launch settings each (8 Triton compiles), against FA3 over as many tokens
@@ -183,7 +196,7 @@ case "$part" in
     log "exit $?"
     ;;
   *)
-    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense|dense_sweep)" >&2
+    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense|dense_sweep|serve128k_rate)" >&2
     exit 2
     ;;
 esac
