@@ -24,13 +24,14 @@ def records():
 
 
 def test_settings_line_names_every_effective_setting():
-    line = logs.settings_line(RocketKVConfig(budget=512, mode="mt"), 16, "Triton", flash_prefill=True)
+    line = logs.settings_line(RocketKVConfig(budget=512, mode="mt"), 16, "Triton", flash_prefill=3)
     assert line == ("RocketKV: budget 512, mode mt, page size 2, block size 16, summaries channel-major, groups of "
                     "1 channel, window 32, exact decode up to 16384 kept tokens (mt: 0), kernels Triton, "
-                    "dense prefill FlashAttention")
-    assert "exact decode up to 0 kept tokens (mt: 0)" in logs.settings_line(RocketKVConfig(dense_below=0), 16, "x", False)
-    assert "summaries whole rows" in logs.settings_line(RocketKVConfig(), 16, "Triton", flash_prefill=False)
-    assert "groups of 8 channels" in logs.settings_line(RocketKVConfig(summary_group=8), 16, "x", flash_prefill=False)
+                    "dense prefill FlashAttention 3")
+    assert "exact decode up to 0 kept tokens (mt: 0)" in logs.settings_line(RocketKVConfig(dense_below=0), 16, "x", None)
+    assert "summaries whole rows" in logs.settings_line(RocketKVConfig(), 16, "Triton", flash_prefill=None)
+    assert "groups of 8 channels" in logs.settings_line(RocketKVConfig(summary_group=8), 16, "x", flash_prefill=None)
+    assert logs.settings_line(RocketKVConfig(), 16, "x", flash_prefill=None).endswith("dense prefill torch reference")
 
 
 @pytest.mark.parametrize("backend,device,name", [
@@ -45,9 +46,9 @@ def test_kernels_in_use(backend, device, name):
 
 def test_settings_logged_once_per_engine_on_cpu_without_warnings(records):
     for _ in range(3):  # one builder per layer group and worker: still one line
-        logs.log_settings(RocketKVConfig(budget=256), 16, torch.device("cpu"), torch.float32)
+        logs.log_settings(RocketKVConfig(budget=256), 16, torch.device("cpu"), torch.float32, 64)
     assert [(r.levelno, r.getMessage()) for r in records] == [(logging.INFO, logs.settings_line(
-        RocketKVConfig(budget=256), 16, logs.kernels_in_use(logs.get_ops_backend(torch.device("cpu")), torch.device("cpu")), False))]
+        RocketKVConfig(budget=256), 16, logs.kernels_in_use(logs.get_ops_backend(torch.device("cpu")), torch.device("cpu")), None))]
 
 
 def test_cuda_fallbacks_warn_once(records, monkeypatch):
@@ -55,7 +56,7 @@ def test_cuda_fallbacks_warn_once(records, monkeypatch):
     monkeypatch.setattr(logs, "get_ops_backend", lambda device: "triton")
     monkeypatch.setattr(cuda_ops, "available", lambda: False)
     for _ in range(2):
-        logs.log_settings(RocketKVConfig(), 16, torch.device("cuda"), torch.float32)
+        logs.log_settings(RocketKVConfig(), 16, torch.device("cuda"), torch.float32, 64)
         logs.warn_gap_rows_on_torch_path()
     levels = [r.levelno for r in records]
     assert levels.count(logging.INFO) == 1 and levels.count(logging.WARNING) == 3

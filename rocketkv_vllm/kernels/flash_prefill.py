@@ -1,7 +1,9 @@
-"""Exact causal attention for prefill chunks with vLLM's FlashAttention 3 over RocketKV's cache.
+"""Exact causal attention for prefill chunks with vLLM's FlashAttention over RocketKV's cache.
 
 RocketKV's block stores [Hkv, rows, D]; its key/value rows viewed as [blocks, block_size,
 Hkv, D] are a strided ("HND") paged cache that FlashAttention's paged kernel reads directly.
+The version is vLLM's own choice for the GPU (get_flash_attn_version: 3 on Hopper, 2 on
+Ampere and Ada); versions whose kernels take other cache layouts (4, CuTe DSL) are not used.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import functools
 import torch
 
 from rocketkv_vllm.kv_layout import KVLayout
+
+STRIDED_CACHE_VERSIONS = (2, 3)  # vllm_flash_attn's C++ kernels: any block stride
 
 
 @functools.lru_cache(maxsize=1)
@@ -21,9 +25,26 @@ def _flash_attn_varlen_func():
     return flash_attn_varlen_func
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """FlashAttention 3 serves fp16/bf16 caches on CUDA; other cases use the torch path."""
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen_func() is not None
+@functools.lru_cache(maxsize=None)
+def _vllm_version(head_size: int) -> int | None:
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    except ImportError:
+        return None
+    return get_flash_attn_version(head_size=head_size)
+
+
+def version(device: torch.device, dtype: torch.dtype, head_size: int) -> int | None:
+    """The FlashAttention version prefill runs for fp16/bf16 caches on this CUDA device, None
+    where there is none (the torch path then runs)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or _flash_attn_varlen_func() is None:
+        return None
+    chosen = _vllm_version(head_size)
+    return chosen if chosen in STRIDED_CACHE_VERSIONS else None
+
+
+def available(device: torch.device, dtype: torch.dtype, head_size: int) -> bool:
+    return version(device, dtype, head_size) is not None
 
 
 def flash_prefill(
@@ -38,10 +59,13 @@ def flash_prefill(
     scale: float,
 ) -> torch.Tensor:
     """query: [T, Hq, D] packed rows; block_table/seq_lens: [R]; cu_seqlens_q: [R + 1] int32."""
+    fa_version = version(query.device, kv_cache.dtype, query.shape[-1])
+    if fa_version is None:
+        raise RuntimeError(f"no FlashAttention for {kv_cache.dtype} caches on {query.device}")
     keys = layout.keys(kv_cache).transpose(1, 2)
     values = layout.values(kv_cache).transpose(1, 2)
     return _flash_attn_varlen_func()(
         q=query, k=keys, v=values, max_seqlen_q=max_query_len, cu_seqlens_q=cu_seqlens_q,
         max_seqlen_k=max_seq_len, seqused_k=seq_lens, softmax_scale=scale, causal=True,
-        block_table=block_table, fa_version=3,
+        block_table=block_table, fa_version=fa_version,
     )

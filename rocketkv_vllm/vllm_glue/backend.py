@@ -278,7 +278,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             # the query heads a selection scores with: this worker's, or a replicated KV head's whole group
             selection_num_heads(local_heads, vllm_config), max_blocks, vllm_config.model_config.dtype,
         )
-        log_settings(self.config, self.block_size, device, kv_cache_spec.dtype)
+        log_settings(self.config, self.block_size, device, kv_cache_spec.dtype, self.head_dim)
 
     def _setup(self, config: RocketKVConfig, kv_cache_spec: AttentionSpec, max_rows: int, max_tokens: int,
                device: torch.device, num_heads: int, max_blocks: int, query_dtype: torch.dtype | None = None) -> None:
@@ -296,7 +296,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         if self._planner_cls is not None:
             self._planner(max_blocks)
         self.plans = PlanTable(config, self.head_dim, self.block_size)
-        self.flash_prefill = flash_prefill.available(device, kv_cache_spec.dtype)
+        self.flash_prefill = flash_prefill.available(device, kv_cache_spec.dtype, kv_cache_spec.head_size)
         # keep, gap_end, top_channels, top_pages of each decode row, its newest page
         # (scored seq_len, page) and its seq_len; persistent for CUDA graphs
         self._columns = CpuGpuBuffer(7, max_rows, dtype=torch.int32, device=device)

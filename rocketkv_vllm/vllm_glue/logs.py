@@ -34,28 +34,31 @@ def summary_layout(group: int) -> str:
     return "whole rows" if group == 0 else f"channel-major, groups of {group} channel{'s' if group > 1 else ''}"
 
 
-def settings_line(config: RocketKVConfig, block_size: int, kernels: str, flash_prefill: bool) -> str:
+def settings_line(config: RocketKVConfig, block_size: int, kernels: str, flash_prefill: int | None) -> str:
+    """flash_prefill: the FlashAttention version prefill runs, None for the torch path."""
     return (
         f"RocketKV: budget {config.budget}, mode {config.mode}, page size {config.page_size}, block size {block_size}, "
         f"summaries {summary_layout(config.layout_summary_group())}, window {config.window}, "
         f"exact decode up to {config.dense_below_for('rocketkv')} kept tokens (mt: {config.dense_below_for('mt')}), "
-        f"kernels {kernels}, dense prefill {'FlashAttention' if flash_prefill else 'torch reference'}"
+        f"kernels {kernels}, dense prefill {f'FlashAttention {flash_prefill}' if flash_prefill else 'torch reference'}"
     )
 
 
-def log_settings(config: RocketKVConfig, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+def log_settings(config: RocketKVConfig, block_size: int, device: torch.device, dtype: torch.dtype,
+                 head_size: int) -> None:
     """The start-up line (first rank only; one line for all layers and kernel groups)."""
     from rocketkv_vllm.kernels import cuda_ops, flash_prefill
 
-    flash = flash_prefill.available(device, dtype)
+    flash = flash_prefill.version(device, dtype, head_size)
     kernels = kernels_in_use(get_ops_backend(device), device)
     logger.info_once(settings_line(config, block_size, kernels, flash), scope="global")
     if device.type == "cuda" and not cuda_ops.available():
         warn_cuda_extension_missing(cuda_ops.import_error() or "not usable on this GPU")
     if device.type == "cuda" and not flash:
         logger.warning_once(
-            "RocketKV: vLLM's FlashAttention is not available for %s caches: prefill attention runs the torch "
-            "reference path (slow, memory-hungry at long context)", str(dtype).removeprefix("torch."), scope="global",
+            "RocketKV: vLLM's FlashAttention (version 2 or 3) is not available for %s caches on this GPU: prefill "
+            "attention runs the torch reference path (slow, memory-hungry at long context)",
+            str(dtype).removeprefix("torch."), scope="global",
         )
 
 
