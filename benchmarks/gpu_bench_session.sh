@@ -150,8 +150,9 @@ case "$part" in
     nvcc -O2 -std=c++17 -arch=sm_90 benchmarks/graph_conditional_probe.cu -o "$work/probe" \
       && timeout 60 "$work/probe" > "$results/probe.txt" 2>&1
     log "exit $?"
-    log "pytest conditional"
-    timeout 240 python -m pytest -q -n 0 tests/test_decode_graphs.py > "$results/pytest_decode_graphs.txt" 2>&1
+    log "pytest conditional nodes, flash_decode, flash prefill"
+    timeout 240 python -m pytest -q -n 0 tests/test_decode_graphs.py tests/test_flash_decode.py tests/test_flash_prefill.py \
+      > "$results/pytest_decode_graphs.txt" 2>&1
     log "exit $?"
     for run in 8192:1:16384 32768:1:16384 131072:3:16384 8192:1:0 131072:3:0; do
       IFS=: read -r ctx batch dense <<< "$run"
@@ -190,7 +191,8 @@ case "$part" in
     ;;
   dense_sweep)
     # ~3 min: the split kernel over every kept token (rocketkv's dense default) at 6 shapes, 32
-    # launch settings each (8 Triton compiles), against FA3 over as many tokens
+    # launch settings each (8 Triton compiles), against FA3 over as many tokens and flash_decode
+    # (FA3 over the kept tokens merged with the split kernel over the decoded ones)
     log "dense attention sweep"
     timeout 400 python benchmarks/sweep_dense_attention.py > "$results/dense_sweep.json" 2> "$results/dense_sweep.txt"
     log "exit $?"

@@ -31,6 +31,7 @@ from vllm.v1.utils import CpuGpuBuffer
 
 from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import flash_prefill, get_ops
+from rocketkv_vllm.kernels.flash_decode import KeptPromptRows
 from rocketkv_vllm.kernels.layer_graphs import padded_rows
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.newest_page import NewestPages
@@ -152,6 +153,9 @@ class DecodeBatch:
     # some row chooses pages (top_pages below EVERY_PAGE); when none does, steps outside vLLM's
     # full graphs launch no page selection (a full graph, captured for any rows, always does)
     selects: bool = True
+    # config.flash_decode: dense rows' kept prompts through FlashAttention (keep and gap_end above
+    # then hold, for those rows, what the split kernel attends: the tokens past the gap)
+    kept_prompt: KeptPromptRows | None = None
 
 
 @dataclass
@@ -298,8 +302,14 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         self.plans = PlanTable(config, self.head_dim, self.block_size)
         self.flash_prefill = flash_prefill.available(device, kv_cache_spec.dtype, kv_cache_spec.head_size)
         # keep, gap_end, top_channels, top_pages of each decode row, its newest page
-        # (scored seq_len, page) and its seq_len; persistent for CUDA graphs
-        self._columns = CpuGpuBuffer(7, max_rows, dtype=torch.int32, device=device)
+        # (scored seq_len, page), its seq_len and its kept prompt for FlashAttention (flash_decode);
+        # persistent for CUDA graphs
+        self._columns = CpuGpuBuffer(8, max_rows, dtype=torch.int32, device=device)
+        # dense decode rows' kept prompts through FlashAttention (config.flash_decode, kernels/flash_decode.py)
+        self._flash_cu_q = None
+        if config.flash_decode and self._planner_cls is not None and flash_prefill.available(
+                device, kv_cache_spec.dtype, self.head_dim):
+            self._flash_cu_q = torch.arange(max_rows + 1, dtype=torch.int32, device=device)
         # the decode rows' block-table rows and query/output buffers of the per-layer graphs
         self._graph_tables: dict[int, torch.Tensor] = {}
         self._graph_io: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -383,7 +393,13 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         host = self._columns.np
         host[:4, :count] = kinds.columns[:, rows]
         host[6, :count] = seq_lens[rows]
-        host[:, count : max(num_rows, graph_rows)] = ((0,), (0,), (self.head_dim,), (EVERY_PAGE,), (0,), (-1,), (0,))
+        host[:, count : max(num_rows, graph_rows)] = ((0,), (0,), (self.head_dim,), (EVERY_PAGE,), (0,), (-1,), (0,), (0,))
+        if self._flash_cu_q is not None:  # dense rows: [0, keep) to FlashAttention, [max(gap, keep), seq) to the split kernel
+            keep, gap = host[0, :count].copy(), host[1, :count].copy()
+            dense = host[3, :count] == EVERY_PAGE
+            host[7, :count] = np.where(dense, keep, 0)
+            host[0, :count] = np.where(dense, 0, keep)
+            host[1, :count] = np.where(dense, np.maximum(gap, keep), gap)
         if self.config.attend_newest_page:  # (NewestPages.of, from the host's seq_lens)
             last = np.maximum(seq_lens[rows] - 1, 0) // self.layout.page_size
             host[4, :count], host[5, :count] = last * self.layout.page_size, np.where(seq_lens[rows] > 0, last, -1)
@@ -402,11 +418,17 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             block_table, seq_lens_rows = cm.block_table_tensor[index], cm.seq_lens[index]
         width = cm.block_table_tensor.shape[1]
         decode = DecodeBatch(token_index, num_rows, block_table, seq_lens_rows, *cols[:4],
-                             self._plan(width, num_rows), self._newest(cols), selects=selects)
+                             self._plan(width, num_rows), self._newest(cols), selects=selects,
+                             kept_prompt=self._kept_prompt(cols, num_rows, width))
         if graph_rows:
             decode.graph = self._graph_rows(cm.block_table_tensor, index, count, graph_rows, all_cols[:, :graph_rows],
                                             selects)
         return decode
+
+    def _kept_prompt(self, cols: torch.Tensor, num_rows: int, width: int) -> KeptPromptRows | None:
+        if self._flash_cu_q is None:
+            return None
+        return KeptPromptRows(cols[7], self._flash_cu_q[: num_rows + 1], width * self.block_size)
 
     def _newest(self, cols: torch.Tensor) -> NewestPages | None:
         return NewestPages(cols[4], cols[5]) if self.config.attend_newest_page else None
@@ -428,7 +450,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         else:
             torch.index_select(block_table, 0, index, out=table[:count])
         batch = DecodeBatch(None, graph_rows, table[:graph_rows], cols[6], *cols[:4], self._plan(width, graph_rows),
-                            self._newest(cols), selects=selects)
+                            self._newest(cols), selects=selects, kept_prompt=self._kept_prompt(cols, graph_rows, width))
         query, output = self._graph_io
         return GraphRows(batch, query[:graph_rows], output[:graph_rows], self._builder_id)
 

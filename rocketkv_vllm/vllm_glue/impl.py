@@ -10,7 +10,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionTy
 
 from rocketkv_vllm.algorithms import snapkv_select
 from rocketkv_vllm.config import RocketKVConfig
-from rocketkv_vllm.kernels import cuda_ops, flash_prefill, get_ops
+from rocketkv_vllm.kernels import cuda_ops, flash_decode, flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs
@@ -118,9 +118,13 @@ class RocketKVImpl(AttentionImpl):
                 )
         else:
             selection = d.selection.unlisted()
+        merge = {}
+        if d.kept_prompt is not None:  # (dense rows' keep / gap_end then name only their decoded tokens)
+            merge["kept_partial"] = flash_decode.attend_kept_prompt(q, kv_cache, self.layout, d.block_table,
+                                                                    d.kept_prompt, self.scale)
         return ops.paged_sparse_attention(
             q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
-            self.scale, out=out, top_pages=d.top_pages,
+            self.scale, out=out, top_pages=d.top_pages, **merge,
         )
 
     def _decode_in_graph(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, rows: GraphRows) -> torch.Tensor:
