@@ -21,11 +21,24 @@ def fake_flash(monkeypatch):
     return calls, chosen
 
 
-@pytest.mark.parametrize("vllm_choice,used", [(3, 3), (2, 2), (4, None), (None, None)])
-def test_version_is_vllms_choice_where_it_reads_strided_caches(fake_flash, vllm_choice, used):
+@pytest.mark.parametrize("vllm_choice,used", [(3, 3), (2, 2), (None, None)])
+def test_version_on_a_gpu_for_half_precision_caches(fake_flash, vllm_choice, used):
     fake_flash[1]["version"] = vllm_choice
     assert flash_prefill.version(GPU, torch.bfloat16, 128) == used
     assert flash_prefill.available(GPU, torch.float16, 128) == (used is not None)
+
+
+@pytest.mark.parametrize("vllm_choice,fa2,used", [(4, True, 2), (4, False, None), (3, True, 3), (None, True, None)])
+def test_fa2_stands_in_where_vllm_picks_a_version_with_other_cache_layouts(monkeypatch, vllm_choice, fa2, used):
+    from vllm.v1.attention.backends import fa_utils
+
+    monkeypatch.setattr(fa_utils, "get_flash_attn_version", lambda head_size=None: vllm_choice)
+    monkeypatch.setattr(fa_utils, "is_fa_version_supported", lambda version: fa2 and version == 2)
+    flash_prefill._vllm_version.cache_clear()
+    try:
+        assert flash_prefill._vllm_version(128) == used
+    finally:
+        flash_prefill._vllm_version.cache_clear()
 
 
 def test_no_flash_attention_on_cpu_or_for_fp32_caches(fake_flash):

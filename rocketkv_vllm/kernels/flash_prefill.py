@@ -3,7 +3,8 @@
 RocketKV's block stores [Hkv, rows, D]; its key/value rows viewed as [blocks, block_size,
 Hkv, D] are a strided ("HND") paged cache that FlashAttention's paged kernel reads directly.
 The version is vLLM's own choice for the GPU (get_flash_attn_version: 3 on Hopper, 2 on
-Ampere and Ada); versions whose kernels take other cache layouts (4, CuTe DSL) are not used.
+Ampere and Ada); where it picks a version whose kernels take other cache layouts (4, CuTe DSL,
+on Blackwell), FA2.
 """
 from __future__ import annotations
 
@@ -27,11 +28,16 @@ def _flash_attn_varlen_func():
 
 @functools.lru_cache(maxsize=None)
 def _vllm_version(head_size: int) -> int | None:
+    """vLLM's FlashAttention version for this GPU, or 2 where it picks one whose kernels take
+    other cache layouts (4 on Blackwell) and FA2 runs; None where it has none."""
     try:
-        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version, is_fa_version_supported
     except ImportError:
         return None
-    return get_flash_attn_version(head_size=head_size)
+    chosen = get_flash_attn_version(head_size=head_size)
+    if chosen is None or chosen in STRIDED_CACHE_VERSIONS:
+        return chosen
+    return 2 if is_fa_version_supported(2) else None
 
 
 def version(device: torch.device, dtype: torch.dtype, head_size: int) -> int | None:
@@ -39,8 +45,7 @@ def version(device: torch.device, dtype: torch.dtype, head_size: int) -> int | N
     where there is none (the torch path then runs)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or _flash_attn_varlen_func() is None:
         return None
-    chosen = _vllm_version(head_size)
-    return chosen if chosen in STRIDED_CACHE_VERSIONS else None
+    return _vllm_version(head_size)
 
 
 def available(device: torch.device, dtype: torch.dtype, head_size: int) -> bool:
