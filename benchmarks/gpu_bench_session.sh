@@ -32,6 +32,17 @@ mkdir -p "$results"
 export VLLM_WORKER_MULTIPROC_METHOD=spawn
 started=$SECONDS
 log() { echo "[$((SECONDS - started))s] $*" | tee -a "$results/summary.txt"; }
+# the decode attention of 32 layers alone (bench_eager_host.py) for each MODE:CONTEXT:BATCH:DENSE_BELOW
+attention_runs() {
+  for run in "$@"; do
+    IFS=: read -r mode ctx batch dense <<< "$run"
+    name="${mode}_${ctx}x${batch}_dense$dense"
+    log "$name"
+    timeout 100 python benchmarks/bench_eager_host.py --mode "$mode" --batch "$batch" --context "$ctx" \
+      --layers 32 --repeats 3 --dense-below "$dense" > "$results/$name.json" 2> "$results/$name.log"
+    log "exit $?"
+  done
+}
 
 case "$part" in
   serve)
@@ -131,14 +142,7 @@ case "$part" in
     # exactly against HSA at 8K x 1 and 16K x 8
     runs="rocketkv:131072:3:16384 rocketkv:8192:1:16384 rocketkv:32768:1:16384"
     for shape in 8192:1 16384:8; do runs="$runs mt:$shape:0 mt:$shape:32768"; done
-    for run in $runs; do
-      IFS=: read -r mode ctx batch dense <<< "$run"
-      name="${mode}_${ctx}x${batch}_dense$dense"
-      log "$name"
-      timeout 100 python benchmarks/bench_eager_host.py --mode "$mode" --batch "$batch" --context "$ctx" \
-        --layers 32 --repeats 3 --dense-below "$dense" > "$results/$name.json" 2> "$results/$name.log"
-      log "exit $?"
-    done
+    attention_runs $runs
     ;;
   conditional)
     # ~5 min: what a conditional node costs against the three selection launches it skips
@@ -154,28 +158,14 @@ case "$part" in
     timeout 240 python -m pytest -q -n 0 tests/test_decode_graphs.py tests/test_flash_decode.py tests/test_flash_prefill.py \
       > "$results/pytest_decode_graphs.txt" 2>&1
     log "exit $?"
-    for run in 8192:1:16384 32768:1:16384 131072:3:16384 8192:1:0 131072:3:0; do
-      IFS=: read -r ctx batch dense <<< "$run"
-      name="rocketkv_${ctx}x${batch}_dense${dense}"
-      log "$name"
-      timeout 100 python benchmarks/bench_eager_host.py --mode rocketkv --batch "$batch" --context "$ctx" \
-        --layers 32 --repeats 3 --dense-below "$dense" > "$results/$name.json" 2> "$results/$name.log"
-      log "exit $?"
-    done
+    attention_runs rocketkv:8192:1:16384 rocketkv:32768:1:16384 rocketkv:131072:3:16384 rocketkv:8192:1:0 \
+      rocketkv:131072:3:0
     ;;
   mt_dense)
     # ~3.5 min: mt requests (whole prompts kept) decoding exactly against HSA between the
     # session-17 points (exact 37% faster at 8K x 1, 19% slower at 16K x 8): a per-mode dense_below default
-    for shape in 8192:8 12288:1 12288:8 16384:1; do
-      for dense in 0 32768; do
-        IFS=: read -r ctx batch <<< "$shape"
-        name="mt_${ctx}x${batch}_dense$dense"
-        log "$name"
-        timeout 100 python benchmarks/bench_eager_host.py --mode mt --batch "$batch" --context "$ctx" \
-          --layers 32 --repeats 3 --dense-below "$dense" > "$results/$name.json" 2> "$results/$name.log"
-        log "exit $?"
-      done
-    done
+    attention_runs mt:8192:8:0 mt:8192:8:32768 mt:12288:1:0 mt:12288:1:32768 mt:12288:8:0 mt:12288:8:32768 \
+      mt:16384:1:0 mt:16384:1:32768
     ;;
   serve128k_rate)
     # the issue's 128K TPOT at an equal request rate, one backend a call (BACKEND, default rocketkv):
