@@ -79,26 +79,30 @@ def make_impl(builder) -> RocketKVImpl:
     return impl
 
 
-# rocketkv requests keep a 64-token budget's worth of their prompts and decode densely (dense_below),
-# one keeps its whole prompt (full), one selects pages (mt with HSA)
-ROWS = [(300, "rocketkv"), (90, "full"), (200, "mt"), (260, "rocketkv")]
+# (prompt, mode, seq_len): rocketkv requests keep a 64-token budget's worth of their prompts and
+# decode densely (dense_below), one keeps its whole prompt (full), one selects pages (mt with HSA),
+# and the last is a one-token chunk 50 tokens into its 300-token prompt (a decode row whose keep,
+# the whole prompt, lies past its seq_len)
+ROWS = [(300, "rocketkv", 305), (90, "full", 95), (200, "mt", 205), (260, "rocketkv", 265), (300, "rocketkv", 50)]
 
 
 def test_builder_hands_dense_rows_kept_prompts_to_flash_attention(triton_ops):
     config = RocketKVConfig(budget=64, flash_decode=True)
     plain = make_builder(RocketKVConfig(budget=64))
     builder = make_builder(config)
-    seq_lens = [n + 5 for n, _ in ROWS]
+    seq_lens = [seq for _, _, seq in ROWS]
     table = torch.zeros(MAX_ROWS, WIDTH, dtype=torch.int32, device=DEV)
-    states = [request(config, n, mode) for n, mode in ROWS]
+    states = [request(config, n, mode) for n, mode, _ in ROWS]
     with rows_of_batch(states):
         d = builder.build(0, common([1] * len(ROWS), seq_lens, table)).decode
         p = plain.build(0, common([1] * len(ROWS), seq_lens, table)).decode
     assert p.kept_prompt is None
     dense = p.top_pages.cpu() == EVERY_PAGE
-    assert dense.tolist() == [True, True, False, True]
+    assert dense.tolist() == [True, True, False, True, True]
     keep, gap = p.keep.cpu(), p.gap_end.cpu()
-    assert d.kept_prompt.kept.tolist() == torch.where(dense, keep, 0).tolist()
+    assert keep[4] == 300  # (the prompt: nothing evicted yet)
+    assert d.kept_prompt.kept.tolist() == torch.where(dense, torch.minimum(keep, torch.tensor(seq_lens)), 0).tolist()
+    assert d.kept_prompt.kept[4] == 50
     assert d.keep.tolist() == torch.where(dense, 0, keep).tolist()
     assert d.gap_end.tolist() == torch.where(dense, torch.maximum(gap, keep), gap).tolist()
     assert d.kept_prompt.cu_seqlens_q.tolist() == list(range(len(ROWS) + 1))
@@ -106,16 +110,17 @@ def test_builder_hands_dense_rows_kept_prompts_to_flash_attention(triton_ops):
     assert keep[0] < gap[0] and keep[1] == gap[1] == 90  # an evicting and a whole-prompt row
     g = d.graph.batch  # the padded rows of the per-layer graphs: same columns, padding attends nothing
     assert g.kept_prompt.kept.data_ptr() == d.kept_prompt.kept.data_ptr()
-    assert g.kept_prompt.kept.tolist() == d.kept_prompt.kept.tolist() and g.kept_prompt.cu_seqlens_q.numel() == g.num_rows + 1
+    assert g.num_rows == 8 and g.kept_prompt.cu_seqlens_q.numel() == 9
+    assert g.kept_prompt.kept.tolist() == d.kept_prompt.kept.tolist() + [0, 0, 0]
 
 
 def test_forward_with_flash_decode_equals_the_split_kernel_alone(triton_ops):
     torch.manual_seed(5)
-    seq_lens = [n + 5 for n, _ in ROWS]
+    seq_lens = [seq for _, _, seq in ROWS]
     with_flash = make_builder(RocketKVConfig(budget=64, flash_decode=True))
     alone = make_builder(RocketKVConfig(budget=64))
     kv, table = filled_cache(with_flash.layout, seq_lens)
-    states = [request(with_flash.config, n, mode) for n, mode in ROWS]
+    states = [request(with_flash.config, n, mode) for n, mode, _ in ROWS]
     query = torch.randn(len(ROWS), HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
     outs = []
     for builder in (with_flash, alone):

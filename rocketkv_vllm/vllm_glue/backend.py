@@ -397,7 +397,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         if self._flash_cu_q is not None:  # dense rows: [0, keep) to FlashAttention, [max(gap, keep), seq) to the split kernel
             keep, gap = host[0, :count].copy(), host[1, :count].copy()
             dense = host[3, :count] == EVERY_PAGE
-            host[7, :count] = np.where(dense, keep, 0)
+            # (a one-token chunk inside a prompt is a decode row too: its keep, the prompt, is past seq_len)
+            host[7, :count] = np.where(dense, np.minimum(keep, seq_lens[rows]), 0)
             host[0, :count] = np.where(dense, 0, keep)
             host[1, :count] = np.where(dense, np.maximum(gap, keep), gap)
         if self.config.attend_newest_page:  # (NewestPages.of, from the host's seq_lens)
