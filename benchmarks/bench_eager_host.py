@@ -40,6 +40,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -181,11 +182,12 @@ class DecodeLayers:
             ops.write_kv(kv, layout, self.new_kv, self.new_kv, self.slots)
             scored = self.newest.scored_seq_lens if self.newest else self.seq
             capturing = conditional and torch.cuda.is_current_stream_capturing()
+            # (as the impl does: no programmatic-dependent-launch edges inside the node's body)
+            plan = replace(selection_plan, pdl=False) if capturing and selection_plan is not None else selection_plan
             with cuda_ops.run_if_any(self.top_pages, EVERY_PAGE) if capturing else contextlib.nullcontext():
                 selection = ops.hsa_select_pages(self.query, kv, layout, self.table, scored, self.keep, self.gap,
                                                  self.top_channels, self.top_pages,
-                                                 newest_page=self.newest.page if self.newest else None,
-                                                 plan=selection_plan)
+                                                 newest_page=self.newest.page if self.newest else None, plan=plan)
             ops.paged_sparse_attention(self.query, kv, layout, self.table, selection.index, selection.count, self.seq,
                                        self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out,
                                        top_pages=self.top_pages)

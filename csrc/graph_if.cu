@@ -43,7 +43,7 @@ struct OpenBody {
   cudaGraphNode_t node;
 };
 
-thread_local std::vector<OpenBody> open_bodies;  // (not nested in practice; a stack all the same)
+thread_local std::vector<OpenBody> open_bodies;  // at most one: bodies do not nest (one side stream)
 
 cudaStream_t body_stream(c10::DeviceIndex device) {
   // one per device, made on first use and kept: a pool stream could be in use elsewhere
@@ -74,6 +74,7 @@ void capture_info(cudaStream_t stream, cudaStreamCaptureStatus* status, unsigned
 void capture_if_begin(at::Tensor values, int64_t sentinel) {
   TORCH_CHECK(values.is_cuda() && values.scalar_type() == at::kInt && values.dim() == 1 && values.is_contiguous(),
               "capture_if_begin: values must be a contiguous 1-D int32 CUDA tensor");
+  TORCH_CHECK(open_bodies.empty(), "capture_if_begin: conditional bodies do not nest");
   const c10::cuda::CUDAGuard guard(values.device());
   const c10::DeviceIndex device = values.device().index();
   const auto outer = c10::cuda::getCurrentCUDAStream(device);
@@ -107,13 +108,21 @@ void capture_if_begin(at::Tensor values, int64_t sentinel) {
   const cudaStream_t side = body_stream(device);
   C10_CUDA_CHECK(cudaStreamBeginCaptureToGraph(side, params.conditional.phGraph_out[0], nullptr, nullptr, 0,
                                                cudaStreamCaptureModeRelaxed));
-  unsigned long long body_id;
-  capture_info(side, &status, &body_id, nullptr, nullptr, nullptr, nullptr);
+  unsigned long long body_id = 0;
+  const cudaError_t info = cudaStreamGetCaptureInfo(side, &status, &body_id);
+  if (info != cudaSuccess) {  // (leave no side capture open behind the error)
+    cudaGraph_t abandoned;
+    (void)cudaStreamEndCapture(side, &abandoned);
+    C10_CUDA_CHECK(info);
+  }
   c10::cuda::CUDACachingAllocator::beginAllocateToPool(device, body_pool(), [body_id](cudaStream_t stream) {
     cudaStreamCaptureStatus s;
     unsigned long long id;
-    return cudaStreamGetCaptureInfo(stream, &s, &id) == cudaSuccess && s == cudaStreamCaptureStatusActive &&
-           id == body_id;
+    if (cudaStreamGetCaptureInfo(stream, &s, &id) != cudaSuccess) {
+      (void)cudaGetLastError();  // (e.g. the legacy stream during a capture: not ours, and no error left behind)
+      return false;
+    }
+    return s == cudaStreamCaptureStatusActive && id == body_id;
   });
   const auto body = c10::cuda::getStreamFromExternal(side, device);
   open_bodies.push_back({outer, body, node});
@@ -150,7 +159,8 @@ void capture_if_end() { TORCH_CHECK(false, "conditional CUDA graph nodes need CU
 
 bool capture_if_supported() {
 #ifdef ROCKETKV_HAS_CONDITIONAL_NODES
-  return true;
+  int driver = 0;  // conditional nodes need the driver's support as well as the toolkit's
+  return cudaDriverGetVersion(&driver) == cudaSuccess && driver >= 12040;
 #else
   return false;
 #endif

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import logging
+from dataclasses import replace
 
 import torch
 from vllm.config import get_current_vllm_config
@@ -16,9 +16,9 @@ from rocketkv_vllm.ops import reference
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs
 from rocketkv_vllm.vllm_glue.backend import DecodeBatch, GraphRows, RocketKVMetadata, decode_bounds, selection_shape
 from rocketkv_vllm.ops.reference import EVERY_PAGE
+from rocketkv_vllm.vllm_glue.logs import logger
 from rocketkv_vllm.vllm_glue.tp_groups import gathers_queries, selection_num_heads, selection_queries
 
-logger = logging.getLogger("vllm.rocketkv")
 
 
 class RocketKVImpl(AttentionImpl):
@@ -69,7 +69,13 @@ class RocketKVImpl(AttentionImpl):
         self._graphs_builder_id = 0  # whose GraphRows the graphs were captured over
         # vLLM's full graphs run each layer's selection as a conditional node (not where selecting
         # gathers queries: a collective cannot be in a node's body); checked on the first capture
-        self._conditional_selection = self.config.conditional_selection and not gathers
+        # (nor with tensor parallelism: NCCL's graph nodes and conditional nodes do not instantiate
+        # together in one graph, NVIDIA/nccl#1986)
+        tensor_parallel = vllm_config.parallel_config.tensor_parallel_size > 1
+        self._conditional_selection = self.config.conditional_selection and not gathers and not tensor_parallel
+        if self.config.conditional_selection and tensor_parallel:
+            logger.warning_once("rocketkv.conditional_selection is off with tensor parallelism (NCCL collectives "
+                                "and conditional nodes in one CUDA graph)")
         # the page selection's workspace, allocated during memory profiling (reserve_selection_workspace)
         self._selection_heads = selection_num_heads(self.num_heads, vllm_config)
         self._decode_bounds = decode_bounds(vllm_config)
@@ -92,17 +98,17 @@ class RocketKVImpl(AttentionImpl):
         shape = selection_shape(self._selection_heads, self.num_kv_heads, self.head_size, self.layout, width, device)
         self._workspace = planner.workspace_for(shape, rows)
 
-    def _conditional(self, capturing_full_graph: bool, d: DecodeBatch):
-        """Inside vLLM's capture of a full graph (config.conditional_selection): the page selection
-        launched in this block runs at replay only when some row selects (cuda_ops.run_if_any)."""
+    def _conditional(self, capturing_full_graph: bool, d: DecodeBatch) -> bool:
+        """Whether the page selection of this launch goes into a conditional node: inside vLLM's
+        capture of a full graph, with config.conditional_selection, where supported."""
         if not (capturing_full_graph and self._conditional_selection):
-            return contextlib.nullcontext()
+            return False
         if not cuda_ops.conditional_capture_supported():
-            logger.warning("rocketkv.conditional_selection needs the CUDA C++ extension built with CUDA 12.4+: "
-                           "full CUDA graphs launch the page selection in every step instead")
+            logger.warning("rocketkv.conditional_selection needs the CUDA C++ extension built with CUDA 12.4+ and "
+                           "a driver as recent: full CUDA graphs launch the page selection in every step instead")
             self._conditional_selection = False
-            return contextlib.nullcontext()
-        return cuda_ops.run_if_any(d.top_pages, EVERY_PAGE)
+            return False
+        return True
 
     def _decode(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, d: DecodeBatch, out: torch.Tensor | None,
                 select: bool, capturing_full_graph: bool = False) -> torch.Tensor:
@@ -110,11 +116,15 @@ class RocketKVImpl(AttentionImpl):
         `select` (no row chooses pages) every row attends all its live pages, unselected."""
         newest = d.newest  # (the builder's, from the host's seq_lens: no ops here)
         if select:
-            with self._conditional(capturing_full_graph, d):
+            conditional = self._conditional(capturing_full_graph, d)
+            # (a node's body holds no programmatic-dependent-launch edges until a GPU shows it may:
+            # benchmarks/graph_conditional_probe.cu)
+            plan = replace(d.selection, pdl=False) if conditional and d.selection is not None else d.selection
+            with cuda_ops.run_if_any(d.top_pages, EVERY_PAGE) if conditional else contextlib.nullcontext():
                 selection = ops.hsa_select_pages(
                     self.selection_queries(q), kv_cache, self.layout, d.block_table,
                     newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
-                    newest_page=newest.page if newest else None, plan=d.selection,
+                    newest_page=newest.page if newest else None, plan=plan,
                 )
         else:
             selection = d.selection.unlisted()
