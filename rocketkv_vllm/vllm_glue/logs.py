@@ -36,11 +36,13 @@ def summary_layout(group: int) -> str:
 
 def settings_line(config: RocketKVConfig, block_size: int, kernels: str, flash_prefill: int | None) -> str:
     """flash_prefill: the FlashAttention version prefill runs, None for the torch path."""
+    experiments = [name for name in ("conditional_selection", "flash_decode") if getattr(config, name)]
     return (
         f"RocketKV: budget {config.budget}, mode {config.mode}, page size {config.page_size}, block size {block_size}, "
         f"summaries {summary_layout(config.layout_summary_group())}, window {config.window}, "
         f"exact decode up to {config.dense_below_for('rocketkv')} kept tokens (mt: {config.dense_below_for('mt')}), "
         f"kernels {kernels}, dense prefill {f'FlashAttention {flash_prefill}' if flash_prefill else 'torch reference'}"
+        + (f", on (not yet timed on a GPU): {', '.join(experiments)}" if experiments else "")
     )
 
 
