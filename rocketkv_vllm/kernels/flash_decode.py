@@ -17,6 +17,11 @@ import torch
 from rocketkv_vllm.kernels import flash_prefill
 from rocketkv_vllm.kv_layout import KVLayout
 
+# FA3's split count is an upper bound fixed at launch, so that CUDA graphs replay it whatever the
+# step's lengths (its own heuristic, num_splits=0, is not graph-safe): vLLM's default
+# (attention_config.flash_attn_max_num_splits_for_cuda_graph). FA2 takes 0 or 1 only.
+FA3_MAX_SPLITS = 32
+
 
 @dataclass
 class KeptPromptRows:
@@ -39,6 +44,6 @@ def attend_kept_prompt(query: torch.Tensor, kv_cache: torch.Tensor, layout: KVLa
     out, lse = flash_prefill._flash_attn_varlen_func()(
         q=query, k=keys, v=values, max_seqlen_q=1, cu_seqlens_q=rows.cu_seqlens_q, max_seqlen_k=rows.max_kept,
         seqused_k=rows.kept, softmax_scale=scale, causal=False, block_table=block_table, return_softmax_lse=True,
-        fa_version=fa_version,
+        num_splits=FA3_MAX_SPLITS if fa_version == 3 else 0, fa_version=fa_version,
     )
     return out, lse
