@@ -151,7 +151,7 @@ case "$part" in
     # graph_conditional beside graph, attend_all_pages_graph and FA3: rocketkv's dense default
     # (8K x 1, 32K x 1, 130K x 3) and HSA on every row (8K x 1, 130K x 3; what a selecting step pays)
     log "probe"
-    nvcc -O2 -std=c++17 -arch=sm_90 benchmarks/graph_conditional_probe.cu -o "$work/probe" \
+    "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -O2 -std=c++17 -arch=sm_90 benchmarks/graph_conditional_probe.cu -o "$work/probe" \
       && timeout 60 "$work/probe" > "$results/probe.txt" 2>&1
     log "exit $?"
     log "pytest conditional nodes, flash_decode, flash prefill"
