@@ -11,6 +11,7 @@ import torch
 
 from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import flash_decode, flash_prefill
+from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference as R
 from rocketkv_vllm.ops.reference import EVERY_PAGE
 from rocketkv_vllm.plan import plan_for_params
@@ -135,15 +136,13 @@ def test_forward_with_flash_decode_equals_the_split_kernel_alone(triton_ops):
 
 @pytest.mark.gpu
 def test_flash_attention_part_equals_the_reference():
-    if not flash_prefill.available(DEV, torch.bfloat16, 128):
+    if not flash_prefill.available(DEV, DTYPE, HEAD_DIM):
         pytest.skip("vLLM's FlashAttention 2/3 is not available here")
     torch.manual_seed(9)
-    from rocketkv_vllm.kv_layout import KVLayout
 
     layout = KVLayout(16, 2)
-    kv, table = filled_cache(layout, [700, 90, 300])
-    kv = kv.to(torch.bfloat16) if kv.dtype != torch.bfloat16 else kv
-    rows = flash_decode.KeptPromptRows(torch.tensor([650, 0, 300], dtype=torch.int32, device=DEV),
+    kv, table = filled_cache(layout, [600, 90, 300])  # (block tables of WIDTH blocks: at most 640 tokens)
+    rows = flash_decode.KeptPromptRows(torch.tensor([550, 0, 300], dtype=torch.int32, device=DEV),
                                        torch.arange(4, dtype=torch.int32, device=DEV), WIDTH * 16)
     query = torch.randn(3, HEADS, HEAD_DIM, device=DEV, dtype=kv.dtype)
     out, lse = flash_decode.attend_kept_prompt(query, kv, layout, table[:3], rows, 0.125)
