@@ -151,3 +151,49 @@ def test_flash_attention_part_equals_the_reference():
     torch.testing.assert_close(out[has].float(), ref_out[has].float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse[:, has], ref_lse[:, has], rtol=1e-3, atol=1e-3)
     assert not torch.isfinite(lse[:, ~has]).any()  # an empty row: +-inf, which the reduce treats as no part
+
+
+@pytest.mark.gpu
+def test_a_full_graph_with_flash_decode_replays_fresh_steps(triton_ops):
+    """vLLM's capture of a full graph through the impl's forward (FlashAttention's fixed split bound
+    and the merge inside it), replayed for steps with new queries and one more decoded token: the
+    direct launch's output."""
+    torch.manual_seed(13)
+    config = RocketKVConfig(budget=64, flash_decode=True)
+    builder = make_builder(config)
+    rows = ROWS[:4]
+    seq_lens = [seq for _, _, seq in rows]
+    kv, table = filled_cache(builder.layout, [n + 3 for n in seq_lens])
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)  # vLLM's persistent seq_lens
+    states = [request(config, n, mode) for n, mode, _ in rows]
+
+    def build():
+        cm = common([1] * len(rows), seq.tolist(), table)
+        cm.seq_lens = seq
+        with rows_of_batch(states):
+            return builder.build(0, cm)
+
+    impl = make_impl(builder)
+    query = torch.randn(len(rows), HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
+    out = torch.empty_like(query)
+    meta = build()
+    assert meta.decode.kept_prompt is not None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        impl.forward(None, query, None, None, kv, meta, out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        impl.forward(None, query, None, None, kv, meta, out)
+    plain = make_builder(RocketKVConfig(budget=64))  # the split kernel over every kept token
+    for _ in range(3):
+        seq += 1
+        build()
+        query.copy_(torch.randn_like(query))
+        graph.replay()
+        with rows_of_batch(states):
+            plain_meta = plain.build(0, common([1] * len(rows), seq.tolist(), table))
+        expected = torch.empty_like(out)
+        make_impl(plain).forward(None, query, None, None, kv, plain_meta, expected)
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
