@@ -277,8 +277,8 @@ def test_conditional_selection_falls_back_where_unsupported(monkeypatch):
     monkeypatch.setattr(impl_module.logger, "warning", lambda message, *args: warnings.append(message % args))
     impl = make_impl(make_builder(), None)
     impl._conditional_selection = True
-    assert impl._conditional(False, None) is False and not warnings
-    assert impl._conditional(True, None) is False
+    assert impl._conditional(False) is False and not warnings
+    assert impl._conditional(True) is False
     assert impl._conditional_selection is False and len(warnings) == 1 and "12.4" in warnings[0]
 
 

@@ -1,9 +1,10 @@
 """CUDA C++ kernels (rocketkv_vllm._C, built by setup.py from csrc/) with Python wrappers.
 
 write_kv (fused KV store + page max/min update), the HSA top-k (page selection from the
-logits kernel's page logits), and conditional work inside CUDA graph captures (`run_if_any`). The extension is optional: `available()` is False when it is
-not built, there is no GPU, or it holds no kernel image for the GPU (built for other
-architectures, cuda_archs): the Triton kernels run instead.
+logits kernel's page logits), and conditional work inside CUDA graph captures (`run_if_any`).
+The extension is optional: `available()` is False when it is not built, there is no GPU, or it
+holds no kernel image for the GPU (built for other architectures, cuda_archs): the Triton
+kernels run instead.
 """
 from __future__ import annotations
 

@@ -274,7 +274,7 @@ def paged_sparse_attention(
         ext_out, ext_lse = out, m  # (unread)
     _sparse_attn_reduce_kernel[(batch, num_q_heads)](
         acc, m, l, out, ext_out, ext_lse, out.stride(0), out.stride(1), ext_out.stride(0), ext_out.stride(1),
-        ext_lse.stride(0), ext_lse.stride(1) if ext_lse.dim() > 1 else 0, group, head_dim, num_splits,
+        ext_lse.stride(0), ext_lse.stride(1), group, head_dim, num_splits,
         G_P=g_p, BLOCK_D=block_d, SPLIT_CHUNK=min(REDUCE_SPLIT_CHUNK, np2(num_splits)), HAS_EXTRA=kept_partial is not None,
         num_warps=4,
     )

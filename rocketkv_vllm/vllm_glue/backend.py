@@ -307,8 +307,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         self._columns = CpuGpuBuffer(8, max_rows, dtype=torch.int32, device=device)
         # dense decode rows' kept prompts through FlashAttention (config.flash_decode, kernels/flash_decode.py)
         self._flash_cu_q = None
-        if config.flash_decode and self._planner_cls is not None and flash_prefill.available(
-                device, kv_cache_spec.dtype, self.head_dim):
+        if config.flash_decode and self._planner_cls is not None and self.flash_prefill:
             self._flash_cu_q = torch.arange(max_rows + 1, dtype=torch.int32, device=device)
         # the decode rows' block-table rows and query/output buffers of the per-layer graphs
         self._graph_tables: dict[int, torch.Tensor] = {}

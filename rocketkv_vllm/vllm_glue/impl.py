@@ -14,11 +14,10 @@ from rocketkv_vllm.kernels import cuda_ops, flash_decode, flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs
-from rocketkv_vllm.vllm_glue.backend import DecodeBatch, GraphRows, RocketKVMetadata, decode_bounds, selection_shape
 from rocketkv_vllm.ops.reference import EVERY_PAGE
+from rocketkv_vllm.vllm_glue.backend import DecodeBatch, GraphRows, RocketKVMetadata, decode_bounds, selection_shape
 from rocketkv_vllm.vllm_glue.logs import logger
 from rocketkv_vllm.vllm_glue.tp_groups import gathers_queries, selection_num_heads, selection_queries
-
 
 
 class RocketKVImpl(AttentionImpl):
@@ -67,10 +66,10 @@ class RocketKVImpl(AttentionImpl):
         gathers = gathers_queries(self.num_heads, vllm_config)
         self._graphs = LayerGraphs() if self.config.decode_graphs and not gathers else None
         self._graphs_builder_id = 0  # whose GraphRows the graphs were captured over
-        # vLLM's full graphs run each layer's selection as a conditional node (not where selecting
-        # gathers queries: a collective cannot be in a node's body); checked on the first capture
-        # (nor with tensor parallelism: NCCL's graph nodes and conditional nodes do not instantiate
-        # together in one graph, NVIDIA/nccl#1986)
+        # vLLM's full graphs run each layer's selection as a conditional node (config.conditional_selection,
+        # support checked on the first capture), except where selecting gathers queries across ranks (a
+        # collective cannot be in a node's body) and with tensor parallelism (NCCL's graph nodes and
+        # conditional nodes do not instantiate together in one graph, NVIDIA/nccl#1986)
         tensor_parallel = vllm_config.parallel_config.tensor_parallel_size > 1
         self._conditional_selection = self.config.conditional_selection and not gathers and not tensor_parallel
         if self.config.conditional_selection and tensor_parallel:
@@ -98,7 +97,7 @@ class RocketKVImpl(AttentionImpl):
         shape = selection_shape(self._selection_heads, self.num_kv_heads, self.head_size, self.layout, width, device)
         self._workspace = planner.workspace_for(shape, rows)
 
-    def _conditional(self, capturing_full_graph: bool, d: DecodeBatch) -> bool:
+    def _conditional(self, capturing_full_graph: bool) -> bool:
         """Whether the page selection of this launch goes into a conditional node: inside vLLM's
         capture of a full graph, with config.conditional_selection, where supported."""
         if not (capturing_full_graph and self._conditional_selection):
@@ -116,7 +115,7 @@ class RocketKVImpl(AttentionImpl):
         `select` (no row chooses pages) every row attends all its live pages, unselected."""
         newest = d.newest  # (the builder's, from the host's seq_lens: no ops here)
         if select:
-            conditional = self._conditional(capturing_full_graph, d)
+            conditional = self._conditional(capturing_full_graph)
             # (a node's body holds no programmatic-dependent-launch edges until a GPU shows it may:
             # benchmarks/graph_conditional_probe.cu)
             plan = replace(d.selection, pdl=False) if conditional and d.selection is not None else d.selection
