@@ -115,6 +115,19 @@ def test_builder_hands_dense_rows_kept_prompts_to_flash_attention(triton_ops):
     assert g.kept_prompt.kept.tolist() == d.kept_prompt.kept.tolist() + [0, 0, 0]
 
 
+def test_a_step_of_selecting_rows_only_has_no_flash_attention_part(triton_ops):
+    """Outside full graphs such a step launches no FlashAttention (the per-layer graphs key on it);
+    the columns keep every row's own keep and gap_end."""
+    config = RocketKVConfig(budget=64, flash_decode=True)
+    builder = make_builder(config)
+    table = torch.zeros(MAX_ROWS, WIDTH, dtype=torch.int32, device=DEV)
+    states = [request(config, 200, "mt"), request(config, 150, "mt")]
+    with rows_of_batch(states):
+        d = builder.build(0, common([1, 1], [205, 155], table)).decode
+    assert d.selects and d.kept_prompt is None and d.graph.batch.kept_prompt is None
+    assert d.keep.tolist() == d.gap_end.tolist() == [200, 150]
+
+
 def test_forward_with_flash_decode_equals_the_split_kernel_alone(triton_ops):
     torch.manual_seed(5)
     seq_lens = [seq for _, _, seq in ROWS]

@@ -153,8 +153,9 @@ class DecodeBatch:
     # some row chooses pages (top_pages below EVERY_PAGE); when none does, steps outside vLLM's
     # full graphs launch no page selection (a full graph, captured for any rows, always does)
     selects: bool = True
-    # config.flash_decode: dense rows' kept prompts through FlashAttention (keep and gap_end above
-    # then hold, for those rows, what the split kernel attends: the tokens past the gap)
+    # config.flash_decode, where some row is dense: dense rows' kept prompts through FlashAttention
+    # (keep and gap_end above then hold, for those rows, what the split kernel attends: the tokens
+    # past the gap); a full graph, captured over dense rows, always runs it
     kept_prompt: KeptPromptRows | None = None
 
 
@@ -405,6 +406,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             host[4, :count], host[5, :count] = last * self.layout.page_size, np.where(seq_lens[rows] > 0, last, -1)
         # (the reference path always selects: without listed rows its selection returns at once)
         selects = self._planner_cls is None or bool((kinds.columns[3, rows] != EVERY_PAGE).any())
+        # (a step of selecting rows only launches no FlashAttention part outside full graphs)
+        flash = self._flash_cu_q is not None and bool((kinds.columns[3, rows] == EVERY_PAGE).any())
         all_cols = self._columns.copy_to_gpu()
         cols = all_cols[:, :num_rows]
         if contiguous:
@@ -419,15 +422,13 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         width = cm.block_table_tensor.shape[1]
         decode = DecodeBatch(token_index, num_rows, block_table, seq_lens_rows, *cols[:4],
                              self._plan(width, num_rows), self._newest(cols), selects=selects,
-                             kept_prompt=self._kept_prompt(cols, num_rows, width))
+                             kept_prompt=self._kept_prompt(cols, num_rows, width) if flash else None)
         if graph_rows:
             decode.graph = self._graph_rows(cm.block_table_tensor, index, count, graph_rows, all_cols[:, :graph_rows],
-                                            selects)
+                                            selects, flash)
         return decode
 
-    def _kept_prompt(self, cols: torch.Tensor, num_rows: int, width: int) -> KeptPromptRows | None:
-        if self._flash_cu_q is None:
-            return None
+    def _kept_prompt(self, cols: torch.Tensor, num_rows: int, width: int) -> KeptPromptRows:
         return KeptPromptRows(cols[7], self._flash_cu_q[: num_rows + 1], width * self.block_size)
 
     def _newest(self, cols: torch.Tensor) -> NewestPages | None:
@@ -437,7 +438,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         return self._planner(width)(rows) if self._planner_cls is not None else None
 
     def _graph_rows(self, block_table: torch.Tensor, index: torch.Tensor | None, count: int, graph_rows: int,
-                    cols: torch.Tensor, selects: bool) -> GraphRows:
+                    cols: torch.Tensor, selects: bool, flash: bool) -> GraphRows:
         """The decode rows as GraphRows: their block-table rows copied into a persistent table
         (one device copy a step), the rest of it unread (seq_len 0)."""
         width = block_table.shape[1]
@@ -450,7 +451,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         else:
             torch.index_select(block_table, 0, index, out=table[:count])
         batch = DecodeBatch(None, graph_rows, table[:graph_rows], cols[6], *cols[:4], self._plan(width, graph_rows),
-                            self._newest(cols), selects=selects, kept_prompt=self._kept_prompt(cols, graph_rows, width))
+                            self._newest(cols), selects=selects,
+                            kept_prompt=self._kept_prompt(cols, graph_rows, width) if flash else None)
         query, output = self._graph_io
         return GraphRows(batch, query[:graph_rows], output[:graph_rows], self._builder_id)
 

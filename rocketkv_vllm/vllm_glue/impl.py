@@ -138,13 +138,15 @@ class RocketKVImpl(AttentionImpl):
 
     def _decode_in_graph(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, rows: GraphRows) -> torch.Tensor:
         """_decode over the padded GraphRows, replayed from this layer's graph of their size
-        (two graphs a size: with and without the page selection)."""
+        (a graph a size for each of: with or without the page selection, with or without
+        FlashAttention's part)."""
         if rows.builder_id != self._graphs_builder_id:  # a new builder: the earlier graphs' buffers are gone
             self._graphs, self._graphs_builder_id = type(self._graphs)(), rows.builder_id
         n = q.shape[0]
         rows.query[:n].copy_(q)
         select = rows.batch.selects
-        key = (rows.batch.num_rows, select, rows.batch.block_table.data_ptr(), rows.query.data_ptr(), kv_cache.data_ptr())
+        key = (rows.batch.num_rows, select, rows.batch.kept_prompt is not None, rows.batch.block_table.data_ptr(),
+               rows.query.data_ptr(), kv_cache.data_ptr())
         self._graphs.replay(key, lambda: self._decode(ops, rows.query, kv_cache, rows.batch, rows.output, select),
                             kv_cache.device)
         return rows.output[:n]
