@@ -24,6 +24,7 @@ import bench_capacity  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_eager_host  # noqa: E402
 import bench_serve  # noqa: E402
+import sweep_dense_attention  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, UNKNOWN_WORD, json_rows, model_dir, percentile, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
 from engine_steps import Run, Step, decode_step_times, peak, prefill_seconds  # noqa: E402
 from rocketkv_vllm.config import RocketKVConfig  # noqa: E402
@@ -460,3 +461,35 @@ def test_all_live_pages_attend_like_exact_attention_over_the_kept_tokens():
         exact = reference.paged_causal_attention(query[row : row + 1], kv, layout, table[row], int(seq[row]),
                                                  int(keep[row]), int(gap[row]), 0.25)
         torch.testing.assert_close(out[row], exact[0])
+
+
+@pytest.mark.parametrize("script", ["sweep_dense_attention.py", "bench_eager_host.py"])
+def test_gpu_session_scripts_parse_their_arguments(script):
+    """The GPU lease's attention benchmarks import and parse on any machine (a broken script
+    would cost device time to find out)."""
+    run = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == 0 and "usage" in run.stdout, run.stderr[-2000:]
+
+
+def test_sweep_rows_attend_their_kept_and_decoded_tokens():
+    """sweep_dense_attention's rows (kept tokens, an evicted gap, decoded tokens): the split kernel
+    over them, as the sweep times it, is exact attention over exactly those tokens."""
+    import torch
+
+    from rocketkv_vllm.ops import reference
+
+    torch.manual_seed(1)
+    rows = sweep_dense_attention.Rows(kept=40, batch=2, l2_bytes=0, device=torch.device("cpu"))
+    gap, decoded = sweep_dense_attention.GAP, sweep_dense_attention.DECODED
+    assert rows.layers == 1 and rows.live_tokens == 2 * (40 + decoded)
+    assert rows.keep.tolist() == [40, 40] and rows.gap.tolist() == [40 + gap] * 2
+    assert rows.seq.tolist() == [40 + gap + decoded] * 2
+    rows.query, rows.kv = rows.query.float(), [kv.float() for kv in rows.kv]
+    rows.out = rows.query.clone()
+    rows.split_kernel(num_splits=3)
+    for b in range(2):
+        exact = reference.paged_causal_attention(
+            rows.query[b : b + 1], rows.kv[0], rows.layout, rows.table[b], int(rows.seq[b]), int(rows.keep[b]),
+            int(rows.gap[b]), sweep_dense_attention.HEAD_DIM ** -0.5)
+        torch.testing.assert_close(rows.out[b], exact[0], rtol=1e-4, atol=1e-4)
