@@ -155,7 +155,7 @@ case "$part" in
       && timeout 60 "$work/probe" > "$results/probe.txt" 2>&1
     log "exit $?"
     log "pytest conditional nodes, flash_decode, flash prefill"
-    timeout 240 python -m pytest -q -n 0 tests/test_decode_graphs.py tests/test_flash_decode.py tests/test_flash_prefill.py \
+    timeout 240 python -m pytest -q -p no:logging --tb=short tests/test_decode_graphs.py tests/test_flash_decode.py tests/test_flash_prefill.py \
       > "$results/pytest_decode_graphs.txt" 2>&1
     log "exit $?"
     attention_runs rocketkv:8192:1:16384 rocketkv:32768:1:16384 rocketkv:131072:3:16384 rocketkv:8192:1:0 \
