@@ -26,7 +26,6 @@ import argparse
 import itertools
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_eager_host import captured  # noqa: E402
+from bench_eager_host import captured, timed  # noqa: E402
 
 from rocketkv_vllm.kernels import flash_decode, flash_prefill, triton_attention  # noqa: E402
 from rocketkv_vllm.kernels.triton_common import num_sms  # noqa: E402
@@ -131,22 +130,11 @@ class Rows:
 
 
 def per_layer_us(run, rows: Rows, steps: int, repeats: int) -> dict:
-    graph = captured(run)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / steps / rows.layers)
-    median = statistics.median(times)
-    return {"us_median": round(median, 2), "us_min": round(min(times), 2), "us_max": round(max(times), 2),
-            "tb_per_s": round(rows.bytes_per_layer / median / 1e6, 2)}
+    """A CUDA-graph replay of run() timed as bench_eager_host times its modes, per layer."""
+    step = timed(captured(run).replay, steps, repeats)
+    us = {key: step[f"step_ms_{key}"] * 1e3 / rows.layers for key in ("median", "min", "max")}
+    return {"us_median": round(us["median"], 2), "us_min": round(us["min"], 2), "us_max": round(us["max"], 2),
+            "tb_per_s": round(rows.bytes_per_layer / us["median"] / 1e6, 2)}
 
 
 def main() -> None:
