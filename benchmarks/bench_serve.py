@@ -24,7 +24,6 @@ import json
 import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -36,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rocketkv_vllm.config import MODES  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, compare, is_rocketkv, model_dir, plot_series, random_prompts, ratio, write_json  # noqa: E402
+from serve_steps import stalled_share, step_split  # noqa: E402
 
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
-PROMPT_TOKENS, GENERATION_TOKENS = "vllm:prompt_tokens_total", "vllm:generation_tokens_total"
 GAUGES = (RUNNING, WAITING, KV_USAGE)
 SERVED_NAME = "dummy"
 CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]  # the `vllm` command (no console script on the staged GPU machine)
@@ -119,42 +118,24 @@ def bench_command(args: argparse.Namespace, model: str, rate: float, prompts: in
 
 
 def metric_values(text: str) -> dict[str, float]:
-    """The running / waiting / KV-usage gauges and the prompt / generation token counters of a
-    Prometheus /metrics page, summed over engines."""
+    """The running / waiting / KV-usage gauges of a Prometheus /metrics page, summed over engines."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in (*GAUGES, PROMPT_TOKENS, GENERATION_TOKENS):
+            if sample.name in GAUGES:
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
 
 
-def phase_split(timeline: list[tuple[float, float, float]]) -> dict[str, float | None]:
-    """From (time, prompt tokens, generated tokens) samples of the server's counters: the seconds in
-    which prompt tokens were processed (prefill chunks, decodes beside them) and the output tok/s of
-    the rest (pure decode steps): how a run's time splits between the prefill both servers run
-    alike and the decode RocketKV speeds up."""
-    prefill_s = decode_s = decode_tokens = 0.0
-    for (t0, p0, g0), (t1, p1, g1) in zip(timeline, timeline[1:]):
-        if p1 > p0:
-            prefill_s += t1 - t0
-        elif g1 > g0:
-            decode_s += t1 - t0
-            decode_tokens += g1 - g0
-    return {"prefill_busy_s": round(prefill_s, 1),
-            "decode_only_output_tok_s": round(decode_tokens / decode_s, 1) if decode_s else None}
-
-
 class MetricsScraper(threading.Thread):
-    """Polls /metrics until stopped; keeps the peak of each gauge and a timeline of the token counters."""
+    """Polls /metrics until stopped; keeps the peak of each gauge."""
 
     def __init__(self, url: str, every_s: float) -> None:
         super().__init__(daemon=True)
         self.url, self.every_s = url, every_s
         self.peaks: dict[str, float] = {}
-        self.timeline: list[tuple[float, float, float]] = []
         self.samples = 0
         self._halt = threading.Event()
 
@@ -167,8 +148,6 @@ class MetricsScraper(threading.Thread):
                 for name in GAUGES:
                     if name in values:
                         self.peaks[name] = max(values[name], self.peaks.get(name, values[name]))
-                if PROMPT_TOKENS in values and GENERATION_TOKENS in values:
-                    self.timeline.append((time.monotonic(), values[PROMPT_TOKENS], values[GENERATION_TOKENS]))
             except (urllib.error.URLError, OSError, ValueError):
                 pass
             self._halt.wait(self.every_s)
@@ -209,9 +188,8 @@ def warm_up(base: str, tokens: int, vocab: int) -> float:
     return time.time() - started
 
 
-def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[str, float],
-             phases: dict[str, float | None] | None = None) -> dict:
-    """One sweep point from `vllm bench serve`'s saved result, the scraped gauge peaks and phase_split."""
+def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[str, float]) -> dict:
+    """One sweep point from `vllm bench serve`'s saved result and the scraped gauge peaks."""
     def ms(key: str) -> float | None:
         value = result.get(key)
         return round(value, 2) if isinstance(value, (int, float)) else None
@@ -228,24 +206,8 @@ def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[
         "peak_kv_usage": round(peaks[KV_USAGE], 4) if KV_USAGE in peaks else None,
         "errors": failure_reasons(result),
         "decode_time_in_stalled_steps": stalled_share(result),
-        **(phases or {}),
+        **step_split(result),
     }
-
-
-# a gap between two tokens longer than this many times the median one is a step that also ran
-# (or waited on) another request's prefill chunk: pure decode steps vary far less
-STALL_FACTOR = 3.0
-
-
-def stalled_share(result: dict) -> float | None:
-    """The share of the requests' decode time (summed inter-token gaps, from --save-detailed)
-    spent in gaps over STALL_FACTOR x the median gap: how much of TPOT is prefill interference
-    that no decode-attention speed-up removes."""
-    gaps = [gap for request in result.get("itls") or [] for gap in request]
-    if not gaps:
-        return None
-    cut = STALL_FACTOR * statistics.median(gaps)
-    return round(sum(gap for gap in gaps if gap > cut) / sum(gaps), 3)
 
 
 def failure_reasons(result: dict) -> dict[str, int]:
@@ -292,7 +254,7 @@ def run_backend(args: argparse.Namespace, backend: str, model: str, work_dir: st
                                      "error": "no result (see the .txt beside it)"})
                 continue
             with open(result_path) as f:
-                row = rate_row(backend, rate, prompts, json.load(f), peaks, phase_split(scraper.timeline))
+                row = rate_row(backend, rate, prompts, json.load(f), peaks)
             info["rows"].append(row)
             save(info)
             print(json.dumps(row), flush=True)
@@ -319,8 +281,8 @@ def ratios(rows: list[dict]) -> list[dict]:
         "output_tok_s_ratio": lambda stock, ours: ratio(ours["output_tok_s"], stock["output_tok_s"]),
         "tpot_p50_speedup": lambda stock, ours: ratio(stock["tpot_p50_ms"], ours["tpot_p50_ms"]),
         "ttft_p50_ratio": lambda stock, ours: ratio(ours["ttft_p50_ms"], stock["ttft_p50_ms"]),
-        "decode_only_output_tok_s_ratio": lambda stock, ours: ratio(ours.get("decode_only_output_tok_s"),
-                                                                    stock.get("decode_only_output_tok_s"))})
+        "decode_steps_output_tok_s_ratio": lambda stock, ours: ratio(ours.get("decode_steps_output_tok_s"),
+                                                                     stock.get("decode_steps_output_tok_s"))})
 
 
 def plot_serve(rows: list[dict], prefix: str) -> list[str]:

@@ -24,6 +24,7 @@ import bench_capacity  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_eager_host  # noqa: E402
 import bench_serve  # noqa: E402
+import serve_steps  # noqa: E402
 import sweep_dense_attention  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, UNKNOWN_WORD, json_rows, model_dir, percentile, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
 from engine_steps import Run, Step, decode_step_times, peak, prefill_seconds  # noqa: E402
@@ -156,7 +157,7 @@ def test_serve_merges_one_backend_per_call(tmp_path):
     out = tmp_path / "merged.json"
     merged = bench_serve.merge_results([part("rocketkv", 900.0, 40.0), part("FLASH_ATTN", 450.0, 80.0)], str(out))
     assert merged["ratios"] == [{"key": "inf", "output_tok_s_ratio": 2.0, "tpot_p50_speedup": 2.0, "ttft_p50_ratio": 1.0,
-                                  "decode_only_output_tok_s_ratio": None}]
+                                  "decode_steps_output_tok_s_ratio": None}]
     assert json.loads(out.read_text())["rows"] == merged["rows"] and len(merged["backends"]) == 2
     with pytest.raises(ValueError, match="another protocol"):
         bench_serve.merge_results([part("rocketkv", 900.0, 40.0), part("FLASH_ATTN", 450.0, 80.0, output_len=512)],
@@ -304,16 +305,66 @@ vllm:request_success_total{engine="0",finished_reason="length",model_name="dummy
 
 def test_metric_values():
     assert bench_serve.metric_values(METRICS_PAGE) == {
-        "vllm:num_requests_running": 7.0, "vllm:num_requests_waiting": 3.0, "vllm:kv_cache_usage_perc": 0.625,
-        "vllm:prompt_tokens_total": 1234.0, "vllm:generation_tokens_total": 56.0}
+        "vllm:num_requests_running": 7.0, "vllm:num_requests_waiting": 3.0, "vllm:kv_cache_usage_perc": 0.625}
 
 
-def test_phase_split_separates_prefill_time_from_pure_decode():
-    # 2 s with prompt tokens advancing (prefill chunks, a few decodes beside them), then 3 s of
-    # pure decode at 100 tok/s, then 1 s idle
-    timeline = [(0.0, 0, 0), (1.0, 8192, 2), (2.0, 16384, 4), (3.0, 16384, 104), (5.0, 16384, 304), (6.0, 16384, 304)]
-    assert bench_serve.phase_split(timeline) == {"prefill_busy_s": 2.0, "decode_only_output_tok_s": 100.0}
-    assert bench_serve.phase_split([(0.0, 0, 0)]) == {"prefill_busy_s": 0.0, "decode_only_output_tok_s": None}
+def detailed_result(steps: list[tuple[float, list[int]]], starts: list[float], errors: list[str] | None = None) -> dict:
+    """A `vllm bench serve --save-detailed` result whose requests got their tokens in these engine
+    steps (time, requests that produced a token); the k-th request of a step reaches the client
+    k ms later, as the API server streams one request after another."""
+    arrivals: dict[int, list[float]] = {r: [] for r in range(len(starts))}
+    for time, requests in steps:
+        for k, r in enumerate(requests):
+            arrivals[r].append(time + 0.001 * k)
+    return {"start_times": starts, "ttfts": [a[0] - s for a, s in zip(arrivals.values(), starts)],
+            "itls": [[b - a for a, b in zip(t, t[1:])] for t in arrivals.values()],
+            "errors": errors or [""] * len(starts), "duration": steps[-1][0] - min(starts)}
+
+
+# request 0's prefill ends at 1.0 s, it decodes alone every 20 ms; a 500-ms step runs request 1's
+# prefill (request 0's token beside it); then both decode together every 25 ms
+SERVE_STEPS = ([(1.0, [0])] + [(1.0 + 0.02 * i, [0]) for i in range(1, 6)] + [(1.6, [0, 1])]
+               + [(1.6 + 0.025 * i, [0, 1]) for i in range(1, 9)])
+
+
+def test_engine_steps_cluster_the_tokens_of_one_step():
+    steps = serve_steps.engine_steps(detailed_result(SERVE_STEPS, [0.0, 0.2]))
+    assert [s.tokens for s in steps] == [len(requests) for _, requests in SERVE_STEPS]
+    assert steps[0].seconds == pytest.approx(1.0) and steps[6].seconds == pytest.approx(0.5)
+    assert [round(s.seconds, 3) for s in steps[7:]] == [0.025] * 8
+    assert serve_steps.engine_steps({"start_times": [0.0], "ttfts": [1.0], "itls": [[]]}) == []
+
+
+def test_step_split_separates_prefill_steps_from_pure_decode():
+    split = serve_steps.step_split(detailed_result(SERVE_STEPS, [0.0, 0.2]))
+    # prefill: the first 1.0 s and the 0.5-s step; decode: 5 steps of 20 ms (1 token) and 8 of 25 ms (2)
+    assert split == {"prefill_steps_s": 1.5, "decode_steps_s": 0.3, "decode_steps": 13,
+                     "decode_steps_output_tok_s": round(21 / 0.3, 1), "decode_step_ms_p50": 25.0, "decode_step_rows_p50": 2}
+    # a failed request's tokens are not counted
+    failed = serve_steps.step_split(detailed_result(SERVE_STEPS, [0.0, 0.2], errors=["", "Never received a valid chunk"]))
+    assert failed["decode_step_rows_p50"] == 1 and failed["decode_steps"] == 13
+    assert serve_steps.step_split({"completed": 0})["decode_steps"] == 0
+
+
+def test_floor_duration_keeps_prefill_steps_and_floors_decode_steps():
+    result = detailed_result(SERVE_STEPS, [0.0, 0.2])
+    assert serve_steps.floor_duration(result, lambda rows: 0.001 * rows) == pytest.approx(1.5 + 5 * 0.001 + 8 * 0.002)
+    assert serve_steps.floor_duration({"completed": 0}, lambda rows: 1.0) is None
+
+
+def test_serve_steps_cli_prints_splits_floors_and_a_plot(tmp_path):
+    for name, starts in (("stock", [0.0, 0.2]), ("rocketkv", [0.0, 0.1])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(detailed_result(SERVE_STEPS, starts)))
+    cmd = [sys.executable, os.path.join(BENCH, "serve_steps.py"), str(tmp_path / "stock.json"), str(tmp_path / "rocketkv.json"),
+           "--input-len", "32768", "--output-len", "2048", "--rocketkv-config", '{"dense_below": 0}', "--plot", str(tmp_path / "s.png")]
+    lines = [json.loads(line) for line in subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()]
+    assert [line["run"] for line in lines] == ["stock", "rocketkv", "stock", "rocketkv", "rocketkv", "rocketkv", "rocketkv"]
+    assert lines[1]["prefill_steps_s"] == 1.5 and lines[1]["decode_steps"] == 13
+    floors = lines[2:]
+    assert floors[1]["duration_at_floor_s"] < floors[0]["duration_at_floor_s"]  # the stock floor reads every token
+    assert floors[3]["settings"] == {"dense_below": 0} and floors[3]["floor"] == "floor_ms"
+    if os.path.exists(tmp_path / "s.png"):  # (matplotlib installed)
+        assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_metrics_scraper_keeps_peaks():
@@ -341,7 +392,6 @@ def test_metrics_scraper_keeps_peaks():
     finally:
         server.shutdown()
     assert peaks == {"vllm:num_requests_running": 12.0, "vllm:num_requests_waiting": 3.0, "vllm:kv_cache_usage_perc": 0.625}
-    assert scraper.timeline[0][1:] == (1234.0, 56.0) and len(scraper.timeline) == scraper.samples
 
 
 def test_rate_row_reads_vllm_result_keys():
@@ -357,14 +407,14 @@ def test_ratios_against_stock():
     serve_rows = [
         {"backend": "FLASH_ATTN", "rate": 0.5, "output_tok_s": 200.0, "tpot_p50_ms": 30.0, "ttft_p50_ms": 1000.0},
         {"backend": "FLASH_ATTN", "rate": "inf", "output_tok_s": 400.0, "tpot_p50_ms": 60.0, "ttft_p50_ms": 9000.0,
-         "decode_only_output_tok_s": 800.0},
+         "decode_steps_output_tok_s": 800.0},
         {"backend": "rocketkv", "rate": "inf", "output_tok_s": 1000.0, "tpot_p50_ms": 20.0, "ttft_p50_ms": 9900.0,
-         "decode_only_output_tok_s": 1600.0},
+         "decode_steps_output_tok_s": 1600.0},
         {"backend": "rocketkv", "rate": 0.5, "error": "no result"},
     ]
     assert bench_serve.ratios(serve_rows) == [
         {"key": "inf", "output_tok_s_ratio": 2.5, "tpot_p50_speedup": 3.0, "ttft_p50_ratio": 1.1,
-         "decode_only_output_tok_s_ratio": 2.0}]
+         "decode_steps_output_tok_s_ratio": 2.0}]
     decode_rows = [{"backend": b, "ctx": 32768, "batch": 8, "tpot_ms": {"median": t}} for b, t in [("FLASH_ATTN", 18.0), ("rocketkv", 7.2)]]
     decode_rows.append({"backend": "rocketkv", "ctx": 32768, "batch": 64, "tpot_ms": {"median": 9.0}})  # no stock row
     assert bench_decode.speedups(decode_rows) == [{"key": "32768x8", "tpot_speedup": 2.5}]

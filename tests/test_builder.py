@@ -284,8 +284,33 @@ def test_packed_dense_rows_for_flash_attention():
     assert p.rows.tolist() == [1, 2, 3] and p.cu_seqlens_q.tolist() == [0, 100, 107, 137]
     assert p.seq_lens.tolist() == [100, 7, 60] and (p.max_query_len, p.max_seq_len) == (100, 100)
     assert p.token_index.tolist() == list(range(1, 138))
-    with rows_of_batch(rows[:1] + rows[2:3]):  # a compacted row's dense chunk has a gap: no FA3
-        assert builder.build(0, common([3, 7], [313, 7])).packed_dense is None
+    assert meta.gapped_dense is None
+
+
+def test_gapped_dense_rows_gather_their_live_tokens_for_flash_attention():
+    """A compacted request's prefill chunk (recomputed after preemption) has its kept prompt, then
+    the tokens after the gap: FlashAttention reads them gathered, the other dense rows paged."""
+    builder = make_builder()
+    builder.flash_prefill = True
+    rows = [request(300), request(40, "full"), request(200)]
+    cm = common([3, 7, 2], [313, 7, 230])
+    with rows_of_batch(rows):
+        meta = builder.build(0, cm)
+    assert meta.packed_dense.rows.tolist() == [1]
+    g = meta.gapped_dense
+    keeps = [r.keep for r in meta.dense if r.row != 1]
+    assert [r.gap_end for r in meta.dense if r.row != 1] == [300, 200] and all(k < 200 for k in keeps)
+    live = [keeps[0] + 13, keeps[1] + 30]
+    assert g.cu_seqlens_q.tolist() == [0, 3, 5] and g.cu_seqlens_k.tolist() == [0, live[0], sum(live)]
+    assert g.token_index.tolist() == [0, 1, 2, 10, 11] and (g.max_query_len, g.max_live) == (3, max(live))
+    for row, (start, end), keep, gap_end in ((0, (0, live[0]), keeps[0], 300), (2, (live[0], sum(live)), keeps[1], 200)):
+        positions = list(range(keep)) + list(range(gap_end, cm.seq_lens[row].item()))
+        table = cm.block_table_tensor[row]
+        assert g.blocks[start:end].tolist() == [table[p // BLOCK].item() for p in positions]
+        assert g.offsets[start:end].tolist() == [p % BLOCK for p in positions]
+    with rows_of_batch(rows[:1]):  # the chunk that completes the prompt attends it whole, paged
+        meta = builder.build(0, common([20], [310]))
+    assert meta.gapped_dense is None and meta.packed_dense.rows.tolist() == [0] and meta.compactions
 
 
 def test_scheduler_attaches_its_plan_and_replans_grown_sessions():

@@ -86,3 +86,76 @@ def test_flash_prefill_equals_the_paged_reference(seq_len, queries):
         torch.tensor([seq_len], dtype=torch.int32, device="cuda"), queries, seq_len, 0.088)
     ref = ops.paged_causal_attention(query.float(), kv.float(), layout, table[0], seq_len, seq_len, seq_len, 0.088)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def torch_flash_attention(**kw) -> torch.Tensor:
+    """vLLM's flash_attn_varlen_func in torch, paged (block_table, seqused_k) or over gathered keys
+    and values (cu_seqlens_k), with FlashAttention's causal mask: aligned at the end of each row."""
+    q, k_all, v_all = kw["q"], kw["k"], kw["v"]
+    assert kw["causal"]
+    cu_q = kw["cu_seqlens_q"].tolist()
+    out = torch.empty_like(q)
+    for r in range(len(cu_q) - 1):
+        if kw.get("block_table") is not None:  # k, v: [blocks, block_size, Hkv, D]
+            n = int(kw["seqused_k"][r])
+            blocks = kw["block_table"][r, : -(-n // k_all.shape[1])].long()
+            k, v = (t[blocks].flatten(0, 1)[:n] for t in (k_all, v_all))
+        else:
+            start, end = kw["cu_seqlens_k"][r : r + 2].tolist()
+            k, v = k_all[start:end], v_all[start:end]
+        rows = q[cu_q[r] : cu_q[r + 1]]
+        visible = torch.arange(k.shape[0])[None, :] <= torch.arange(k.shape[0] - rows.shape[0], k.shape[0])[:, None]
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(0, 1)[None].float() for t in (rows, k, v)), attn_mask=visible.to(q.device),
+            scale=kw["softmax_scale"], enable_gqa=True)
+        out[cu_q[r] : cu_q[r + 1]] = attended[0].transpose(0, 1).to(q.dtype)
+    return out
+
+
+# (prompt, mode, query tokens, seq_len): chunks of two compacted requests recomputed after
+# preemption (gapped: their kept prompt, then the tokens after it) beside a whole prompt's chunk
+GAPPED_STEP = [(300, "rocketkv", 3, 313), (90, "full", 90, 90), (260, "rocketkv", 20, 280)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_forward_over_gapped_and_gap_free_prefill_rows_equals_the_reference(monkeypatch, device):
+    """The impl's forward sends gap-free dense rows to the paged call and gapped ones, gathered, to
+    the contiguous one; on CPU the torch stand-in above runs both, on a GPU vLLM's FlashAttention.
+    The evicted gaps hold NaN: a row that read its gap would show it."""
+    from rocketkv_vllm.config import RocketKVConfig
+    from rocketkv_vllm.ops import reference as R
+    from rocketkv_vllm.vllm_glue.batch_context import rows_of_batch
+    from test_decode_graphs import common, filled_cache
+    from test_flash_decode import DEV, DTYPE, HEAD_DIM, HEADS, KV_HEADS, make_builder, make_impl, request
+
+    if device != DEV.type:
+        pytest.skip(f"runs on {device} only")
+    if device == "cpu":
+        monkeypatch.setattr(flash_prefill, "_flash_attn_varlen_func", lambda: torch_flash_attention)
+        monkeypatch.setattr(flash_prefill, "version", lambda device, dtype, head_size: 3)
+    elif not flash_prefill.available(DEV, DTYPE, HEAD_DIM):
+        pytest.skip("vLLM's FlashAttention 2/3 is not available here")
+    torch.manual_seed(11)
+    builder = make_builder(RocketKVConfig(budget=64))
+    builder.flash_prefill = True
+    query_lens, seq_lens = [q for _, _, q, _ in GAPPED_STEP], [s for _, _, _, s in GAPPED_STEP]
+    kv, table = filled_cache(builder.layout, seq_lens)
+    with rows_of_batch([request(builder.config, n, mode) for n, mode, _, _ in GAPPED_STEP]):
+        meta = builder.build(0, common(query_lens, seq_lens, table))
+    assert meta.packed_dense.rows.tolist() == [1] and meta.gapped_dense.cu_seqlens_q.tolist() == [0, 3, 23]
+    for row in meta.dense:
+        gap = torch.arange(row.keep, row.gap_end, device=DEV)
+        if gap.numel():
+            slots = table[row.row, gap // builder.layout.block_size].long() * builder.layout.block_size + gap % builder.layout.block_size
+            nan = torch.full((gap.numel(), KV_HEADS, HEAD_DIM), float("nan"), device=DEV, dtype=DTYPE)
+            R.write_kv(kv, builder.layout, nan, nan, slots)
+    query = torch.randn(sum(query_lens), HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
+    out = torch.full_like(query, float("nan"))
+    impl = make_impl(builder)
+    impl.forward(None, query, None, None, kv, meta, out)
+    q = query.view(-1, HEADS, HEAD_DIM)
+    for row in meta.dense:
+        expected = R.paged_causal_attention(q[row.query_start : row.query_end].float(), kv.float(), builder.layout,
+                                            table[row.row], row.seq_len, row.keep, row.gap_end, impl.scale)
+        got = out[row.query_start : row.query_end].view(-1, HEADS, HEAD_DIM).float()
+        torch.testing.assert_close(got, expected, rtol=2e-2 if device == "cuda" else 1e-4, atol=2e-2 if device == "cuda" else 1e-4)

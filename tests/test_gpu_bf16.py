@@ -77,3 +77,43 @@ def test_budget_covering_prompt_matches_flash_attn(stock, ours, extra):
     assert all(ok for ok, _ in verdicts), verdicts
     exact = sum(s[0] == o[0] for s, o in zip(stock, outs))
     assert exact >= len(stock) - 2, f"only {exact}/{len(stock)} sequences token-equal: {verdicts}"
+
+
+def test_preempted_compacted_requests_recompute_through_flash_attention(tmp_path, monkeypatch):
+    """Under KV pressure vLLM preempts requests and recomputes them: the recomputed outputs of a
+    request stage 1 already compacted are prefill chunks past its evicted gap, which FlashAttention
+    reads gathered (kernels/flash_prefill.flash_prefill_gathered). They must run, stay finite and
+    leave no block behind."""
+    import math
+
+    from vllm import LLM, SamplingParams
+
+    from engine_utils import free_blocks, tiny_llama, token_prompt, total_usable_blocks
+    from rocketkv_vllm.vllm_glue.backend import RocketKVMetadataBuilder
+
+    gathered = []
+    original = RocketKVMetadataBuilder._gather_gapped
+
+    def counting(self, *args):
+        gapped = original(self, *args)
+        gathered.append(int(gapped.cu_seqlens_q[-1]))
+        return gapped
+
+    monkeypatch.setattr(RocketKVMetadataBuilder, "_gather_gapped", counting)
+    llm = LLM(tiny_llama(str(tmp_path / "tiny"), head_dim=128), skip_tokenizer_init=True, attention_backend="rocketkv",
+              dtype="bfloat16", max_model_len=1024, block_size=16, kv_cache_memory_bytes=2 << 20,
+              max_num_batched_tokens=64, max_num_seqs=8, additional_config={"rocketkv": {"budget": 32, "window": 16}})
+    params = SamplingParams(max_tokens=600, temperature=0, logprobs=1, ignore_eos=True, detokenize=False)
+    for i in range(8):  # ~85 blocks: 8 x (kept prompt + 600 outputs) overflow them, so some are preempted
+        llm.llm_engine.add_request(f"pre{i}", token_prompt(300, 50 + i), params)
+    finished = []
+    while llm.llm_engine.has_unfinished_requests():
+        finished += [out for out in llm.llm_engine.step() if out.finished]
+    try:
+        assert gathered, "no compacted request was recomputed: the scenario needs more KV pressure"
+        assert len(finished) == 8 and all(len(out.outputs[0].token_ids) == 600 for out in finished)
+        assert all(math.isfinite(next(iter(lp.values())).logprob) for out in finished for lp in out.outputs[0].logprobs)
+        assert free_blocks(llm) == total_usable_blocks(llm)
+    finally:
+        del llm
+        gc.collect()

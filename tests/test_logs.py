@@ -59,8 +59,7 @@ def test_cuda_fallbacks_warn_once(records, monkeypatch):
     monkeypatch.setattr(cuda_ops, "available", lambda: False)
     for _ in range(2):
         logs.log_settings(RocketKVConfig(), 16, torch.device("cuda"), torch.float32, 64)
-        logs.warn_gap_rows_on_torch_path()
     levels = [r.levelno for r in records]
-    assert levels.count(logging.INFO) == 1 and levels.count(logging.WARNING) == 3
+    assert levels.count(logging.INFO) == 1 and levels.count(logging.WARNING) == 2
     warnings = " ".join(r.getMessage() for r in records if r.levelno == logging.WARNING)
-    assert "rocketkv_vllm._C" in warnings and "float32" in warnings and "preempted" in warnings
+    assert "rocketkv_vllm._C" in warnings and "float32" in warnings

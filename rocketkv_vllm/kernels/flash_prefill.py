@@ -52,6 +52,13 @@ def available(device: torch.device, dtype: torch.dtype, head_size: int) -> bool:
     return version(device, dtype, head_size) is not None
 
 
+def _checked_version(query: torch.Tensor, kv_cache: torch.Tensor) -> int:
+    fa_version = version(query.device, kv_cache.dtype, query.shape[-1])
+    if fa_version is None:
+        raise RuntimeError(f"no FlashAttention for {kv_cache.dtype} caches on {query.device}")
+    return fa_version
+
+
 def flash_prefill(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -64,13 +71,36 @@ def flash_prefill(
     scale: float,
 ) -> torch.Tensor:
     """query: [T, Hq, D] packed rows; block_table/seq_lens: [R]; cu_seqlens_q: [R + 1] int32."""
-    fa_version = version(query.device, kv_cache.dtype, query.shape[-1])
-    if fa_version is None:
-        raise RuntimeError(f"no FlashAttention for {kv_cache.dtype} caches on {query.device}")
+    fa_version = _checked_version(query, kv_cache)
     keys = layout.keys(kv_cache).transpose(1, 2)
     values = layout.values(kv_cache).transpose(1, 2)
     return _flash_attn_varlen_func()(
         q=query, k=keys, v=values, max_seqlen_q=max_query_len, cu_seqlens_q=cu_seqlens_q,
         max_seqlen_k=max_seq_len, seqused_k=seq_lens, softmax_scale=scale, causal=True,
         block_table=block_table, fa_version=fa_version,
+    )
+
+
+def flash_prefill_gathered(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: KVLayout,
+    blocks: torch.Tensor,
+    offsets: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_query_len: int,
+    max_seqlen_k: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed rows over the tokens at (blocks[i], offsets[i]), gathered: [N]
+    row by row as cu_seqlens_k splits them. Each row's queries are its last tokens, so
+    FlashAttention's causal mask, aligned at the end of both, is the row's own (a row whose live
+    tokens skip an evicted gap: its kept prompt, then the tokens after the gap)."""
+    fa_version = _checked_version(query, kv_cache)
+    keys = layout.keys(kv_cache)[blocks, :, offsets]  # [N, Hkv, D]
+    values = layout.values(kv_cache)[blocks, :, offsets]
+    return _flash_attn_varlen_func()(
+        q=query, k=keys, v=values, max_seqlen_q=max_query_len, cu_seqlens_q=cu_seqlens_q, max_seqlen_k=max_seqlen_k,
+        cu_seqlens_k=cu_seqlens_k, softmax_scale=scale, causal=True, fa_version=fa_version,
     )

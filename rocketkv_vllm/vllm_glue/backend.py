@@ -40,7 +40,7 @@ from rocketkv_vllm.vllm_glue.batch_context import current_batch
 from rocketkv_vllm.vllm_glue.request_plans import (
     EVICTS, KEEP, NUM_COLUMNS, ORACLE_TOKENS, PROMPT_LEN, SPARSE, TOP_CHANNELS, TOP_PAGES, PlanTable,
 )
-from rocketkv_vllm.vllm_glue.logs import log_settings, warn_gap_rows_on_torch_path
+from rocketkv_vllm.vllm_glue.logs import log_settings
 from rocketkv_vllm.vllm_glue.tp_groups import gathers_queries, selection_num_heads
 
 
@@ -187,6 +187,21 @@ class PackedDense:
 
 
 @dataclass
+class GappedDense:
+    """Dense rows with an evicted gap (prefill chunks of preempted, already compacted requests: their
+    live tokens are two ranges that FlashAttention's paged call cannot take), each live token's
+    place in the cache for one FlashAttention call over them gathered (GPU)."""
+
+    token_index: torch.Tensor  # [T] query tokens of the rows, row by row
+    cu_seqlens_q: torch.Tensor  # [R + 1] int32
+    cu_seqlens_k: torch.Tensor  # [R + 1] int32: live tokens, positions [0, keep) then [gap_end, seq_len)
+    blocks: torch.Tensor  # [N] int64: each live token's physical block
+    offsets: torch.Tensor  # [N] int64: and its row in that block
+    max_query_len: int
+    max_live: int
+
+
+@dataclass
 class RocketKVMetadata:
     num_actual_tokens: int
     block_table: torch.Tensor
@@ -195,7 +210,9 @@ class RocketKVMetadata:
     compactions: list[Compaction]
     decode: DecodeBatch | None
     oracle: OracleBatch | None
-    packed_dense: PackedDense | None = None  # replaces `dense` where FlashAttention is available
+    # where FlashAttention is available, these two replace `dense`: its gap-free and its gapped rows
+    packed_dense: PackedDense | None = None
+    gapped_dense: GappedDense | None = None
 
 
 @dataclass(frozen=True)
@@ -355,10 +372,14 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         compactions = self._compactions(kinds, starts, seq_lens) if dense else []
         meta = RocketKVMetadata(cm.num_actual_tokens, cm.block_table_tensor, cm.slot_mapping, dense, compactions, decode, oracle)
         if dense and self.flash_prefill:
-            if np.array_equal(kinds.keep[rows], kinds.gap_end[rows]):
-                meta.packed_dense = self._pack(rows, starts, query_lens[rows], seq_lens[rows])
-            else:
-                warn_gap_rows_on_torch_path()
+            gap_free = kinds.keep[rows] == kinds.gap_end[rows]
+            if gap_free.any():
+                free = rows[gap_free]
+                meta.packed_dense = self._pack(free, starts, query_lens[free], seq_lens[free])
+            if not gap_free.all():
+                gapped = rows[~gap_free]
+                meta.gapped_dense = self._gather_gapped(cm.block_table_tensor, gapped, starts, query_lens[gapped],
+                                                        seq_lens[gapped], kinds.keep[gapped], kinds.gap_end[gapped])
         if self._copied is not None:
             self._copied.record()
         return meta
@@ -486,6 +507,26 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             for row, start, ws, c, p, k, seq in zip(*(a.tolist() for a in (
                 rows, starts[rows], window_start, computed, prompt_len, kinds.kept[rows], seq_lens[rows])))
         ]
+
+    def _gather_gapped(self, block_table: torch.Tensor, rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray,
+                       seq_lens: np.ndarray, keep: np.ndarray, gap_end: np.ndarray) -> GappedDense:
+        """Where each gapped row's live tokens are: the kept prompt, then what follows the gap. Its
+        queries follow the gap (rows are compacted only after their prompt: classify_rows), so causal
+        attention over the live tokens alone, aligned at their end, is the row's attention. Host work
+        per live token: rare steps (preemption), outside graphs."""
+        live = keep + seq_lens - gap_end
+        cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (query_lens, live))
+        index = np.arange(cu_k[-1]) - np.repeat(cu_k[:-1], live)  # each live token's index in its row
+        positions = index + np.where(index >= np.repeat(keep, live), np.repeat(gap_end - keep, live), 0)
+        token_index = np.repeat(starts[rows] - cu_q[:-1], query_lens) + np.arange(cu_q[-1])
+
+        def device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(array).to(self.device, dtype)
+
+        positions_t = device(positions, torch.int64)
+        blocks = block_table[device(np.repeat(rows, live), torch.int64), positions_t // self.block_size].long()
+        return GappedDense(device(token_index, torch.int64), device(cu_q, torch.int32), device(cu_k, torch.int32),
+                           blocks, positions_t % self.block_size, int(query_lens.max()), int(live.max()))
 
     def _pack(self, rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray, seq_lens: np.ndarray) -> PackedDense:
         count, tokens = rows.size, int(query_lens.sum())

@@ -180,13 +180,18 @@ class RocketKVImpl(AttentionImpl):
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
 
-        packed = meta.packed_dense
+        packed, gapped = meta.packed_dense, meta.gapped_dense
         if packed is not None:
             out[packed.token_index] = flash_prefill.flash_prefill(
                 query[packed.token_index], kv_cache, self.layout, meta.block_table[packed.rows], packed.cu_seqlens_q,
                 packed.seq_lens, packed.max_query_len, packed.max_seq_len, self.scale,
             )
-        else:
+        if gapped is not None:
+            out[gapped.token_index] = flash_prefill.flash_prefill_gathered(
+                query[gapped.token_index], kv_cache, self.layout, gapped.blocks, gapped.offsets, gapped.cu_seqlens_q,
+                gapped.cu_seqlens_k, gapped.max_query_len, gapped.max_live, self.scale,
+            )
+        if packed is None and gapped is None:  # no FlashAttention here
             for row in meta.dense:
                 out[row.query_start : row.query_end] = reference.paged_causal_attention(
                     query[row.query_start : row.query_end], kv_cache, self.layout, meta.block_table[row.row],

@@ -64,15 +64,6 @@ def log_settings(config: RocketKVConfig, block_size: int, device: torch.device, 
         )
 
 
-def warn_gap_rows_on_torch_path() -> None:
-    """A prefill chunk over a compacted request (recomputed after preemption) has a gap that
-    FlashAttention's paged call cannot skip: every dense row of such a step runs in torch."""
-    logger.warning_once(
-        "RocketKV: prefill chunks of preempted, already compacted requests run the torch dense path "
-        "(slower, GB-scale transients at long context); a smaller load avoids preemption", scope="global",
-    )
-
-
 def warn_cuda_extension_missing(reason: object) -> None:
     logger.warning_once(
         "RocketKV: the CUDA C++ kernels (rocketkv_vllm._C) are not available (%s): write_kv and the HSA "
