@@ -145,7 +145,7 @@ case "$part" in
     attention_runs $runs
     ;;
   conditional)
-    # ~5 min: what a conditional node costs against the three selection launches it skips
+    # ~6 min: what a conditional node costs against the three selection launches it skips
     # (graph_conditional_probe.cu, ~10 s), the GPU tests of run_if_any and of full graphs
     # replaying selecting and dense steps (~1 min), then the attention of 32 layers with
     # graph_conditional beside graph, attend_all_pages_graph and FA3: rocketkv's dense default
@@ -154,8 +154,9 @@ case "$part" in
     "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -O2 -std=c++17 -arch=sm_90 benchmarks/graph_conditional_probe.cu -o "$work/probe" \
       && timeout 60 "$work/probe" > "$results/probe.txt" 2>&1
     log "exit $?"
-    log "pytest conditional nodes, flash_decode, flash prefill"
-    timeout 240 python -m pytest -q -p no:logging --tb=short tests/test_decode_graphs.py tests/test_flash_decode.py tests/test_flash_prefill.py \
+    log "pytest conditional nodes, flash_decode, flash prefill (gapped rows too, and in a preempting engine)"
+    timeout 330 python -m pytest -q -p no:logging --tb=short tests/test_decode_graphs.py tests/test_flash_decode.py tests/test_flash_prefill.py \
+      "tests/test_gpu_bf16.py::test_preempted_compacted_requests_recompute_through_flash_attention" \
       > "$results/pytest_decode_graphs.txt" 2>&1
     log "exit $?"
     attention_runs rocketkv:8192:1:16384 rocketkv:32768:1:16384 rocketkv:131072:3:16384 rocketkv:8192:1:0 \
