@@ -70,6 +70,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--mode", default="rocketkv", choices=["rocketkv", "mt", "full"])
     p.add_argument("--dense-below", type=int, default=0,
                    help="rocketkv.dense_below: kept contexts up to this many tokens attend exactly (0: HSA)")
+    p.add_argument("--page-size", type=int, default=None, help="rocketkv.page_size (default: the setting's default)")
     p.add_argument("--max-tokens", type=int, default=256, help="the requests' max_tokens (their plan depends on it)")
     p.add_argument("--max-model-len", type=int, default=0, help="block-table width (default: context + max_tokens)")
     p.add_argument("--max-rows", type=int, default=256, help="the builder's max_num_seqs (workspace size)")
@@ -83,7 +84,8 @@ class DecodeLayers:
     """The decode half of RocketKVImpl.forward for every layer of a pure-decode step."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        config = RocketKVConfig(budget=args.budget, mode=args.mode, dense_below=args.dense_below)
+        pages = {} if args.page_size is None else {"page_size": args.page_size}
+        config = RocketKVConfig(budget=args.budget, mode=args.mode, dense_below=args.dense_below, **pages)
         self.layout = KVLayout(args.block_size, config.page_size, config.layout_summary_group())
         b, ctx = args.batch, args.context
         max_len = args.max_model_len or ctx + args.max_tokens

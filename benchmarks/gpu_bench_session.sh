@@ -23,7 +23,7 @@
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense|dense_sweep|serve128k_rate}"
+part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|page16|mt_dense|dense_sweep|serve128k_rate}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -34,12 +34,17 @@ started=$SECONDS
 log() { echo "[$((SECONDS - started))s] $*" | tee -a "$results/summary.txt"; }
 # the decode attention of 32 layers alone (bench_eager_host.py) for each MODE:CONTEXT:BATCH:DENSE_BELOW
 attention_runs() {
+  # mode:context:batch:dense_below[:page_size]
   for run in "$@"; do
-    IFS=: read -r mode ctx batch dense <<< "$run"
-    name="${mode}_${ctx}x${batch}_dense$dense"
+    IFS=: read -r mode ctx batch dense page <<< "$run"
+    name="${mode}_${ctx}x${batch}_dense$dense${page:+_page$page}"
+    # 32 layers of caches past ~1M tokens a layer do not fit: one cache for all (each layer's
+    # reads are then still far beyond L2)
+    shared=""; (( batch * ctx > 1048576 )) && shared=--shared-cache
     log "$name"
     timeout 100 python benchmarks/bench_eager_host.py --mode "$mode" --batch "$batch" --context "$ctx" \
-      --layers 32 --repeats 3 --dense-below "$dense" > "$results/$name.json" 2> "$results/$name.log"
+      --layers 32 --repeats 3 --dense-below "$dense" ${page:+--page-size "$page"} $shared \
+      > "$results/$name.json" 2> "$results/$name.log"
     log "exit $?"
   done
 }
@@ -70,9 +75,11 @@ case "$part" in
     # RocketKV alone (stock holds 6 at 128K): 40 prompts of 130K in one LLM.generate. ~9 min: start
     # ~60 s, 40 prefills ~400 s; 1024 output tokens so that the first requests are still decoding
     # when the last prefill ends (each step beside a prefill chunk takes ~0.6 s)
-    log "capacity 128K x 40, rocketkv"
+    # (ROCKETKV_CONFIG: further server settings, e.g. '{"page_size": 16}')
+    rk_config=${ROCKETKV_CONFIG:-'{}'}
+    log "capacity 128K x 40, rocketkv $rk_config"
     timeout 580 python benchmarks/bench_capacity.py --backends rocketkv --ctx 130000 --prompts 40 --out 1024 \
-      --budget "$BUDGET" --json "$results/capacity_128k_40.json" > "$results/capacity_128k_40.txt" 2>&1
+      --budget "$BUDGET" --rocketkv-config "$rk_config" --json "$results/capacity_128k_40.json" > "$results/capacity_128k_40.txt" 2>&1
     log "exit $?"
     ;;
   offline|decode)
@@ -161,6 +168,13 @@ case "$part" in
     log "exit $?"
     attention_runs rocketkv:8192:1:16384 rocketkv:32768:1:16384 rocketkv:131072:3:16384 rocketkv:8192:1:0 \
       rocketkv:131072:3:0
+    ;;
+  page16)
+    # ~4 min: the exact default's decode attention with 16-token pages (summaries 1/17 of a block
+    # instead of 1/3: ~41% more tokens in the pool) against the default 2-token pages, at batch 1
+    # (8K, 32K), 130K x 3 and 32K x 32; if it is not slower, 16 becomes the rocketkv-mode default
+    attention_runs rocketkv:8192:1:16384:2 rocketkv:8192:1:16384:16 rocketkv:32768:1:16384:2 rocketkv:32768:1:16384:16 \
+      rocketkv:131072:3:16384:2 rocketkv:131072:3:16384:16 rocketkv:32768:32:16384:2 rocketkv:32768:32:16384:16
     ;;
   mt_dense)
     # ~3.5 min: mt requests (whole prompts kept) decoding exactly against HSA between the
