@@ -65,13 +65,14 @@ def test_snapkv_never_keeps_less_than_the_window():
         (0, 256, 1000, 32, 256),      # far from the window
         (768, 216, 1000, 32, 200),    # would end inside [968, 1000): ends at 968
         (768, 232, 1000, 32, 232),    # completes the prompt: whole window inside
-        (768, 240, 1000, 32, 240),    # runs past the prompt (resumed request): unchanged
+        (768, 240, 1000, 32, 232),    # runs past the prompt (recomputed after preemption): ends with it
+        (1000, 40, 1000, 32, 40),     # the recomputed outputs, after the prompt
         (968, 10, 1000, 32, 10),      # starts at the window: the final chunks
         (700, 268, 1000, 32, 268),    # ends exactly where the window begins
         (0, 5, 20, 32, 5),            # prompt shorter than the window
     ],
 )
-def test_chunks_never_end_inside_the_observation_window(start, n, prompt, window, expected):
+def test_chunks_never_end_inside_the_observation_window_and_end_with_the_prompt(start, n, prompt, window, expected):
     assert aligned_chunk(start, n, prompt, window) == expected
 
 

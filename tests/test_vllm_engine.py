@@ -8,7 +8,7 @@ import torch
 
 from engine_utils import free_blocks, greedy, run_steps, scheduler, tiny_llama, token_ids, token_prompt, total_usable_blocks
 
-from vllm import LLM
+from vllm import LLM, SamplingParams
 
 BLOCK = 16
 greedy = functools.partial(greedy, detokenize=False)  # the tiny model has no tokenizer
@@ -95,24 +95,55 @@ def test_no_block_leaked_after_abort(llm):
     assert free_blocks(llm) == total_usable_blocks(llm)
 
 
+def finish_with_logprobs(llm, requests: dict) -> dict:
+    """Step requests {id: (prompt, params)} to the end: {id: (token ids, per-token logprobs)}."""
+    for request_id, (prompt, params) in requests.items():
+        llm.llm_engine.add_request(request_id, prompt, params)
+    finished = {}
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                finished[out.request_id] = (list(out.outputs[0].token_ids), out.outputs[0].logprobs)
+    return finished
+
+
 def test_preempted_requests_finish_without_leaking(llm, monkeypatch):
     sched = scheduler(llm)
     preempted = []
     original = sched._preempt_request
 
     def counting(request, *args, **kwargs):
-        preempted.append(request.request_id)
+        preempted.append(request.request_id.rsplit("-", 1)[0])  # (the engine's id: ours + "-" + a random suffix)
         return original(request, *args, **kwargs)
 
     monkeypatch.setattr(sched, "_preempt_request", counting)
     capacity = total_usable_blocks(llm) * BLOCK
-    requests = {f"pre{i}": (token_prompt(300, 10 + i), greedy(200, rocketkv_mode="full")) for i in range(4)}
-    requests |= {f"pre-rkv{i}": (token_prompt(300, 20 + i), greedy(200, rocketkv_budget=32)) for i in range(3)}
+
+    def params(**extra):
+        return SamplingParams(max_tokens=200, temperature=0, ignore_eos=True, detokenize=False, logprobs=4, extra_args=extra)
+
+    requests = {f"pre{i}": (token_prompt(300, 10 + i), params(rocketkv_mode="full")) for i in range(4)}
+    requests |= {f"pre-rkv{i}": (token_prompt(300, 20 + i), params(rocketkv_budget=32)) for i in range(3)}
+    # stage 1 then exact decode (the last added: preempted first)
+    requests |= {f"pre-snap{i}": (token_prompt(300, 30 + i), params(rocketkv_mode="snapkv", rocketkv_budget=32))
+                 for i in range(2)}
     assert sum(500 for _ in requests) > capacity  # the scenario must overflow the cache
-    outputs, _ = run_steps(llm, requests)
-    assert preempted
-    assert sorted(outputs) == sorted(requests) and all(len(ids) == 200 for ids in outputs.values())
+    finished = finish_with_logprobs(llm, requests)
+    assert any(r.startswith("pre-snap") for r in preempted)
+    assert sorted(finished) == sorted(requests) and all(len(ids) == 200 for ids, _ in finished.values())
     assert free_blocks(llm) == total_usable_blocks(llm)
+    # Requests that decode exactly compute what they compute alone: a recomputed evicting request
+    # runs stage 1 at its prompt's end again, and its recomputed outputs attend what it kept, as
+    # when they were decoded (window_alignment ends that chunk with the prompt; if the outputs
+    # attended the whole prompt there, logprobs moved by up to 0.6). The tiny model repeats one
+    # token whatever its context, so the logprobs are compared, not the tokens. (Page selection's
+    # rows, pre-rkv, attended chosen pages when they were decoded and every kept token when
+    # recomputed: they can differ.)
+    for request_id in sorted({r for r in preempted if not r.startswith("pre-rkv")}):
+        alone = finish_with_logprobs(llm, {f"{request_id}-alone": requests[request_id]})[f"{request_id}-alone"]
+        for position, (ours, theirs) in enumerate(zip(finished[request_id][1], alone[1])):
+            assert ours.keys() == theirs.keys(), (request_id, position)
+            assert all(abs(ours[t].logprob - theirs[t].logprob) < 1e-4 for t in ours), (request_id, position)
 
 
 def test_compressed_requests_fit_more_at_once(llm):
@@ -172,7 +203,7 @@ ENGINE_PROCESS_RUN = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from engine_utils import greedy, token_ids
-from vllm import LLM
+from vllm import LLM, SamplingParams
 llm = LLM({model!r}, **{args!r})
 params = [greedy(6, detokenize=False, **s) for s in {settings!r}]
 print("RESULT", json.dumps(token_ids(llm.generate({prompts!r}, params, use_tqdm=False))))

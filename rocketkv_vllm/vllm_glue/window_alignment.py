@@ -1,4 +1,5 @@
-"""Scheduler hook: the chunk that completes an evicting prompt holds its whole observation window.
+"""Scheduler hook: the chunk that completes an evicting prompt holds its whole observation window
+and ends with the prompt.
 
 SnapKV++ scores the prompt with the queries of its last `window` tokens, and the workers see
 only the queries of the chunk they run. With chunked prefill a chunk may end inside the
@@ -22,11 +23,16 @@ from rocketkv_vllm.config import RocketKVConfig
 
 
 def aligned_chunk(start: int, num_new_tokens: int, prompt_len: int, window: int) -> int:
-    """Tokens to schedule from `start` so that no chunk ends inside the last `window` prompt tokens."""
+    """Tokens to schedule from `start` so that no chunk ends inside the last `window` prompt tokens,
+    and a chunk that completes the prompt ends with it: a request recomputed after preemption
+    (its prompt and outputs prefilled again) then runs stage 1 before its outputs, which attend
+    what it kept, as they did when they were decoded."""
     window_start = prompt_len - window
     end = start + num_new_tokens
     if start < window_start < end < prompt_len:
         return window_start - start
+    if start < prompt_len < end:
+        return prompt_len - start
     return num_new_tokens
 
 
