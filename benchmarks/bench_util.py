@@ -159,10 +159,9 @@ def json_rows(text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_series(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
-                title: str, xlog: bool = False) -> bool:
-    """One line per series {label: (xs, ys)} into a PNG. Returns False (and writes nothing)
-    when matplotlib is missing, so a GPU run without it still keeps its JSON."""
+def pyplot(path: str):
+    """matplotlib's pyplot on the Agg backend, or None (saying that `path` is not written) where
+    matplotlib is missing, so a GPU run without it still keeps its JSON."""
     try:
         import matplotlib
 
@@ -170,6 +169,25 @@ def plot_series(path: str, series: dict[str, tuple[Sequence[float], Sequence[flo
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"matplotlib missing: {path} not written", flush=True)
+        return None
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_series(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
+                title: str, xlog: bool = False) -> bool:
+    """One line per series {label: (xs, ys)} into a PNG. Returns False (and writes nothing)
+    when matplotlib is missing."""
+    plt = pyplot(path)
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in series.items():
@@ -184,8 +202,5 @@ def plot_series(path: str, series: dict[str, tuple[Sequence[float], Sequence[flo
     ax.grid(True, alpha=0.3)
     if ax.get_lines():
         ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

@@ -124,13 +124,10 @@ def floor_duration(result: dict, step_floor_s) -> float | None:
 def plot_steps(path: str, runs: dict[str, list[Step]]) -> bool:
     """Output tokens so far and each step's duration against time, one colour a run (False, and no
     file, without matplotlib)."""
-    try:
-        import matplotlib
+    from bench_util import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib missing: {path} not written", flush=True)
+    plt = pyplot(path)
+    if plt is None:
         return False
     fig, (tokens_ax, step_ax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for name, steps in runs.items():
@@ -152,10 +149,7 @@ def plot_steps(path: str, runs: dict[str, list[Step]]) -> bool:
     for ax in (tokens_ax, step_ax):
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
