@@ -15,6 +15,7 @@ prints both runs' split and what each run would take with its decode steps at th
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import statistics
@@ -33,29 +34,52 @@ MAX_SPREAD_S = 0.005
 @dataclass(frozen=True)
 class Step:
     end: float  # when its first token reached the client
-    seconds: float  # since the previous step's first token (the first step: since the run began)
+    seconds: float  # since the previous step's first token (the first step: since the first request), idle time left out
     tokens: int  # output tokens it produced: one per request that decoded in it
 
 
-def token_times(result: dict) -> list[float]:
-    """Arrival time of every output token of the requests that succeeded, sorted."""
-    times: list[float] = []
+def request_tokens(result: dict) -> list[tuple[float, list[float]]]:
+    """(start, arrival time of each output token) of every request that succeeded."""
+    requests = []
     errors = result.get("errors") or [""] * len(result.get("ttfts") or [])
     for start, ttft, itls, error in zip(result.get("start_times") or [], result.get("ttfts") or [],
                                         result.get("itls") or [], errors):
         if error or not ttft:
             continue
-        t = start + ttft
-        times.append(t)
+        times = [start + ttft]
         for gap in itls:
-            t += gap
-            times.append(t)
-    return sorted(times)
+            times.append(times[-1] + gap)
+        requests.append((start, times))
+    return requests
+
+
+def in_flight(requests: list[tuple[float, list[float]]]) -> list[tuple[float, float]]:
+    """The union of the requests' spans (sent to last token), as sorted disjoint intervals: the
+    server had work then; the rest of a run at a low request rate is idle."""
+    union: list[tuple[float, float]] = []
+    for start, end in sorted((start, times[-1]) for start, times in requests):
+        if union and start <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], end))
+        else:
+            union.append((start, end))
+    return union
+
+
+def busy_seconds(union: list[tuple[float, float]], start: float, end: float) -> float:
+    starts = [a for a, _ in union]
+    i = max(0, bisect.bisect_right(starts, start) - 1)
+    busy = 0.0
+    while i < len(union) and union[i][0] < end:
+        busy += max(0.0, min(end, union[i][1]) - max(start, union[i][0]))
+        i += 1
+    return busy
 
 
 def engine_steps(result: dict) -> list[Step]:
-    """The run's engine steps as the client saw them (empty when the result has no per-token times)."""
-    times = token_times(result)
+    """The run's engine steps as the client saw them, each timed over the span in which some request
+    was in flight (empty when the result has no per-token times)."""
+    requests = request_tokens(result)
+    times = sorted(t for _, tokens in requests for t in tokens)
     gaps = [gap for request in result.get("itls") or [] for gap in request]
     if not times or not gaps:
         return []
@@ -67,10 +91,11 @@ def engine_steps(result: dict) -> list[Step]:
             groups[-1][2] = t
         else:
             groups.append([t, 1, t])
-    previous = min(result["start_times"])
+    union = in_flight(requests)
+    previous = union[0][0]
     steps = []
     for first, tokens, _ in groups:
-        steps.append(Step(end=first, seconds=first - previous, tokens=tokens))
+        steps.append(Step(end=first, seconds=busy_seconds(union, previous, first), tokens=tokens))
         previous = first
     return steps
 

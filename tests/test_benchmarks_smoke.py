@@ -335,6 +335,13 @@ def test_engine_steps_cluster_the_tokens_of_one_step():
     assert serve_steps.engine_steps({"start_times": [0.0], "ttfts": [1.0], "itls": [[]]}) == []
 
 
+def test_idle_time_between_requests_is_left_out():
+    # request 1 is sent 3.9 s after request 0's last token: only its own 1-s prefill counts
+    steps = [(1.0, [0])] + [(1.0 + 0.02 * i, [0]) for i in range(1, 6)] + [(6.0, [1])] + [(6.0 + 0.02 * i, [1]) for i in range(1, 6)]
+    split = serve_steps.step_split(detailed_result(steps, [0.0, 5.0]))
+    assert split["prefill_steps_s"] == 2.0 and split["decode_steps"] == 10 and split["decode_steps_s"] == 0.2
+
+
 def test_step_split_separates_prefill_steps_from_pure_decode():
     split = serve_steps.step_split(detailed_result(SERVE_STEPS, [0.0, 0.2]))
     # prefill: the first 1.0 s and the 0.5-s step; decode: 5 steps of 20 ms (1 token) and 8 of 25 ms (2)
