@@ -30,12 +30,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rocketkv_vllm.config import MODES  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, compare, is_rocketkv, model_dir, plot_series, random_prompts, ratio, write_json  # noqa: E402
-from serve_steps import stalled_share, step_split  # noqa: E402
+from roofline import ModelShape, case_roofline  # noqa: E402
+from serve_steps import floor_duration, stalled_share, step_split  # noqa: E402
 
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
 GAUGES = (RUNNING, WAITING, KV_USAGE)
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the bytes floor, TB/s (H200 4.8, H100 3.35)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable), e.g. --server-arg=--kv-cache-memory-bytes=1048576")
     parser.add_argument("--port", type=int, default=8031)
     parser.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for /health")
@@ -188,8 +191,11 @@ def warm_up(base: str, tokens: int, vocab: int) -> float:
     return time.time() - started
 
 
-def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[str, float]) -> dict:
-    """One sweep point from `vllm bench serve`'s saved result and the scraped gauge peaks."""
+def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[str, float],
+             step_floor_s: Callable[[int], float] | None = None) -> dict:
+    """One sweep point from `vllm bench serve`'s saved result and the scraped gauge peaks; with
+    step_floor_s (a decode step's bytes floor in seconds by batch size), the run's duration had every
+    pure decode step run at it."""
     def ms(key: str) -> float | None:
         value = result.get(key)
         return round(value, 2) if isinstance(value, (int, float)) else None
@@ -207,7 +213,23 @@ def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[
         "errors": failure_reasons(result),
         "decode_time_in_stalled_steps": stalled_share(result),
         **step_split(result),
+        "duration_at_floor_s": round_or_none(floor_duration(result, step_floor_s) if step_floor_s else None, 1),
     }
+
+
+def round_or_none(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def step_floor(args: argparse.Namespace, backend: str) -> Callable[[int], float]:
+    """A pure decode step's bytes floor (roofline.py) in seconds, by batch size, for this protocol."""
+    shape = ModelShape.from_file(args.config)
+    backend = "rocketkv" if is_rocketkv(backend) else backend
+
+    def seconds(rows: int) -> float:
+        return case_roofline(shape, backend, args.input_len, rows, args.output_len, args.budget, args.mode,
+                             args.block_size, args.hbm_tbs)["floor_ms"] / 1e3
+    return seconds
 
 
 def failure_reasons(result: dict) -> dict[str, int]:
@@ -254,7 +276,7 @@ def run_backend(args: argparse.Namespace, backend: str, model: str, work_dir: st
                                      "error": "no result (see the .txt beside it)"})
                 continue
             with open(result_path) as f:
-                row = rate_row(backend, rate, prompts, json.load(f), peaks)
+                row = rate_row(backend, rate, prompts, json.load(f), peaks, step_floor(args, backend))
             info["rows"].append(row)
             save(info)
             print(json.dumps(row), flush=True)
@@ -282,7 +304,9 @@ def ratios(rows: list[dict]) -> list[dict]:
         "tpot_p50_speedup": lambda stock, ours: ratio(stock["tpot_p50_ms"], ours["tpot_p50_ms"]),
         "ttft_p50_ratio": lambda stock, ours: ratio(ours["ttft_p50_ms"], stock["ttft_p50_ms"]),
         "decode_steps_output_tok_s_ratio": lambda stock, ours: ratio(ours.get("decode_steps_output_tok_s"),
-                                                                     stock.get("decode_steps_output_tok_s"))})
+                                                                     stock.get("decode_steps_output_tok_s")),
+        # the most this run could gain with RocketKV's decode steps at their bytes floor
+        "stock_duration_over_floor": lambda stock, ours: ratio(stock.get("duration_s"), ours.get("duration_at_floor_s"))})
 
 
 def plot_serve(rows: list[dict], prefix: str) -> list[str]:

@@ -136,6 +136,16 @@ def test_serve_row_counts_failures_by_reason():
     assert bench_serve.rate_row("rocketkv", 1.0, 5, {"completed": 5}, {})["errors"] == {}
 
 
+def test_serve_row_puts_the_decode_steps_at_their_floor():
+    args = bench_serve.build_parser().parse_args(["--input-len", "32768", "--output-len", "2048"])
+    result = detailed_result(SERVE_STEPS, [0.0, 0.2])
+    floor = bench_serve.step_floor(args, "rocketkv")
+    row = bench_serve.rate_row("rocketkv", math.inf, 2, result, {}, floor)
+    assert row["duration_at_floor_s"] == round(1.5 + 5 * floor(1) + 8 * floor(2), 1)
+    assert bench_serve.step_floor(args, "FLASH_ATTN")(8) > floor(8)  # stock reads every token
+    assert bench_serve.rate_row("rocketkv", math.inf, 2, result, {})["duration_at_floor_s"] is None
+
+
 def test_serve_row_measures_decode_time_lost_to_prefill_steps():
     # two requests: 10 ms decode steps, and one 500 ms step (another request's prefill chunk)
     result = {"completed": 2, "itls": [[0.010, 0.010, 0.500, 0.010], [0.012, 0.010]]}
@@ -157,7 +167,7 @@ def test_serve_merges_one_backend_per_call(tmp_path):
     out = tmp_path / "merged.json"
     merged = bench_serve.merge_results([part("rocketkv", 900.0, 40.0), part("FLASH_ATTN", 450.0, 80.0)], str(out))
     assert merged["ratios"] == [{"key": "inf", "output_tok_s_ratio": 2.0, "tpot_p50_speedup": 2.0, "ttft_p50_ratio": 1.0,
-                                  "decode_steps_output_tok_s_ratio": None}]
+                                  "decode_steps_output_tok_s_ratio": None, "stock_duration_over_floor": None}]
     assert json.loads(out.read_text())["rows"] == merged["rows"] and len(merged["backends"]) == 2
     with pytest.raises(ValueError, match="another protocol"):
         bench_serve.merge_results([part("rocketkv", 900.0, 40.0), part("FLASH_ATTN", 450.0, 80.0, output_len=512)],
@@ -414,14 +424,14 @@ def test_ratios_against_stock():
     serve_rows = [
         {"backend": "FLASH_ATTN", "rate": 0.5, "output_tok_s": 200.0, "tpot_p50_ms": 30.0, "ttft_p50_ms": 1000.0},
         {"backend": "FLASH_ATTN", "rate": "inf", "output_tok_s": 400.0, "tpot_p50_ms": 60.0, "ttft_p50_ms": 9000.0,
-         "decode_steps_output_tok_s": 800.0},
+         "decode_steps_output_tok_s": 800.0, "duration_s": 100.0},
         {"backend": "rocketkv", "rate": "inf", "output_tok_s": 1000.0, "tpot_p50_ms": 20.0, "ttft_p50_ms": 9900.0,
-         "decode_steps_output_tok_s": 1600.0},
+         "decode_steps_output_tok_s": 1600.0, "duration_s": 40.0, "duration_at_floor_s": 32.0},
         {"backend": "rocketkv", "rate": 0.5, "error": "no result"},
     ]
     assert bench_serve.ratios(serve_rows) == [
         {"key": "inf", "output_tok_s_ratio": 2.5, "tpot_p50_speedup": 3.0, "ttft_p50_ratio": 1.1,
-         "decode_steps_output_tok_s_ratio": 2.0}]
+         "decode_steps_output_tok_s_ratio": 2.0, "stock_duration_over_floor": 3.125}]
     decode_rows = [{"backend": b, "ctx": 32768, "batch": 8, "tpot_ms": {"median": t}} for b, t in [("FLASH_ATTN", 18.0), ("rocketkv", 7.2)]]
     decode_rows.append({"backend": "rocketkv", "ctx": 32768, "batch": 64, "tpot_ms": {"median": 9.0}})  # no stock row
     assert bench_decode.speedups(decode_rows) == [{"key": "32768x8", "tpot_speedup": 2.5}]
