@@ -9,9 +9,10 @@ void write_kv_cuda(at::Tensor kv_cache, at::Tensor key, at::Tensor value, at::Te
 void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at::Tensor keep_lens,
                    at::Tensor gap_ends, at::Tensor top_pages, int64_t page_size, at::Tensor index, at::Tensor count,
                    at::Tensor keys, at::Tensor cand_key, at::Tensor cand_page, at::Tensor ticket, int64_t chunk,
-                   const std::optional<at::Tensor>& newest);
+                   const std::optional<at::Tensor>& newest, bool pdl);
 
 bool capture_if_supported();
+void capture_if_prepare_cuda(int64_t device);
 void capture_if_begin_cuda(at::Tensor values, int64_t sentinel);
 void capture_if_end_cuda();
 
@@ -22,7 +23,7 @@ TORCH_LIBRARY(rocketkv, m) {
   m.def(
       "hsa_topk(Tensor logits, Tensor stats, Tensor seq_lens, Tensor keep_lens, Tensor gap_ends, Tensor top_pages, "
       "int page_size, Tensor(a!) index, Tensor(b!) count, Tensor(c!) keys, Tensor(d!) cand_key, Tensor(e!) cand_page, "
-      "Tensor(f!) ticket, int chunk, Tensor? newest_page) -> ()");
+      "Tensor(f!) ticket, int chunk, Tensor? newest_page, bool pdl) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rocketkv, CUDA, m) {
@@ -36,6 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("slot_mapping"), pybind11::arg("block_size"),
         pybind11::arg("page_size"), pybind11::arg("summary_group"));
   m.def("capture_if_supported", &capture_if_supported, "whether this build has CUDA graph conditional nodes (CUDA 12.4+)");
+  m.def("capture_if_prepare", &capture_if_prepare_cuda, "makes capture_if_begin's side stream for a device now",
+        pybind11::arg("device"));
   m.def("capture_if_begin", &capture_if_begin_cuda,
         "inside a CUDA graph capture: the work launched until capture_if_end runs at replay only when some "
         "values[i] != sentinel (an IF node)",

@@ -46,7 +46,8 @@ struct OpenBody {
 thread_local std::vector<OpenBody> open_bodies;  // at most one: bodies do not nest (one side stream)
 
 cudaStream_t body_stream(c10::DeviceIndex device) {
-  // one per device, made on first use and kept: a pool stream could be in use elsewhere
+  // one per device, made by capture_if_prepare before vLLM's captures (else on first use) and
+  // kept: a pool stream could be in use elsewhere
   static std::map<c10::DeviceIndex, cudaStream_t> streams;
   auto found = streams.find(device);
   if (found != streams.end()) return found->second;
@@ -148,8 +149,11 @@ void capture_if_end() {
 #endif
 }
 
+void capture_if_prepare(int64_t device) { body_stream(static_cast<c10::DeviceIndex>(device)); }
+
 #else  // CUDA < 12.4: no conditional nodes
 
+void capture_if_prepare(int64_t) {}
 void capture_if_begin(at::Tensor, int64_t) { TORCH_CHECK(false, "conditional CUDA graph nodes need CUDA 12.4+"); }
 void capture_if_end() { TORCH_CHECK(false, "conditional CUDA graph nodes need CUDA 12.4+"); }
 
@@ -166,5 +170,6 @@ bool capture_if_supported() {
 #endif
 }
 
+void capture_if_prepare_cuda(int64_t device) { rocketkv::capture_if_prepare(device); }
 void capture_if_begin_cuda(at::Tensor values, int64_t sentinel) { rocketkv::capture_if_begin(values, sentinel); }
 void capture_if_end_cuda() { rocketkv::capture_if_end(); }

@@ -324,7 +324,7 @@ void check_int32(const at::Tensor& t, const char* name) {
 void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at::Tensor keep_lens,
                    at::Tensor gap_ends, at::Tensor top_pages, int64_t page_size, at::Tensor index, at::Tensor count,
                    at::Tensor keys, at::Tensor cand_key, at::Tensor cand_page, at::Tensor ticket, int64_t chunk,
-                   const std::optional<at::Tensor>& newest) {
+                   const std::optional<at::Tensor>& newest, bool pdl) {
   using namespace rocketkv;
   TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.dim() == 4,
               "hsa_topk: logits must be a contiguous float32 CUDA tensor [rows, Hkv, G, P]");
@@ -358,8 +358,9 @@ void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at:
   if (batch == 0 || hkv == 0) return;
   const c10::cuda::CUDAGuard guard(logits.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  // programmatic dependent launch: the launch and the per-request prologue overlap the end of
-  // the logits kernel (the kernel waits, griddepcontrol.wait, before reading its outputs)
+  // programmatic dependent launch (pdl): the launch and the per-request prologue overlap the end
+  // of the logits kernel (the kernel waits, griddepcontrol.wait, before reading its outputs; a
+  // no-op without it). Off where the caller plans without it (a CUDA conditional node's body).
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(batch), static_cast<unsigned>(hkv), static_cast<unsigned>(parts));
   config.blockDim = dim3(kThreads);
@@ -370,7 +371,7 @@ void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at:
   config.attrs = &dependent;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, logits.device().index()));
-  config.numAttrs = major >= 9 ? 1 : 0;  // sm_90+ only
+  config.numAttrs = pdl && major >= 9 ? 1 : 0;  // sm_90+ only
   C10_CUDA_CHECK(cudaLaunchKernelEx(
       &config, hsa_topk_kernel, seq_lens.data_ptr<int>(), keep_lens.data_ptr<int>(), gap_ends.data_ptr<int>(), top_pages.data_ptr<int>(),
       logits.data_ptr<float>(), stats.data_ptr<float>(), keys.data_ptr<int>(), cand_key.data_ptr<int>(),

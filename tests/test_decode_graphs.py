@@ -282,6 +282,34 @@ def test_conditional_selection_falls_back_where_unsupported(monkeypatch):
     assert impl._conditional_selection is False and len(warnings) == 1 and "12.4" in warnings[0]
 
 
+def test_run_if_any_closes_its_body_and_keeps_the_first_error(monkeypatch):
+    """The body is closed after it ran and after it failed; if closing then fails too (an invalidated
+    capture), the body's own error is the one raised."""
+    calls = []
+
+    class FakeExtension:
+        fail_end = False
+
+        def capture_if_begin(self, values, sentinel):
+            calls.append(("begin", sentinel))
+
+        def capture_if_end(self):
+            calls.append("end")
+            if self.fail_end:
+                raise RuntimeError("capture invalidated")
+
+    fake = FakeExtension()
+    monkeypatch.setattr(cuda_ops, "_C", fake)
+    with cuda_ops.run_if_any(torch.zeros(2, dtype=torch.int32), -1):
+        calls.append("body")
+    assert calls == [("begin", -1), "body", "end"]
+    fake.fail_end = True
+    with pytest.raises(ValueError, match="in the body"):
+        with cuda_ops.run_if_any(torch.zeros(2, dtype=torch.int32), -1):
+            raise ValueError("in the body")
+    assert calls[-1] == "end"
+
+
 CONDITIONAL = CUDA and cuda_ops.conditional_capture_supported()
 
 

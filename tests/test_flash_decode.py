@@ -50,10 +50,10 @@ def triton_ops(monkeypatch):
     (the reference standing in for it on CPU)."""
     if not CUDA:
         monkeypatch.setenv("ROCKETKV_TRITON_INTERPRET", "1")
-        monkeypatch.setattr(flash_prefill, "available", lambda device, dtype, head_size: True)
+        monkeypatch.setattr(flash_prefill, "version", lambda device, dtype, head_size: 3)
         monkeypatch.setattr(flash_decode, "attend_kept_prompt", reference_part)
-    elif not flash_prefill.available(DEV, DTYPE, HEAD_DIM):
-        pytest.skip("vLLM's FlashAttention 2/3 is not available here")
+    elif flash_prefill.version(DEV, DTYPE, HEAD_DIM) != 3:
+        pytest.skip("vLLM's FlashAttention 3 is not available here")
 
 
 def make_builder(config: RocketKVConfig) -> RocketKVMetadataBuilder:
@@ -77,6 +77,7 @@ def make_impl(builder) -> RocketKVImpl:
     impl.num_heads, impl.head_size, impl.num_kv_heads, impl.scale = HEADS, HEAD_DIM, KV_HEADS, HEAD_DIM ** -0.5
     impl.config, impl.layout, impl._ops, impl._graphs = builder.config, builder.layout, None, None
     impl.selection_queries = lambda q: q
+    impl._conditional_selection = False
     return impl
 
 
@@ -149,8 +150,8 @@ def test_forward_with_flash_decode_equals_the_split_kernel_alone(triton_ops):
 
 @pytest.mark.gpu
 def test_flash_attention_part_equals_the_reference():
-    if not flash_prefill.available(DEV, DTYPE, HEAD_DIM):
-        pytest.skip("vLLM's FlashAttention 2/3 is not available here")
+    if flash_prefill.version(DEV, DTYPE, HEAD_DIM) != 3:
+        pytest.skip("vLLM's FlashAttention 3 is not available here")
     torch.manual_seed(9)
 
     layout = KVLayout(16, 2)

@@ -866,7 +866,8 @@ TOPK_CASES = [
 def test_cuda_cpp_topk_matches_triton(case, poisoned_scratch):
     """The CUDA C++ top-k picks the Triton top-k's pages (or pages of equal score) and the
     same keys, from the same page logits: one or many chunks, candidates merged in shared or
-    global memory, requests with an evicted gap, k of 0, k covering every page, ties."""
+    global memory, requests with an evicted gap, k of 0, k covering every page, ties; launched
+    with and without programmatic dependent launch."""
     from rocketkv_vllm.kernels import cuda_ops, triton_hsa
 
     if not cuda_ops.available():
@@ -901,7 +902,8 @@ def test_cuda_cpp_topk_matches_triton(case, poisoned_scratch):
         keys = torch.full((batch, hkv, npv), -5, dtype=torch.int32, device=DEV)
         args = (logits, stats, seq, keep, gap, k, ps, index, count, keys)
         if name == "cuda":
-            cuda_ops.top_pages_from_logits(*args, chunk=chunk, newest_page=newest)
+            # (with and without a programmatic dependent launch, as in conditional nodes' bodies)
+            cuda_ops.top_pages_from_logits(*args, chunk=chunk, newest_page=newest, pdl=case % 2 == 0)
         else:
             triton_hsa.top_pages_from_logits(*args, newest_page=newest)
         outs[name] = R.PageSelection(index, count), keys

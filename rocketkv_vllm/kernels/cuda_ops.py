@@ -93,14 +93,16 @@ def top_pages_from_logits(
     chunk: int,
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
     newest_page: torch.Tensor | None = None,
+    pdl: bool = True,
 ) -> None:
     """triton_hsa.top_pages_from_logits in CUDA C++ (same arguments and results); chunk:
-    pages per CUDA block, a power of two <= 4096."""
+    pages per CUDA block, a power of two <= 4096; pdl: launched as a programmatic dependent of
+    the logits kernel (sm_90+)."""
     if _C is None:
         raise RuntimeError(f"rocketkv_vllm._C is not available: {_IMPORT_ERROR}")
     cand_key, cand_page, ticket = topk_scratch(index, chunk, ticket, candidates)
     torch.ops.rocketkv.hsa_topk(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys, cand_key,
-                                cand_page, ticket, chunk, newest_page)
+                                cand_page, ticket, chunk, newest_page, pdl)
 
 
 def conditional_capture_supported() -> bool:
@@ -116,5 +118,13 @@ def run_if_any(values: torch.Tensor, sentinel: int) -> Iterator[None]:
     _C.capture_if_begin(values, sentinel)
     try:
         yield
-    finally:
-        _C.capture_if_end()
+    except BaseException:
+        with contextlib.suppress(RuntimeError):  # (ending an invalidated capture fails too: the first error is the one to see)
+            _C.capture_if_end()
+        raise
+    _C.capture_if_end()
+
+
+def prepare_conditional_capture(device: torch.device) -> None:
+    """Make the side stream that `run_if_any` captures bodies on now, outside any capture."""
+    _C.capture_if_prepare(device.index if device.index is not None else torch.cuda.current_device())

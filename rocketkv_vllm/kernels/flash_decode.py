@@ -1,4 +1,4 @@
-"""Decode attention over each dense row's kept prompt with vLLM's FlashAttention.
+"""Decode attention over each dense row's kept prompt with vLLM's FlashAttention 3.
 
 A dense decode row (top_pages EVERY_PAGE: a rocketkv request under dense_below, an uncompressed
 one) attends every token stage 1 kept, positions [0, keep), and those decoded after the evicted
@@ -19,7 +19,8 @@ from rocketkv_vllm.kv_layout import KVLayout
 
 # FA3's split count is an upper bound fixed at launch, so that CUDA graphs replay it whatever the
 # step's lengths (its own heuristic, num_splits=0, is not graph-safe): vLLM's default
-# (attention_config.flash_attn_max_num_splits_for_cuda_graph). FA2 takes 0 or 1 only.
+# (attention_config.flash_attn_max_num_splits_for_cuda_graph). FA3 only: FA2's kernel, when it runs
+# one split, writes an empty row's lse where a decode row's belongs.
 FA3_MAX_SPLITS = 32
 
 
@@ -36,14 +37,13 @@ def attend_kept_prompt(query: torch.Tensor, kv_cache: torch.Tensor, layout: KVLa
                        rows: KeptPromptRows, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """query [B, Hq, D] -> (out [B, Hq, D], lse [Hq, B] float32) over each row's kept prompt
     tokens; rows without any have lse +-inf (and any output)."""
-    fa_version = flash_prefill.version(query.device, kv_cache.dtype, query.shape[-1])
-    if fa_version is None:
-        raise RuntimeError(f"no FlashAttention for {kv_cache.dtype} caches on {query.device}")
+    if flash_prefill.version(query.device, kv_cache.dtype, query.shape[-1]) != 3:
+        raise RuntimeError(f"flash_decode needs FlashAttention 3 for {kv_cache.dtype} caches on {query.device}")
     keys = layout.keys(kv_cache).transpose(1, 2)
     values = layout.values(kv_cache).transpose(1, 2)
     out, lse = flash_prefill._flash_attn_varlen_func()(
         q=query, k=keys, v=values, max_seqlen_q=1, cu_seqlens_q=rows.cu_seqlens_q, max_seqlen_k=rows.max_kept,
         seqused_k=rows.kept, softmax_scale=scale, causal=False, block_table=block_table, return_softmax_lse=True,
-        num_splits=FA3_MAX_SPLITS if fa_version == 3 else 0, fa_version=fa_version,
+        num_splits=FA3_MAX_SPLITS, fa_version=3,
     )
     return out, lse

@@ -760,7 +760,7 @@ def _launch(
         )
         if plan.cuda_topk:
             cuda_ops.top_pages_from_logits(logits, stats, seq_p, kp_p, ge_p, k_p, ps, index_p, count_p, keys, ticket,
-                                           chunk=plan.topk_chunk, candidates=candidates, newest_page=newest_p)
+                                           chunk=plan.topk_chunk, candidates=candidates, newest_page=newest_p, pdl=pdl)
         else:
             top_pages_from_logits(logits, stats, seq_p, kp_p, ge_p, k_p, ps, index_p, count_p, keys, ticket,
                                   candidates=candidates, newest_page=newest_p)

@@ -40,7 +40,7 @@ from rocketkv_vllm.vllm_glue.batch_context import current_batch
 from rocketkv_vllm.vllm_glue.request_plans import (
     EVICTS, KEEP, NUM_COLUMNS, ORACLE_TOKENS, PROMPT_LEN, SPARSE, TOP_CHANNELS, TOP_PAGES, PlanTable,
 )
-from rocketkv_vllm.vllm_glue.logs import log_settings
+from rocketkv_vllm.vllm_glue.logs import log_settings, warn_flash_decode_needs_fa3
 from rocketkv_vllm.vllm_glue.tp_groups import gathers_queries, selection_num_heads
 
 
@@ -323,10 +323,15 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         # (scored seq_len, page), its seq_len and its kept prompt for FlashAttention (flash_decode);
         # persistent for CUDA graphs
         self._columns = CpuGpuBuffer(8, max_rows, dtype=torch.int32, device=device)
-        # dense decode rows' kept prompts through FlashAttention (config.flash_decode, kernels/flash_decode.py)
+        # dense decode rows' kept prompts through FlashAttention 3 (config.flash_decode,
+        # kernels/flash_decode.py; FA2 writes an empty row's lse where another row's goes when it runs
+        # one split, so its rows could lose their part)
         self._flash_cu_q = None
-        if config.flash_decode and self._planner_cls is not None and self.flash_prefill:
-            self._flash_cu_q = torch.arange(max_rows + 1, dtype=torch.int32, device=device)
+        if config.flash_decode and self._planner_cls is not None:
+            if flash_prefill.version(device, kv_cache_spec.dtype, kv_cache_spec.head_size) == 3:
+                self._flash_cu_q = torch.arange(max_rows + 1, dtype=torch.int32, device=device)
+            else:
+                warn_flash_decode_needs_fa3()
         # the decode rows' block-table rows and query/output buffers of the per-layer graphs
         self._graph_tables: dict[int, torch.Tensor] = {}
         self._graph_io: tuple[torch.Tensor, torch.Tensor] | None = None

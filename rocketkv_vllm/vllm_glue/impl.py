@@ -93,6 +93,8 @@ class RocketKVImpl(AttentionImpl):
         planner = self.ops(device).selection_planner
         if planner is None or self._workspace is not None:
             return
+        if self._conditional_selection and cuda_ops.conditional_capture_supported():
+            cuda_ops.prepare_conditional_capture(device)  # (before vLLM's captures, not inside one)
         rows, width = self._decode_bounds
         shape = selection_shape(self._selection_heads, self.num_kv_heads, self.head_size, self.layout, width, device)
         self._workspace = planner.workspace_for(shape, rows)

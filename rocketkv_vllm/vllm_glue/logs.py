@@ -64,6 +64,13 @@ def log_settings(config: RocketKVConfig, block_size: int, device: torch.device, 
         )
 
 
+def warn_flash_decode_needs_fa3() -> None:
+    logger.warning_once(
+        "RocketKV: flash_decode needs FlashAttention 3 (Hopper GPUs); dense decode rows run RocketKV's own "
+        "attention kernel here", scope="global",
+    )
+
+
 def warn_cuda_extension_missing(reason: object) -> None:
     logger.warning_once(
         "RocketKV: the CUDA C++ kernels (rocketkv_vllm._C) are not available (%s): write_kv and the HSA "
