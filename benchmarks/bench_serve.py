@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rocketkv_vllm.config import MODES  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, compare, is_rocketkv, model_dir, plot_series, random_prompts, ratio, write_json  # noqa: E402
 from roofline import ModelShape, case_roofline  # noqa: E402
-from serve_steps import floor_duration, stalled_share, step_split  # noqa: E402
+from serve_steps import engine_steps, floor_duration, stalled_share, step_split  # noqa: E402
 
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
 GAUGES = (RUNNING, WAITING, KV_USAGE)
@@ -200,6 +200,8 @@ def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[
         value = result.get(key)
         return round(value, 2) if isinstance(value, (int, float)) else None
 
+    steps = engine_steps(result)
+
     return {
         "backend": backend, "rate": "inf" if math.isinf(rate) else rate, "prompts": prompts,
         "completed": result.get("completed"), "failed": result.get("failed"), "duration_s": ms("duration"),
@@ -212,8 +214,8 @@ def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[
         "peak_kv_usage": round(peaks[KV_USAGE], 4) if KV_USAGE in peaks else None,
         "errors": failure_reasons(result),
         "decode_time_in_stalled_steps": stalled_share(result),
-        **step_split(result),
-        "duration_at_floor_s": round_or_none(floor_duration(result, step_floor_s) if step_floor_s else None, 1),
+        **step_split(steps),
+        "duration_at_floor_s": round_or_none(floor_duration(steps, step_floor_s) if step_floor_s else None, 1),
     }
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,8 +66,8 @@ def in_flight(requests: list[tuple[float, list[float]]]) -> list[tuple[float, fl
     return union
 
 
-def busy_seconds(union: list[tuple[float, float]], start: float, end: float) -> float:
-    starts = [a for a, _ in union]
+def busy_seconds(union: list[tuple[float, float]], starts: list[float], start: float, end: float) -> float:
+    """How much of [start, end] the union covers (starts: its intervals' starts)."""
     i = max(0, bisect.bisect_right(starts, start) - 1)
     busy = 0.0
     while i < len(union) and union[i][0] < end:
@@ -92,10 +93,11 @@ def engine_steps(result: dict) -> list[Step]:
         else:
             groups.append([t, 1, t])
     union = in_flight(requests)
+    starts = [a for a, _ in union]
     previous = union[0][0]
     steps = []
     for first, tokens, _ in groups:
-        steps.append(Step(end=first, seconds=busy_seconds(union, previous, first), tokens=tokens))
+        steps.append(Step(end=first, seconds=busy_seconds(union, starts, previous, first), tokens=tokens))
         previous = first
     return steps
 
@@ -108,10 +110,9 @@ def decode_steps(steps: list[Step]) -> list[Step]:
     return [s for s in steps[1:] if s.seconds <= cut]
 
 
-def step_split(result: dict) -> dict[str, float | int | None]:
+def step_split(steps: list[Step]) -> dict[str, float | int | None]:
     """Seconds in steps that ran a prefill chunk (the decodes beside them included) and in pure decode
     steps, the output tok/s of the latter, and their median time and batch size."""
-    steps = engine_steps(result)
     decode = decode_steps(steps)
     if not decode:
         return {"prefill_steps_s": None, "decode_steps_s": None, "decode_steps": 0,
@@ -136,10 +137,9 @@ def stalled_share(result: dict) -> float | None:
     return round(sum(gap for gap in gaps if gap > cut) / sum(gaps), 3)
 
 
-def floor_duration(result: dict, step_floor_s) -> float | None:
+def floor_duration(steps: list[Step], step_floor_s: Callable[[int], float]) -> float | None:
     """The run's duration with its prefill steps as measured and every pure decode step at
     step_floor_s(batch size): what the fastest possible decode kernel would leave."""
-    steps = engine_steps(result)
     decode = decode_steps(steps)
     if not decode:
         return None
@@ -201,24 +201,25 @@ def main() -> int:
     def floor_of(backend: str, settings: dict | None, key: str):
         def step_floor_s(rows: int) -> float:
             return case_roofline(shape, backend, args.input_len, rows, args.output_len, args.budget, args.mode,
-                                 args.block_size, args.hbm_tbs, settings).get(key, 0.0) / 1e3
+                                 args.block_size, args.hbm_tbs, settings)[key] / 1e3
         return step_floor_s
 
-    results = {}
+    results, steps = {}, {}
     for name, path in (("stock", args.stock), ("rocketkv", args.rocketkv)):
         with open(path) as f:
             results[name] = json.load(f)
+        steps[name] = engine_steps(results[name])
     stock_s = results["stock"]["duration"]
     if args.plot:
-        plot_steps(args.plot, {name: engine_steps(result) for name, result in results.items()})
+        plot_steps(args.plot, steps)
     floors = [("stock", "FLASH_ATTN", None), ("rocketkv", "rocketkv", None)]
     floors += [("rocketkv", "rocketkv", json.loads(text)) for text in args.rocketkv_config]
     for name, result in results.items():
-        print(json.dumps({"run": name, "duration_s": round(result["duration"], 1), **step_split(result)}))
+        print(json.dumps({"run": name, "duration_s": round(result["duration"], 1), **step_split(steps[name])}))
     for name, backend, settings in floors:
         # page selection's floor reading only the scored channels of the summaries, and reading whole rows
         for key in ("floor_ms", "floor_ms_summary_rows") if name == "rocketkv" else ("floor_ms",):
-            floor_s = floor_duration(results[name], floor_of(backend, settings, key))
+            floor_s = floor_duration(steps[name], floor_of(backend, settings, key))
             print(json.dumps({"run": name, "settings": settings, "floor": key, "duration_at_floor_s": round(floor_s, 1),
                               "stock_duration_over_it": round(stock_s / floor_s, 2)}))
     return 0

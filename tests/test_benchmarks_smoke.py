@@ -348,25 +348,26 @@ def test_engine_steps_cluster_the_tokens_of_one_step():
 def test_idle_time_between_requests_is_left_out():
     # request 1 is sent 3.9 s after request 0's last token: only its own 1-s prefill counts
     steps = [(1.0, [0])] + [(1.0 + 0.02 * i, [0]) for i in range(1, 6)] + [(6.0, [1])] + [(6.0 + 0.02 * i, [1]) for i in range(1, 6)]
-    split = serve_steps.step_split(detailed_result(steps, [0.0, 5.0]))
+    split = serve_steps.step_split(serve_steps.engine_steps(detailed_result(steps, [0.0, 5.0])))
     assert split["prefill_steps_s"] == 2.0 and split["decode_steps"] == 10 and split["decode_steps_s"] == 0.2
 
 
 def test_step_split_separates_prefill_steps_from_pure_decode():
-    split = serve_steps.step_split(detailed_result(SERVE_STEPS, [0.0, 0.2]))
+    split = serve_steps.step_split(serve_steps.engine_steps(detailed_result(SERVE_STEPS, [0.0, 0.2])))
     # prefill: the first 1.0 s and the 0.5-s step; decode: 5 steps of 20 ms (1 token) and 8 of 25 ms (2)
     assert split == {"prefill_steps_s": 1.5, "decode_steps_s": 0.3, "decode_steps": 13,
                      "decode_steps_output_tok_s": round(21 / 0.3, 1), "decode_step_ms_p50": 25.0, "decode_step_rows_p50": 2}
     # a failed request's tokens are not counted
-    failed = serve_steps.step_split(detailed_result(SERVE_STEPS, [0.0, 0.2], errors=["", "Never received a valid chunk"]))
+    failed = serve_steps.step_split(serve_steps.engine_steps(
+        detailed_result(SERVE_STEPS, [0.0, 0.2], errors=["", "Never received a valid chunk"])))
     assert failed["decode_step_rows_p50"] == 1 and failed["decode_steps"] == 13
-    assert serve_steps.step_split({"completed": 0})["decode_steps"] == 0
+    assert serve_steps.step_split(serve_steps.engine_steps({"completed": 0}))["decode_steps"] == 0
 
 
 def test_floor_duration_keeps_prefill_steps_and_floors_decode_steps():
-    result = detailed_result(SERVE_STEPS, [0.0, 0.2])
-    assert serve_steps.floor_duration(result, lambda rows: 0.001 * rows) == pytest.approx(1.5 + 5 * 0.001 + 8 * 0.002)
-    assert serve_steps.floor_duration({"completed": 0}, lambda rows: 1.0) is None
+    steps = serve_steps.engine_steps(detailed_result(SERVE_STEPS, [0.0, 0.2]))
+    assert serve_steps.floor_duration(steps, lambda rows: 0.001 * rows) == pytest.approx(1.5 + 5 * 0.001 + 8 * 0.002)
+    assert serve_steps.floor_duration([], lambda rows: 1.0) is None
 
 
 def test_serve_steps_cli_prints_splits_floors_and_a_plot(tmp_path):
