@@ -201,6 +201,7 @@ def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[
         return round(value, 2) if isinstance(value, (int, float)) else None
 
     steps = engine_steps(result)
+    floor_s = floor_duration(steps, step_floor_s) if step_floor_s else None
 
     return {
         "backend": backend, "rate": "inf" if math.isinf(rate) else rate, "prompts": prompts,
@@ -215,12 +216,8 @@ def rate_row(backend: str, rate: float, prompts: int, result: dict, peaks: dict[
         "errors": failure_reasons(result),
         "decode_time_in_stalled_steps": stalled_share(result),
         **step_split(steps),
-        "duration_at_floor_s": round_or_none(floor_duration(steps, step_floor_s) if step_floor_s else None, 1),
+        "duration_at_floor_s": None if floor_s is None else round(floor_s, 1),
     }
-
-
-def round_or_none(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def step_floor(args: argparse.Namespace, backend: str) -> Callable[[int], float]:
