@@ -166,6 +166,7 @@ def make_impl(builder, graphs) -> RocketKVImpl:
     impl.config, impl.layout, impl._ops, impl._graphs = CONFIG, builder.layout, None, graphs
     impl._graphs_builder_id = builder._builder_id
     impl.selection_queries = lambda q: q
+    impl._conditional_selection = False
     return impl
 
 
