@@ -207,7 +207,7 @@ case "$part" in
     log "exit $?"
     ;;
   *)
-    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|mt_dense|dense_sweep|serve128k_rate)" >&2
+    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|page16|mt_dense|dense_sweep|serve128k_rate)" >&2
     exit 2
     ;;
 esac
