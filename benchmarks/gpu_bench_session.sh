@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_bench_session.sh eager      # steps without a full graph: per-layer graphs
 #   bash benchmarks/gpu_bench_session.sh decode     # the decode half of offline
 #   bash benchmarks/gpu_bench_session.sh dense_attn # dense decode attention: rocketkv 130K x 3 eager vs graph; mt vs HSA
+#   bash benchmarks/gpu_bench_session.sh gpu_tests  # the GPU-only tests (conditional nodes, flash_decode, flash prefill, preemption)
 #   bash benchmarks/gpu_bench_session.sh conditional  # CUDA graph conditional nodes: probe, GPU tests, attention with/without
 #   bash benchmarks/gpu_bench_session.sh mt_dense   # mt requests decoding exactly vs HSA, 8K-16K, batch 1 and 8
 #   bash benchmarks/gpu_bench_session.sh dense_sweep  # dense decode attention's launch settings vs FA3 per token
@@ -23,7 +24,7 @@
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|page16|mt_dense|dense_sweep|serve128k_rate}"
+part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|gpu_tests|conditional|page16|mt_dense|dense_sweep|serve128k_rate}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -151,16 +152,13 @@ case "$part" in
     for shape in 8192:1 16384:8; do runs="$runs mt:$shape:0 mt:$shape:32768"; done
     attention_runs $runs
     ;;
-  conditional)
-    # ~6 min: what a conditional node costs against the three selection launches it skips
-    # (graph_conditional_probe.cu, ~10 s), the GPU tests of run_if_any and of full graphs
-    # replaying selecting and dense steps (~1 min), then the attention of 32 layers with
+  gpu_tests|conditional)
+    # gpu_tests ~2.5 min: the GPU tests of conditional nodes, flash_decode and flash prefill (gapped
+    # rows too), then a preempting bf16 engine in its own pytest call.
+    # conditional ~6 min: gpu_tests, what a conditional node costs against the three selection
+    # launches it skips (graph_conditional_probe.cu, ~10 s), then the attention of 32 layers with
     # graph_conditional beside graph, attend_all_pages_graph and FA3: rocketkv's dense default
     # (8K x 1, 32K x 1, 130K x 3) and HSA on every row (8K x 1, 130K x 3; what a selecting step pays)
-    log "probe"
-    "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -O2 -std=c++17 -arch=sm_90 benchmarks/graph_conditional_probe.cu -o "$work/probe" \
-      && timeout 60 "$work/probe" > "$results/probe.txt" 2>&1
-    log "exit $?"
     log "pytest conditional nodes, flash_decode, flash prefill (gapped rows too)"
     timeout 240 python -m pytest -q -p no:logging --tb=short tests/test_decode_graphs.py tests/test_flash_decode.py tests/test_flash_prefill.py \
       > "$results/pytest_decode_graphs.txt" 2>&1
@@ -170,8 +168,14 @@ case "$part" in
       "tests/test_gpu_bf16.py::test_preempted_compacted_requests_recompute_through_flash_attention" \
       > "$results/pytest_preempt_bf16.txt" 2>&1
     log "exit $?"
-    attention_runs rocketkv:8192:1:16384 rocketkv:32768:1:16384 rocketkv:131072:3:16384 rocketkv:8192:1:0 \
-      rocketkv:131072:3:0
+    if [ "$part" = conditional ]; then
+      log "probe"
+      "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -O2 -std=c++17 -arch=sm_90 benchmarks/graph_conditional_probe.cu -o "$work/probe" \
+        && timeout 60 "$work/probe" > "$results/probe.txt" 2>&1
+      log "exit $?"
+      attention_runs rocketkv:8192:1:16384 rocketkv:32768:1:16384 rocketkv:131072:3:16384 rocketkv:8192:1:0 \
+        rocketkv:131072:3:0
+    fi
     ;;
   page16)
     # ~4 min: the exact default's decode attention with 16-token pages (summaries 1/17 of a block
@@ -207,7 +211,7 @@ case "$part" in
     log "exit $?"
     ;;
   *)
-    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|conditional|page16|mt_dense|dense_sweep|serve128k_rate)" >&2
+    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|gpu_tests|conditional|page16|mt_dense|dense_sweep|serve128k_rate)" >&2
     exit 2
     ;;
 esac
