@@ -194,12 +194,14 @@ case "$part" in
     # the 128K TPOT at an equal request rate, one backend a call (BACKEND, default rocketkv):
     # 5 prompts of 128K at 0.05 req/s (Poisson, seed 0), so that requests mostly decode in steps
     # of their own (at rate inf every step carries another request's prefill chunk). ~4.5 min:
-    # start ~100 s, arrivals over ~100 s, then the last request's prefill ~10 s and 512 steps
+    # start ~60 s (max_num_seqs 8: at most 5 run at once, fewer graphs to capture), arrivals over
+    # ~100 s, then the last request's prefill ~10 s and 512 steps. BACKEND=both runs rocketkv, then stock
     backend="${BACKEND:-rocketkv}"
+    [ "$backend" = both ] && backend="rocketkv FLASH_ATTN"
     log "serve 128K/512 at 0.05 req/s, $backend"
-    timeout 580 python benchmarks/bench_serve.py --backends "$backend" --input-len 130000 --output-len 512 --rates 0.05 \
-      --prompts 5 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 300 \
-      --json "$results/serve_128k_rate_$backend.json" > "$results/serve_128k_rate_$backend.txt" 2>&1
+    timeout 580 python benchmarks/bench_serve.py --backends $backend --input-len 130000 --output-len 512 --rates 0.05 \
+      --prompts 5 --max-num-seqs 8 --budget "$BUDGET" --server-timeout 240 --bench-timeout 300 \
+      --json "$results/serve_128k_rate_${backend// /_}.json" > "$results/serve_128k_rate_${backend// /_}.txt" 2>&1
     log "exit $?"
     ;;
   dense_sweep)
