@@ -87,9 +87,11 @@ case "$part" in
     # ~9 min (decode alone ~5.5, one call each): decode per backend ~150 s (engine start ~65 s, 3
     # repeats of 8192x1, 32768x1, 32768x8 at 256 out; session 17's 260-s limit cut RocketKV's half
     # off: it runs first now); capacity per backend start ~50 s + 32 x 32K prompts, 512 out ~45-60 s
-    log "decode 8K/32K"
+    # (ROCKETKV_CONFIG: further server settings for rocketkv, e.g. '{"flash_decode": true}')
+    rk_config=${ROCKETKV_CONFIG:-'{}'}
+    log "decode 8K/32K, rocketkv $rk_config"
     timeout 380 python benchmarks/bench_decode.py --backends rocketkv FLASH_ATTN --cases 8192x1 32768x1 32768x8 \
-      --out 256 --repeats 3 \
+      --out 256 --repeats 3 --rocketkv-config "$rk_config" \
       --budget "$BUDGET" --json "$results/decode.json" > "$results/decode.txt" 2>&1
     log "exit $?"
     if [ "$part" = offline ]; then
