@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_util import STOCK_BACKEND, add_engine_args, compare, engine_kwargs, is_rocketkv, json_rows, model_dir, plot_series, random_prompts, ratio, spread, write_json  # noqa: E402
 from engine_steps import decode_step_times, prefill_seconds, run_steps  # noqa: E402
-from roofline import ModelShape, case_roofline  # noqa: E402
+from roofline import ModelShape, case_roofline, hbm_tb_s  # noqa: E402
 
 
 def parse_cases(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-steps", type=int, default=2, help="first all-decoding steps of each run left out")
     parser.add_argument("--warmup-ctx", type=int, default=8192, help="context of the warm-up run (batch up to 8, 16 tokens)")
-    parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the roofline, TB/s (H200 4.8, H100 3.35)")
+    parser.add_argument("--hbm-tbs", type=float, default=None, help="HBM bandwidth for the roofline, TB/s (default: this GPU's, roofline.HBM_TB_S)")
     parser.add_argument("--plot-from", default=None, help="only redraw the plot of this JSON result (beside it, or at --plot)")
     parser.add_argument("--json", default=None, help="write all rows here")
     parser.add_argument("--plot", default=None, help="TPOT vs batch PNG (default: beside --json)")
@@ -180,6 +180,8 @@ def plot_decode(rows: list[dict], path: str) -> bool:
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.hbm_tbs is None:
+        args.hbm_tbs = hbm_tb_s()
     if args.plot_from:
         with open(args.plot_from) as f:
             plot_decode(json.load(f)["rows"], args.plot or os.path.splitext(args.plot_from)[0] + ".png")

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rocketkv_vllm.config import MODES  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, compare, is_rocketkv, model_dir, plot_series, random_prompts, ratio, write_json  # noqa: E402
-from roofline import ModelShape, case_roofline  # noqa: E402
+from roofline import ModelShape, case_roofline, hbm_tb_s  # noqa: E402
 from serve_steps import engine_steps, floor_duration, stalled_share, step_split  # noqa: E402
 
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--eager", action="store_true")
-    parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the bytes floor, TB/s (H200 4.8, H100 3.35)")
+    parser.add_argument("--hbm-tbs", type=float, default=None, help="HBM bandwidth for the bytes floor, TB/s (default: this GPU's, roofline.HBM_TB_S)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable), e.g. --server-arg=--kv-cache-memory-bytes=1048576")
     parser.add_argument("--port", type=int, default=8031)
     parser.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for /health")
@@ -224,10 +224,11 @@ def step_floor(args: argparse.Namespace, backend: str) -> Callable[[int], float]
     """A pure decode step's bytes floor (roofline.py) in seconds, by batch size, for this protocol."""
     shape = ModelShape.from_file(args.config)
     backend = "rocketkv" if is_rocketkv(backend) else backend
+    tb_s = args.hbm_tbs or hbm_tb_s()
 
     def seconds(rows: int) -> float:
         return case_roofline(shape, backend, args.input_len, rows, args.output_len, args.budget, args.mode,
-                             args.block_size, args.hbm_tbs)["floor_ms"] / 1e3
+                             args.block_size, tb_s)["floor_ms"] / 1e3
     return seconds
 
 

@@ -41,7 +41,7 @@ attention_runs() {
     name="${mode}_${ctx}x${batch}_dense$dense${page:+_page$page}"
     # 32 layers of caches past ~1M tokens a layer do not fit: one cache for all (each layer's
     # reads are then still far beyond L2)
-    shared=""; (( batch * ctx > 1048576 )) && shared=--shared-cache
+    shared=""; (( batch * ctx >= 1048576 )) && shared=--shared-cache
     log "$name"
     timeout 100 python benchmarks/bench_eager_host.py --mode "$mode" --batch "$batch" --context "$ctx" \
       --layers 32 --repeats 3 --dense-below "$dense" ${page:+--page-size "$page"} $shared \

@@ -11,9 +11,25 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from dataclasses import dataclass
 
 ELEMENT_BYTES = 2  # bf16
+# HBM bandwidth (TB/s) by GPU name; the floors of a run take the one of the GPU it ran on
+HBM_TB_S = {"H200": 4.8, "H100": 3.35}
+DEFAULT_HBM_TB_S = HBM_TB_S["H200"]
+
+
+def hbm_tb_s(gpu_name: str | None = None) -> float:
+    """HBM bandwidth of `gpu_name` (default: this machine's first GPU, from nvidia-smi, which
+    leaves CUDA uninitialised for vLLM's workers); DEFAULT_HBM_TB_S where unknown."""
+    if gpu_name is None:
+        try:
+            gpu_name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                      text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            gpu_name = ""
+    return next((tbs for name, tbs in HBM_TB_S.items() if name in gpu_name), DEFAULT_HBM_TB_S)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,14 @@ REQUEST_PREFIX = "rocketkv_"
 MAX_INT = 2**31 - 1
 # rocketkv requests whose kept context fits decode exactly by default (RocketKVConfig.dense_below)
 DEFAULT_DENSE_BELOW = 16384
+# page sizes (RocketKVConfig.page_size): SELECTION_PAGE where requests select pages by default,
+# EXACT_SERVER_PAGE where they decode exactly (summaries take 2 of a 16-token block's 34 rows
+# instead of 16 of 48: ~41% more tokens in the pool); past MAX_SELECTION_PAGE, pages are too
+# coarse to select from (mt's accuracy collapses at 16 on SmolLM2), so every request decodes exactly
+SELECTION_PAGE, EXACT_SERVER_PAGE, MAX_SELECTION_PAGE = 2, 16, 4
+# the servers whose requests decode exactly by default (rocketkv: every kept context up to 128K at
+# a 2048-token budget is under DEFAULT_DENSE_BELOW)
+EXACT_DECODE_MODES = ("rocketkv", "snapkv", "full")
 
 
 def _int_field(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> int:
@@ -56,7 +64,11 @@ class RocketKVConfig:
                   small max_tokens. Tokens generated past it are kept all the same.
     window:       SnapKV++ observation window (last prompt queries).
     pool_kernel:  SnapKV++ max-pooling kernel (odd; shrunk to fit short prompts).
-    page_size:    HSA page, the granularity of the stored key max/min summaries.
+    page_size:    HSA page, the granularity of the stored key max/min summaries. Default (None):
+                  EXACT_SERVER_PAGE (16) on servers whose requests decode exactly (mode rocketkv,
+                  snapkv or full, dense_below not set), else SELECTION_PAGE (2). On a server with
+                  pages over MAX_SELECTION_PAGE (4) tokens every request decodes exactly (mt ones
+                  too, unless dense_below is set): serve mt with `"mode": "mt"` (2-token pages).
     top_channels: fixed r (k1) instead of the adaptive one; top_k: fixed tokens (k2) per step.
     attend_newest_page: every decode step attends the page holding its newest tokens
                   (ops/newest_page.py), inside the same budget; False is the paper's HSA.
@@ -66,7 +78,8 @@ class RocketKVConfig:
     dense_below:  a rocketkv or mt request whose decode context (the prompt tokens stage 1 keeps
                   plus its planned output) is at most this many tokens attends exactly over
                   all of it (stage 1 still evicts; no page selection, no page list); 0 always
-                  runs HSA. Default (None): DEFAULT_DENSE_BELOW for rocketkv requests, 0 for mt.
+                  runs HSA. Default (None): DEFAULT_DENSE_BELOW for rocketkv requests, 0 for mt;
+                  no limit on servers with pages over MAX_SELECTION_PAGE tokens.
                   On the H200, rocketkv mode at a 2048-token budget (5-12.5K kept tokens, 8K-130K
                   prompts) attends faster dense than with page selection at every batch measured
                   (1-64): with 2-token pages the summaries that selection reads weigh as much as
@@ -92,7 +105,7 @@ class RocketKVConfig:
     output_tokens: int = 512
     window: int = 32
     pool_kernel: int = 63
-    page_size: int = 2
+    page_size: int | None = None
     top_channels: int | None = None
     top_k: int | None = None
     attend_newest_page: bool = True
@@ -103,14 +116,17 @@ class RocketKVConfig:
     flash_decode: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("budget", "output_tokens", "window", "pool_kernel", "page_size"):
-            _int_field(f"rocketkv.{name}", getattr(self, name), 1)
+        object.__setattr__(self, "mode", _mode_field("rocketkv.mode", self.mode))
         if self.dense_below is not None:
             _int_field("rocketkv.dense_below", self.dense_below, 0)
+        if self.page_size is None:
+            exact = self.mode in EXACT_DECODE_MODES and self.dense_below is None
+            object.__setattr__(self, "page_size", EXACT_SERVER_PAGE if exact else SELECTION_PAGE)
+        for name in ("budget", "output_tokens", "window", "pool_kernel", "page_size"):
+            _int_field(f"rocketkv.{name}", getattr(self, name), 1)
         for name in ("top_channels", "top_k"):
             if getattr(self, name) is not None:
                 _int_field(f"rocketkv.{name}", getattr(self, name), 1)
-        object.__setattr__(self, "mode", _mode_field("rocketkv.mode", self.mode))
         for name in ("attend_newest_page", "decode_graphs", "conditional_selection", "flash_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rocketkv.{name} must be true or false, got {getattr(self, name)!r}")
@@ -127,6 +143,8 @@ class RocketKVConfig:
         """The longest decode context a `mode` request reads whole (see dense_below)."""
         if self.dense_below is not None:
             return self.dense_below
+        if self.page_size > MAX_SELECTION_PAGE:
+            return MAX_INT
         return DEFAULT_DENSE_BELOW if mode == "rocketkv" else 0
 
     def layout_summary_group(self) -> int:

@@ -29,7 +29,7 @@ import sweep_dense_attention  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, UNKNOWN_WORD, json_rows, model_dir, percentile, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
 from engine_steps import Run, Step, decode_step_times, peak, prefill_seconds  # noqa: E402
 from rocketkv_vllm.config import RocketKVConfig  # noqa: E402
-from roofline import ModelShape, case_roofline, rocketkv_step_bytes, stock_step_bytes  # noqa: E402
+from roofline import ModelShape, case_roofline, hbm_tb_s, rocketkv_step_bytes, stock_step_bytes  # noqa: E402
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
@@ -236,11 +236,17 @@ def test_roofline_rocketkv_matches_notes(llama8b, ctx, batch, notes_kv_gb):
 
 def test_roofline_follows_the_servers_page_size(llama8b):
     default = rocketkv_step_bytes(llama8b, 131072, 1, 128, 2048, "rocketkv", 16, {"dense_below": 0})
-    assert default["plan"]["page_size"] == RocketKVConfig().page_size == 2
+    assert default["plan"]["page_size"] == RocketKVConfig(dense_below=0).page_size == 2
+    assert rocketkv_step_bytes(llama8b, 131072, 1, 128, 2048, "rocketkv", 16)["plan"]["page_size"] == 16
     four = rocketkv_step_bytes(llama8b, 131072, 1, 128, 2048, "rocketkv", 16, {"page_size": 4, "dense_below": 0})
     # twice the pages to summarize: whole summary rows cost twice, so the budget's split scores them on fewer channels
     assert default["summary_rows_total"] > four["summary_rows_total"]
     assert default["plan"]["top_channels"] < four["plan"]["top_channels"]
+
+
+def test_roofline_bandwidth_follows_the_gpu_name():
+    assert hbm_tb_s("NVIDIA H100 80GB HBM3") == 3.35 and hbm_tb_s("NVIDIA H200") == 4.8
+    assert hbm_tb_s("some other GPU") == hbm_tb_s("") == 4.8  # (the H200, where unknown)
 
 
 def test_roofline_full_mode_is_dense(llama8b):

@@ -89,8 +89,8 @@ ROWS = [(300, "rocketkv", 305), (90, "full", 95), (200, "mt", 205), (260, "rocke
 
 
 def test_builder_hands_dense_rows_kept_prompts_to_flash_attention(triton_ops):
-    config = RocketKVConfig(budget=64, flash_decode=True)
-    plain = make_builder(RocketKVConfig(budget=64))
+    config = RocketKVConfig(budget=64, page_size=2, flash_decode=True)
+    plain = make_builder(RocketKVConfig(budget=64, page_size=2))
     builder = make_builder(config)
     seq_lens = [seq for _, _, seq in ROWS]
     table = torch.zeros(MAX_ROWS, WIDTH, dtype=torch.int32, device=DEV)
@@ -119,7 +119,7 @@ def test_builder_hands_dense_rows_kept_prompts_to_flash_attention(triton_ops):
 def test_a_step_of_selecting_rows_only_has_no_flash_attention_part(triton_ops):
     """Outside full graphs such a step launches no FlashAttention (the per-layer graphs key on it);
     the columns keep every row's own keep and gap_end."""
-    config = RocketKVConfig(budget=64, flash_decode=True)
+    config = RocketKVConfig(budget=64, page_size=2, flash_decode=True)
     builder = make_builder(config)
     table = torch.zeros(MAX_ROWS, WIDTH, dtype=torch.int32, device=DEV)
     states = [request(config, 200, "mt"), request(config, 150, "mt")]
@@ -132,8 +132,8 @@ def test_a_step_of_selecting_rows_only_has_no_flash_attention_part(triton_ops):
 def test_forward_with_flash_decode_equals_the_split_kernel_alone(triton_ops):
     torch.manual_seed(5)
     seq_lens = [seq for _, _, seq in ROWS]
-    with_flash = make_builder(RocketKVConfig(budget=64, flash_decode=True))
-    alone = make_builder(RocketKVConfig(budget=64))
+    with_flash = make_builder(RocketKVConfig(budget=64, page_size=2, flash_decode=True))
+    alone = make_builder(RocketKVConfig(budget=64, page_size=2))
     kv, table = filled_cache(with_flash.layout, seq_lens)
     states = [request(with_flash.config, n, mode) for n, mode, _ in ROWS]
     query = torch.randn(len(ROWS), HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
@@ -173,7 +173,7 @@ def test_a_full_graph_with_flash_decode_replays_fresh_steps(triton_ops):
     and the merge inside it), replayed for steps with new queries and one more decoded token: the
     direct launch's output."""
     torch.manual_seed(13)
-    config = RocketKVConfig(budget=64, flash_decode=True)
+    config = RocketKVConfig(budget=64, page_size=2, flash_decode=True)
     builder = make_builder(config)
     rows = ROWS[:4]
     seq_lens = [seq for _, _, seq in rows]
@@ -200,7 +200,7 @@ def test_a_full_graph_with_flash_decode_replays_fresh_steps(triton_ops):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         impl.forward(None, query, None, None, kv, meta, out)
-    plain = make_builder(RocketKVConfig(budget=64))  # the split kernel over every kept token
+    plain = make_builder(RocketKVConfig(budget=64, page_size=2))  # the split kernel over every kept token
     for _ in range(3):
         seq += 1
         build()

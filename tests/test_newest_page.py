@@ -35,4 +35,4 @@ def test_plan_spends_one_page_of_the_budget_on_the_newest():
     settings = request_settings({"rocketkv_budget": 256}, RocketKVConfig())
     with_newest = plan_request(settings, RocketKVConfig(dense_below=0), 4000, 128, 64, 16)
     paper = plan_request(settings, RocketKVConfig(attend_newest_page=False, dense_below=0), 4000, 128, 64, 16)
-    assert with_newest.top_pages + 1 == paper.top_pages == 256 // 2 // RocketKVConfig().page_size
+    assert with_newest.top_pages + 1 == paper.top_pages == 256 // 2 // RocketKVConfig(dense_below=0).page_size

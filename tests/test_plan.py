@@ -1,7 +1,15 @@
 """The per-request plan: the output length stage 1 budgets for, the ablation modes, chunk alignment."""
 import pytest
 
-from rocketkv_vllm.config import DEFAULT_DENSE_BELOW, RocketKVConfig, request_settings
+from rocketkv_vllm.config import (
+    DEFAULT_DENSE_BELOW,
+    EXACT_DECODE_MODES,
+    EXACT_SERVER_PAGE,
+    MAX_SELECTION_PAGE,
+    SELECTION_PAGE,
+    RocketKVConfig,
+    request_settings,
+)
 from rocketkv_vllm.plan import plan_for_params
 from rocketkv_vllm.vllm_glue.window_alignment import aligned_chunk
 
@@ -39,7 +47,7 @@ def test_request_overrides_output_tokens():
 
 @pytest.mark.parametrize("budget", [128, 1024])
 def test_ablation_plans_at_equal_budget(budget):
-    config = RocketKVConfig(budget=budget)
+    config = RocketKVConfig(budget=budget, page_size=SELECTION_PAGE)
     snap = plan(config, 4000, 128, rocketkv_mode="snapkv")
     assert (snap.keep, snap.sparse, snap.oracle_tokens) == (budget, False, 0)
     oracle = plan(config, 4000, 128, rocketkv_mode="oracle")
@@ -123,17 +131,38 @@ def test_dense_below_reads_short_kept_contexts_whole_and_still_evicts():
         assert plan(config, 4000, 100, rocketkv_mode=mode) == plan(hsa, 4000, 100, rocketkv_mode=mode)
 
 
-def test_by_default_rocketkv_requests_read_kept_contexts_up_to_16k_whole_and_mt_requests_select():
-    """The default (dense_below unset): rocketkv requests whose kept prompt plus planned output
-    is at most DEFAULT_DENSE_BELOW decode exactly over it, longer ones and every mt request run HSA."""
+def test_with_selection_pages_rocketkv_requests_read_kept_contexts_up_to_16k_whole_and_mt_requests_select():
+    """With 2-token pages (an mt server's default) and dense_below unset: rocketkv requests whose
+    kept prompt plus planned output is at most DEFAULT_DENSE_BELOW decode exactly over it, longer
+    ones and every mt request run HSA."""
+    for default in (RocketKVConfig(budget=2048, page_size=SELECTION_PAGE), RocketKVConfig(budget=2048, mode="mt")):
+        assert default.page_size == SELECTION_PAGE
+        assert default.dense_below_for("rocketkv") == DEFAULT_DENSE_BELOW and default.dense_below_for("mt") == 0
+        for prompt_len in (8192, 32768, 131072 - 600):  # kept 5-12.5K at a 2048 budget
+            ours = plan(default, prompt_len, 512, rocketkv_mode="rocketkv")
+            assert ours.evicts and not ours.sparse and ours.keep + 512 <= DEFAULT_DENSE_BELOW
+            assert ours.keep == plan(RocketKVConfig(budget=2048, dense_below=0), prompt_len, 512).keep
+            assert plan(default, prompt_len, 512, rocketkv_mode="mt").sparse
+
+
+def test_exact_decoding_servers_default_to_16_token_pages_and_never_select():
+    """A server whose requests decode exactly by default (rocketkv, snapkv, full; dense_below
+    unset) lays its summaries out in 16-token pages; on pages that coarse no rocketkv or mt
+    request selects pages, however long its kept context, unless dense_below says otherwise.
+    Servers that select by default (mt, the selecting ablations, dense_below set) keep 2."""
+    for mode in EXACT_DECODE_MODES:
+        assert RocketKVConfig(mode=mode).page_size == EXACT_SERVER_PAGE
+    for settings in ({"mode": "mt"}, {"mode": "quest"}, {"mode": "oracle"}, {"dense_below": 0}, {"dense_below": 9000}):
+        assert RocketKVConfig(**settings).page_size == SELECTION_PAGE
     default = RocketKVConfig(budget=2048)
-    assert default.dense_below_for("rocketkv") == DEFAULT_DENSE_BELOW and default.dense_below_for("mt") == 0
-    for prompt_len in (8192, 32768, 131072 - 600):  # kept 5-12.5K at a 2048 budget
-        ours = plan(default, prompt_len, 512)
-        assert ours.evicts and not ours.sparse and ours.keep + 512 <= DEFAULT_DENSE_BELOW
-        assert ours.keep == plan(RocketKVConfig(budget=2048, dense_below=0), prompt_len, 512).keep
-        assert plan(default, prompt_len, 512, rocketkv_mode="mt").sparse
-    wide = RocketKVConfig(budget=8192)  # keeps more than 16K of a 128K prompt: HSA
-    assert plan(wide, 131072 - 600, 512).keep + 512 > DEFAULT_DENSE_BELOW and plan(wide, 131072 - 600, 512).sparse
-    # an explicit value applies to both modes
-    assert not plan(RocketKVConfig(budget=2048, dense_below=10**6), 32768, 512, rocketkv_mode="mt").sparse
+    for prompt_len in (8192, 131072 - 600):
+        for mode in ("rocketkv", "mt"):
+            ours = plan(default, prompt_len, 512, rocketkv_mode=mode)
+            assert not ours.sparse and ours.evicts == (mode == "rocketkv")
+    big_budget = plan(default, 131072 - 600, 512, rocketkv_budget=16384)  # keeps far more than 16K tokens
+    assert big_budget.keep + 512 > DEFAULT_DENSE_BELOW and not big_budget.sparse
+    assert plan(RocketKVConfig(budget=2048, page_size=8), 131072 - 600, 512, rocketkv_mode="mt").sparse is False
+    assert plan(RocketKVConfig(budget=2048, page_size=16, dense_below=0), 8192, 512, rocketkv_mode="mt").sparse
+    assert plan(RocketKVConfig(budget=2048, page_size=MAX_SELECTION_PAGE), 8192, 512, rocketkv_mode="mt").sparse
+
+

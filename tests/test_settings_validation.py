@@ -101,7 +101,7 @@ def test_extra_args_must_be_a_mapping(extra_args):
 
 # server settings: field -> (smallest valid value, whether None means "default")
 SERVER_INTS = {"budget": (1, False), "output_tokens": (1, False), "window": (1, False), "pool_kernel": (1, False),
-               "page_size": (1, False), "top_channels": (1, True), "top_k": (1, True), "summary_group": (0, True),
+               "page_size": (1, True), "top_channels": (1, True), "top_k": (1, True), "summary_group": (0, True),
                "dense_below": (0, True)}
 SERVER_BOOLS = ("attend_newest_page", "decode_graphs", "conditional_selection", "flash_decode")
 
@@ -135,7 +135,8 @@ def test_server_integer_fields(field, value):
         return
     # accepted: a value in range (further rules: odd pool kernel, power-of-two page and group)
     assert (value is None and optional) or _valid_int(value, minimum)
-    assert getattr(config, field) == value
+    # (a page size left unset is resolved to the server's default)
+    assert getattr(config, field) == (RocketKVConfig().page_size if field == "page_size" and value is None else value)
 
 
 @fuzz

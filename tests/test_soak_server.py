@@ -45,7 +45,7 @@ def server(tmp_path_factory):
         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "16", "--enforce-eager",
         # ~100 blocks of 16 tokens: a dozen concurrent requests of up to 700 tokens preempt each other
         "--kv-cache-memory-bytes", str(1 << 20), "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
-        "--additional-config", '{"rocketkv": {"budget": 64, "window": 16}}',
+        "--additional-config", '{"rocketkv": {"budget": 64, "window": 16, "page_size": 2}}',  # (mt requests select)
         timeout_s=900, log_path=str(log_path),  # minutes on a loaded 2-core machine
     ) as running:
         yield running.base, running.proc, log_path

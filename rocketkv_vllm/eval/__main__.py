@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from rocketkv_vllm.config import RocketKVConfig
+from rocketkv_vllm.config import SELECTION_PAGE, RocketKVConfig
 from rocketkv_vllm.eval.runner import build_samples, configs, markdown_table, plot, rows_as_dicts, run, summary
 from rocketkv_vllm.eval.tasks import TASKS
 
@@ -46,13 +46,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# methods that select pages: the eval measures them at the selection page size unless told otherwise
+# (a rocketkv server's default 16-token pages would make mt requests decode exactly)
+SELECTING_METHODS = ("mt", "quest", "oracle")
+
+
+def server_settings(args: argparse.Namespace) -> dict:
+    settings = json.loads(args.rocketkv_config)
+    if any(method in SELECTING_METHODS for method in args.methods):
+        settings.setdefault("page_size", SELECTION_PAGE)
+    return settings
+
+
 def make_engine(args: argparse.Namespace):
     from vllm import LLM
 
     engine = dict(
         model=args.model, attention_backend="rocketkv", dtype=args.dtype, block_size=args.block_size,
         max_model_len=max(args.lengths) + 64, enforce_eager="oracle" in args.methods, enable_prefix_caching=True,
-        additional_config={"rocketkv": json.loads(args.rocketkv_config)},
+        additional_config={"rocketkv": server_settings(args)},
     )
     engine.update(json.loads(args.engine_args))
     return LLM(**engine), engine

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from vllm.logger import init_logger
 
-from rocketkv_vllm.config import RocketKVConfig
+from rocketkv_vllm.config import MAX_INT, RocketKVConfig
 
 logger = init_logger("vllm.rocketkv")  # under vLLM's logger: its handler, format and VLLM_LOGGING_LEVEL
 
@@ -34,13 +34,21 @@ def summary_layout(group: int) -> str:
     return "whole rows" if group == 0 else f"channel-major, groups of {group} channel{'s' if group > 1 else ''}"
 
 
+def exact_decode(config: RocketKVConfig) -> str:
+    """Which requests decode exactly over what they keep (dense_below) instead of selecting pages."""
+    limits = {mode: config.dense_below_for(mode) for mode in ("rocketkv", "mt")}
+    if min(limits.values()) == MAX_INT:
+        return f"every request decodes exactly ({config.page_size}-token pages)"
+    return f"exact decode up to {limits['rocketkv']} kept tokens (mt: {limits['mt']})"
+
+
 def settings_line(config: RocketKVConfig, block_size: int, kernels: str, flash_prefill: int | None) -> str:
     """flash_prefill: the FlashAttention version prefill runs, None for the torch path."""
     experiments = [name for name in ("conditional_selection", "flash_decode") if getattr(config, name)]
     return (
         f"RocketKV: budget {config.budget}, mode {config.mode}, page size {config.page_size}, block size {block_size}, "
         f"summaries {summary_layout(config.layout_summary_group())}, window {config.window}, "
-        f"exact decode up to {config.dense_below_for('rocketkv')} kept tokens (mt: {config.dense_below_for('mt')}), "
+        f"{exact_decode(config)}, "
         f"kernels {kernels}, dense prefill {f'FlashAttention {flash_prefill}' if flash_prefill else 'torch reference'}"
         + (f", on (not yet timed on a GPU): {', '.join(experiments)}" if experiments else "")
     )
