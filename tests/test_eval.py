@@ -64,6 +64,19 @@ def test_unknown_method_is_refused():
         runner.configs(["rocket"], [256])
 
 
+def test_selecting_methods_run_on_selection_pages_unless_told():
+    """The eval's one engine serves every method: with mt, quest or oracle among them its pages are
+    SELECTION_PAGE tokens (on a rocketkv server's default 16, mt requests would decode exactly)."""
+    from rocketkv_vllm.eval.__main__ import parse_args, server_settings
+
+    args = parse_args(["--model", "m", "--methods", "full", "rocketkv"])
+    assert server_settings(args) == {}
+    for method in ("mt", "quest", "oracle"):
+        assert server_settings(parse_args(["--model", "m", "--methods", "rocketkv", method])) == {"page_size": 2}
+    told = parse_args(["--model", "m", "--methods", "mt", "--rocketkv-config", '{"page_size": 4, "budget": 8}'])
+    assert server_settings(told) == {"page_size": 4, "budget": 8}
+
+
 def test_oracle_with_every_token_is_full_attention():
     torch.manual_seed(0)
     layout, heads, kv_heads, dim = KVLayout(16, 4), 4, 2, 32
