@@ -138,6 +138,14 @@ class RocketKVConfig:
             group = _int_field("rocketkv.summary_group", self.summary_group, 0)
             if group & (group - 1):
                 raise ValueError(f"rocketkv.summary_group must be 0 or a power of two, got {group}")
+        if self.mode == "quest" and not self.selects_pages():
+            raise ValueError(f"rocketkv.page_size {self.page_size}: mode quest selects pages, which needs pages of at "
+                             f"most {MAX_SELECTION_PAGE} tokens (or dense_below set)")
+
+    def selects_pages(self) -> bool:
+        """Whether any request of this server may select pages. Not on pages over MAX_SELECTION_PAGE
+        tokens with dense_below unset: its vLLM full graphs then launch no page selection."""
+        return self.page_size <= MAX_SELECTION_PAGE or self.dense_below is not None
 
     def dense_below_for(self, mode: str) -> int:
         """The longest decode context a `mode` request reads whole (see dense_below)."""
@@ -208,4 +216,7 @@ def request_settings(extra_args: Mapping[str, Any] | None, defaults: RocketKVCon
     for key, (field, parse) in REQUEST_KEYS.items():
         if key in extra:
             settings[field] = parse(key, extra[key])
+    if settings["mode"] == "quest" and not defaults.selects_pages():
+        raise ValueError(f"{MODE_KEY} quest selects pages, which this server's {defaults.page_size}-token pages do not "
+                         f"allow (start it with rocketkv.page_size <= {MAX_SELECTION_PAGE})")
     return RequestSettings(**settings)

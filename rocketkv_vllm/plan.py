@@ -95,6 +95,8 @@ def plan_request(
     if mode in ("rocketkv", "mt") and split.prompt_keep + planned_output <= config.dense_below_for(mode):
         # short enough to read whole (config.dense_below); stage 1 still evicts
         return RequestPlan(prompt_len, split.prompt_keep, False, head_dim, 0)
+    if not config.selects_pages():  # (request_settings refuses quest there; rocketkv and mt decode exactly)
+        raise RuntimeError(f"a {mode} request would select pages on a server whose requests may not")
     if config.top_channels and config.top_channels > head_dim:
         warn_clamped("top_channels is capped at the head size", f"{config.top_channels} > {head_dim}")
     channels = head_dim if mode == "quest" else min(head_dim, config.top_channels or split.top_channels)

@@ -166,7 +166,7 @@ def make_impl(builder, graphs) -> RocketKVImpl:
     impl.config, impl.layout, impl._ops, impl._graphs = CONFIG, builder.layout, None, graphs
     impl._graphs_builder_id = builder._builder_id
     impl.selection_queries = lambda q: q
-    impl._conditional_selection = False
+    impl._conditional_selection, impl._may_select = False, CONFIG.selects_pages()
     return impl
 
 
@@ -268,6 +268,20 @@ def test_an_invalidated_capture_leaves_the_device_usable():
     assert len(graphs) == 0 and x.tolist() == [3.0] * 4  # the warm-up run, then two direct runs
     assert torch.randn(8, device=DEV).isfinite().all()
     assert not torch.cuda.is_current_stream_capturing()
+
+
+def test_full_graphs_of_a_server_without_selecting_requests_launch_no_selection():
+    """A full graph is captured once for whatever rows later steps hold, so its capture launches
+    the page selection, except on a server where no request may select (16-token pages by
+    default; no plan selects there, see test_plan.test_quest_needs_pages_it_may_select)."""
+    builder = make_builder()
+    selecting, exact = make_impl(builder, None), make_impl(builder, None)
+    exact._may_select = RocketKVConfig().selects_pages()
+    assert selecting._may_select and not exact._may_select
+    assert selecting._launches_selection(False, capturing_full_graph=True)
+    assert not exact._launches_selection(False, capturing_full_graph=True)
+    assert exact._launches_selection(False, False) is selecting._launches_selection(False, False) is False
+    assert selecting._launches_selection(True, capturing_full_graph=False)
 
 
 def test_conditional_selection_falls_back_where_unsupported(monkeypatch):
@@ -387,3 +401,45 @@ def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not(conditional)
         torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
         skipped = conditional and name == "dense"
         assert bool(temp[0].isnan().all()) == skipped, name
+
+
+@pytest.mark.gpu
+def test_a_full_graph_of_a_server_without_selecting_requests_holds_no_selection():
+    """Captured where no request may select (the default 16-token pages), a full graph launches no
+    page selection (its scratch is left as it was) and replays dense steps as the direct launch."""
+    torch.manual_seed(12)
+    builder = make_builder()
+    seq_lens = [301, 201, 121]
+    kv, table = filled_cache(builder.layout, seq_lens)
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)  # vLLM's persistent seq_lens
+
+    def build():
+        cm = common([1, 1, 1], seq_lens, table)
+        cm.seq_lens = seq
+        with rows_of_batch([request(n - 1, "full") for n in seq_lens]):
+            return builder.build(0, cm)
+
+    captured, direct = make_impl(builder, None), make_impl(builder, None)
+    captured._may_select = False
+    query = torch.randn(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
+    out = torch.empty(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
+    meta = build()
+    assert not meta.decode.selects
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # (compiles the kernels)
+        captured.forward(None, query, None, None, kv, meta, out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.forward(None, query, None, None, kv, meta, out)
+    for _ in range(2):
+        meta = build()
+        query.copy_(torch.randn_like(query))
+        temp = meta.decode.selection.scratch["temp"]
+        temp.fill_(float("nan"))  # the prep kernel writes it whenever the selection runs
+        graph.replay()
+        expected = torch.empty_like(out)
+        direct.forward(None, query, None, None, kv, meta, expected)
+        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+        assert bool(temp[0].isnan().all())

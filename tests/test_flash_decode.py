@@ -77,7 +77,7 @@ def make_impl(builder) -> RocketKVImpl:
     impl.num_heads, impl.head_size, impl.num_kv_heads, impl.scale = HEADS, HEAD_DIM, KV_HEADS, HEAD_DIM ** -0.5
     impl.config, impl.layout, impl._ops, impl._graphs = builder.config, builder.layout, None, None
     impl.selection_queries = lambda q: q
-    impl._conditional_selection = False
+    impl._conditional_selection, impl._may_select = False, builder.config.selects_pages()
     return impl
 
 

@@ -7,10 +7,11 @@ from rocketkv_vllm.config import (
     EXACT_SERVER_PAGE,
     MAX_SELECTION_PAGE,
     SELECTION_PAGE,
+    RequestSettings,
     RocketKVConfig,
     request_settings,
 )
-from rocketkv_vllm.plan import plan_for_params
+from rocketkv_vllm.plan import plan_for_params, plan_request
 from rocketkv_vllm.vllm_glue.window_alignment import aligned_chunk
 
 
@@ -59,7 +60,7 @@ def test_ablation_plans_at_equal_budget(budget):
 
 @pytest.mark.parametrize("mode", ["rocketkv", "mt", "snapkv", "quest", "oracle"])
 def test_budget_covering_the_prompt_is_exact_in_every_mode(mode):
-    p = plan(RocketKVConfig(budget=4000), 4000, 128, rocketkv_mode=mode)
+    p = plan(RocketKVConfig(budget=4000, page_size=SELECTION_PAGE), 4000, 128, rocketkv_mode=mode)
     assert (p.keep, p.sparse, p.oracle_tokens) == (4000, False, 0)
 
 
@@ -164,5 +165,22 @@ def test_exact_decoding_servers_default_to_16_token_pages_and_never_select():
     assert plan(RocketKVConfig(budget=2048, page_size=8), 131072 - 600, 512, rocketkv_mode="mt").sparse is False
     assert plan(RocketKVConfig(budget=2048, page_size=16, dense_below=0), 8192, 512, rocketkv_mode="mt").sparse
     assert plan(RocketKVConfig(budget=2048, page_size=MAX_SELECTION_PAGE), 8192, 512, rocketkv_mode="mt").sparse
+
+
+def test_quest_needs_pages_it_may_select():
+    """Where no request may select pages (pages over 4 tokens, dense_below unset) the full graphs
+    hold no page selection, so quest, which always selects, is refused naming the field."""
+    assert not RocketKVConfig().selects_pages()
+    for settings in ({"page_size": 4}, {"mode": "mt"}, {"page_size": 16, "dense_below": 0}):
+        assert RocketKVConfig(**settings).selects_pages()
+    with pytest.raises(ValueError, match="rocketkv_mode quest selects pages.*16-token pages"):
+        request_settings({"rocketkv_mode": "quest"}, RocketKVConfig())
+    with pytest.raises(ValueError, match="rocketkv.page_size 16: mode quest"):
+        RocketKVConfig(mode="quest", page_size=16)
+    assert request_settings({"rocketkv_mode": "quest"}, RocketKVConfig(mode="mt")).mode == "quest"
+    for mode in ("rocketkv", "mt", "full", "snapkv", "oracle"):  # (oracle selects tokens exactly, not pages)
+        assert request_settings({"rocketkv_mode": mode}, RocketKVConfig()).mode == mode
+    with pytest.raises(RuntimeError, match="quest request would select pages"):  # (past request_settings)
+        plan_request(RequestSettings(256, "quest", 512), RocketKVConfig(), 4000, 128, 64, 16)
 
 

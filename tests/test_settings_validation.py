@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from rocketkv_vllm.config import MAX_INT, MODES, REQUEST_KEYS, RequestSettings, RocketKVConfig, request_settings
 
 DEFAULTS = RocketKVConfig()
+SELECTING = RocketKVConfig(mode="mt")  # a server whose requests may select pages
 # anything a JSON body (or an offline caller) can put in a value
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
@@ -49,7 +50,8 @@ def test_request_budget(value):
 @given(json_values | st.sampled_from(MODES + ("MT", "Full")))
 def test_request_mode(value):
     if _valid_mode(value):
-        assert request_settings({"rocketkv_mode": value}, DEFAULTS).mode == value.lower()
+        # (quest selects pages: a server that may, see test_plan.test_quest_needs_pages_it_may_select)
+        assert request_settings({"rocketkv_mode": value}, SELECTING).mode == value.lower()
     else:
         with pytest.raises(ValueError, match="rocketkv_mode"):
             request_settings({"rocketkv_mode": value}, DEFAULTS)

@@ -75,6 +75,8 @@ class RocketKVImpl(AttentionImpl):
         if self.config.conditional_selection and tensor_parallel:
             logger.warning_once("rocketkv.conditional_selection is off with tensor parallelism (NCCL collectives "
                                 "and conditional nodes in one CUDA graph)")
+        # whether any request may select pages: where none may, vLLM's full graphs hold no selection
+        self._may_select = self.config.selects_pages()
         # the page selection's workspace, allocated during memory profiling (reserve_selection_workspace)
         self._selection_heads = selection_num_heads(self.num_heads, vllm_config)
         self._decode_bounds = decode_bounds(vllm_config)
@@ -110,6 +112,12 @@ class RocketKVImpl(AttentionImpl):
             self._conditional_selection = False
             return False
         return True
+
+    def _launches_selection(self, selects: bool, capturing_full_graph: bool) -> bool:
+        """Whether this launch selects pages: when a row of the step does, and inside vLLM's capture
+        of a full graph (replayed for whatever rows later steps hold) where any request may (no
+        request's plan selects where none may: plan.plan_request)."""
+        return selects or (capturing_full_graph and self._may_select)
 
     def _decode(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, d: DecodeBatch, out: torch.Tensor | None,
                 select: bool, capturing_full_graph: bool = False) -> torch.Tensor:
@@ -226,7 +234,7 @@ class RocketKVImpl(AttentionImpl):
                 result = self._decode_in_graph(ops, q, kv_cache, d.graph)
             else:
                 result = self._decode(ops, q, kv_cache, d, out[: d.num_rows] if d.token_index is None else None,
-                                      d.selects or capturing, capturing_full_graph=capturing)
+                                      self._launches_selection(d.selects, capturing), capturing_full_graph=capturing)
             if d.token_index is not None:
                 out[d.token_index] = result
             elif result.data_ptr() != out.data_ptr():
