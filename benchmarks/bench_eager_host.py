@@ -15,13 +15,12 @@ batch of a Llama-3.1-8B shape (Hq 32, Hkv 8, D 128, 32 layers, each its own KV c
                    as there, no selection when no row chooses pages: dense rows only);
 - layer_graphs_no_copies: the same replays without the query and output copies (what
                    the copies cost, against what launching a graph per layer costs);
-- graph:           eager_planned captured once and replayed (the full-CUDA-graph path,
-                   which launches the selection whatever the rows);
-- graph_conditional: (where the extension has CUDA graph conditional nodes) the same with
-                   each layer's selection in a conditional node, run only when some row
-                   selects (rocketkv.conditional_selection);
+- graph:           eager_planned captured once and replayed (the full-CUDA-graph path of a
+                   server whose requests may select pages, which launches the selection
+                   whatever the rows);
 - attend_all_pages_graph: the attention kernel alone over every live page, no selection, as
-                   a full graph (the floor of a dense decode path for short kept contexts);
+                   a full graph (the full-graph path of a server where no request selects:
+                   16-token pages by default, RocketKVConfig.selects_pages);
 - fa3_graph:       (when vLLM is importable) stock's decode: FlashAttention 3 over the whole
                    context of every request, with the KV write, as a full graph;
 - builder_build:   (when vLLM is importable) the metadata builder's build() of this batch.
@@ -35,12 +34,10 @@ no synchronisation). JSON on stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rocketkv_vllm.config import RocketKVConfig  # noqa: E402
-from rocketkv_vllm.kernels import cuda_ops, get_ops  # noqa: E402
+from rocketkv_vllm.kernels import get_ops  # noqa: E402
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs, padded_rows  # noqa: E402
 from rocketkv_vllm.kernels.triton_hsa import SelectionPlanner, SelectionShape  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
@@ -173,23 +170,18 @@ class DecodeLayers:
             self.ops.paged_sparse_attention(self.query, kv, self.layout, self.table, index, count, self.seq,
                                             self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out)
 
-    def step(self, planned: bool, conditional: bool = False) -> None:
+    def step(self, planned: bool) -> None:
         """Every layer launched from Python: with the builder's plan (planned) or one per call;
-        all layers select, as inside a full graph (conditional: inside a conditional node, when
-        captured)."""
+        all layers select, as inside a full graph."""
         ops, layout = self.ops, self.layout
         selection_plan = self.planner(self.batch) if planned else None  # once per step (the builder)
         for layer in range(self.layers):
             kv = self.kv[layer % len(self.kv)]
             ops.write_kv(kv, layout, self.new_kv, self.new_kv, self.slots)
             scored = self.newest.scored_seq_lens if self.newest else self.seq
-            capturing = conditional and torch.cuda.is_current_stream_capturing()
-            # (as the impl does: no programmatic-dependent-launch edges inside the node's body)
-            plan = replace(selection_plan, pdl=False) if capturing and selection_plan is not None else selection_plan
-            with cuda_ops.run_if_any(self.top_pages, EVERY_PAGE) if capturing else contextlib.nullcontext():
-                selection = ops.hsa_select_pages(self.query, kv, layout, self.table, scored, self.keep, self.gap,
-                                                 self.top_channels, self.top_pages,
-                                                 newest_page=self.newest.page if self.newest else None, plan=plan)
+            selection = ops.hsa_select_pages(self.query, kv, layout, self.table, scored, self.keep, self.gap,
+                                             self.top_channels, self.top_pages,
+                                             newest_page=self.newest.page if self.newest else None, plan=selection_plan)
             ops.paged_sparse_attention(self.query, kv, layout, self.table, selection.index, selection.count, self.seq,
                                        self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out,
                                        top_pages=self.top_pages)
@@ -322,15 +314,12 @@ def main() -> None:
     result["layer_graphs_no_copies"] = timed(lambda: layers.step_layer_graphs(copies=False), args.steps, args.repeats)
     result["layer_graphs_rows"] = layers.graph_rows
     result["graph"] = timed(captured(lambda: layers.step(planned=True)).replay, args.steps, args.repeats)
-    if cuda_ops.conditional_capture_supported():
-        result["graph_conditional"] = timed(captured(lambda: layers.step(planned=True, conditional=True)).replay,
-                                            args.steps, args.repeats)
     result["attend_all_pages_graph"] = timed(captured(layers.step_attend_all_pages).replay, args.steps, args.repeats)
     fa3 = fa3_step(args, layers)
     if fa3 is not None:
         result["fa3_graph"] = timed(captured(fa3).replay, args.steps, args.repeats)
     graph_ms = result["graph"]["step_ms_median"]
-    for mode in ("eager_unplanned", "eager_planned", "layer_graphs", "layer_graphs_no_copies", "graph_conditional"):
+    for mode in ("eager_unplanned", "eager_planned", "layer_graphs", "layer_graphs_no_copies"):
         if mode not in result:
             continue
         result[f"{mode}_over_graph"] = result[mode]["step_ms_median"] / graph_ms

@@ -13,8 +13,7 @@
 #   bash benchmarks/gpu_bench_session.sh eager      # steps without a full graph: per-layer graphs
 #   bash benchmarks/gpu_bench_session.sh decode     # the decode half of offline
 #   bash benchmarks/gpu_bench_session.sh dense_attn # dense decode attention: rocketkv 130K x 3 eager vs graph; mt vs HSA
-#   bash benchmarks/gpu_bench_session.sh gpu_tests  # the GPU-only tests (conditional nodes, flash_decode, flash prefill, preemption)
-#   bash benchmarks/gpu_bench_session.sh conditional  # CUDA graph conditional nodes: probe, GPU tests, attention with/without
+#   bash benchmarks/gpu_bench_session.sh gpu_tests  # the GPU-only tests (decode graphs, flash prefill, preemption)
 #   bash benchmarks/gpu_bench_session.sh mt_dense   # mt requests decoding exactly vs HSA, 8K-16K, batch 1 and 8
 #   bash benchmarks/gpu_bench_session.sh dense_sweep  # dense decode attention's launch settings vs FA3 per token
 #   BACKEND=FLASH_ATTN bash benchmarks/gpu_bench_session.sh serve128k_rate  # 128K in / 512 out at 0.05 req/s, one backend
@@ -24,7 +23,7 @@
 # Time estimates (H200, 8B-shaped dummy model; engine start ~45-60 s; prefill ~30K tok/s at
 # 32K, ~13K tok/s at 130K; stock decode 32K x 8 ~15 ms/step) are in each part's comment.
 set -uo pipefail
-part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|gpu_tests|conditional|page16|mt_dense|dense_sweep|serve128k_rate}"
+part="${1:?usage: gpu_bench_session.sh serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|gpu_tests|page16|mt_dense|dense_sweep|serve128k_rate}"
 OUT="${OUT:?set OUT (the device tool does)}"
 BUDGET="${BUDGET:-2048}"
 work="$(mktemp -d /tmp/bench-session-XXXX)"
@@ -87,7 +86,7 @@ case "$part" in
     # ~9 min (decode alone ~5.5, one call each): decode per backend ~150 s (engine start ~65 s, 3
     # repeats of 8192x1, 32768x1, 32768x8 at 256 out; session 17's 260-s limit cut RocketKV's half
     # off: it runs first now); capacity per backend start ~50 s + 32 x 32K prompts, 512 out ~45-60 s
-    # (ROCKETKV_CONFIG: further server settings for rocketkv, e.g. '{"flash_decode": true}')
+    # (ROCKETKV_CONFIG: further server settings for rocketkv, e.g. '{"page_size": 2}')
     rk_config=${ROCKETKV_CONFIG:-'{}'}
     log "decode 8K/32K, rocketkv $rk_config"
     timeout 380 python benchmarks/bench_decode.py --backends rocketkv FLASH_ATTN --cases 8192x1 32768x1 32768x8 \
@@ -154,15 +153,11 @@ case "$part" in
     for shape in 8192:1 16384:8; do runs="$runs mt:$shape:0 mt:$shape:32768"; done
     attention_runs $runs
     ;;
-  gpu_tests|conditional)
-    # gpu_tests ~2.5 min: the GPU tests of conditional nodes, flash_decode and flash prefill (gapped
-    # rows too), then a preempting bf16 engine in its own pytest call.
-    # conditional ~6 min: gpu_tests, what a conditional node costs against the three selection
-    # launches it skips (graph_conditional_probe.cu, ~10 s), then the attention of 32 layers with
-    # graph_conditional beside graph, attend_all_pages_graph and FA3: rocketkv's dense default
-    # (8K x 1, 32K x 1, 130K x 3) and HSA on every row (8K x 1, 130K x 3; what a selecting step pays)
-    log "pytest conditional nodes, flash_decode, flash prefill (gapped rows too)"
-    timeout 240 python -m pytest -q -p no:logging --tb=short tests/test_decode_graphs.py tests/test_flash_decode.py tests/test_flash_prefill.py \
+  gpu_tests)
+    # ~2.5 min: the GPU tests of full and per-layer decode graphs and flash prefill
+    # (gapped rows too), then a preempting bf16 engine in its own pytest call
+    log "pytest decode graphs, flash prefill (gapped rows too)"
+    timeout 240 python -m pytest -q -p no:logging --tb=short tests/test_decode_graphs.py tests/test_flash_prefill.py \
       > "$results/pytest_decode_graphs.txt" 2>&1
     log "exit $?"
     log "pytest: a preempting bf16 engine recomputes compacted requests through FlashAttention"
@@ -170,14 +165,6 @@ case "$part" in
       "tests/test_gpu_bf16.py::test_preempted_compacted_requests_recompute_through_flash_attention" \
       > "$results/pytest_preempt_bf16.txt" 2>&1
     log "exit $?"
-    if [ "$part" = conditional ]; then
-      log "probe"
-      "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -O2 -std=c++17 -arch=sm_90 benchmarks/graph_conditional_probe.cu -o "$work/probe" \
-        && timeout 60 "$work/probe" > "$results/probe.txt" 2>&1
-      log "exit $?"
-      attention_runs rocketkv:8192:1:16384 rocketkv:32768:1:16384 rocketkv:131072:3:16384 rocketkv:8192:1:0 \
-        rocketkv:131072:3:0
-    fi
     ;;
   page16)
     # ~4 min: the exact default's decode attention with 16-token pages (summaries 1/17 of a block
@@ -208,14 +195,13 @@ case "$part" in
     ;;
   dense_sweep)
     # ~3 min: the split kernel over every kept token (rocketkv's dense default) at 6 shapes, 32
-    # launch settings each (8 Triton compiles), against FA3 over as many tokens and flash_decode
-    # (FA3 over the kept tokens merged with the split kernel over the decoded ones)
+    # launch settings each (8 Triton compiles), against FA3 over as many tokens
     log "dense attention sweep"
     timeout 400 python benchmarks/sweep_dense_attention.py > "$results/dense_sweep.json" 2> "$results/dense_sweep.txt"
     log "exit $?"
     ;;
   *)
-    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|gpu_tests|conditional|page16|mt_dense|dense_sweep|serve128k_rate)" >&2
+    echo "unknown part $part (serve|serve2k|capacity128k|offline|long|serve128k|bigbatch|eager|dense_attn|decode|gpu_tests|page16|mt_dense|dense_sweep|serve128k_rate)" >&2
     exit 2
     ;;
 esac

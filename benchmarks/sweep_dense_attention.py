@@ -12,8 +12,6 @@ replays of enough layers that their caches exceed L2:
 - every combination of --split-factors (x the default split count, at most 128), --tokens,
   --warps and --stages,
 - FA3 (vLLM's flash_attn_varlen_func, the stock decode kernel) over the same number of tokens,
-- flash_decode: FA3 over the kept tokens, the split kernel (default launch) over the decoded
-  ones, merged in its reduce (rocketkv.flash_decode),
 
 as microseconds per layer (median and range of --repeats) and the bandwidth that implies over
 the K/V bytes read. JSON on stdout.
@@ -36,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_eager_host import captured, timed  # noqa: E402
 
-from rocketkv_vllm.kernels import flash_decode, flash_prefill, triton_attention  # noqa: E402
+from rocketkv_vllm.kernels import triton_attention  # noqa: E402
 from rocketkv_vllm.kernels.triton_common import num_sms  # noqa: E402
 from rocketkv_vllm.kv_layout import KVLayout  # noqa: E402
 from rocketkv_vllm.ops.reference import EVERY_PAGE  # noqa: E402
@@ -90,25 +88,6 @@ class Rows:
                 self.query, kv, self.layout, self.table, self.index, self.count, self.seq, self.keep, self.gap,
                 HEAD_DIM ** -0.5, out=self.out, top_pages=self.top_pages, **launch)
 
-    def flash_decode(self):
-        """rocketkv.flash_decode's path: FlashAttention over [0, kept), the split kernel over the
-        decoded tokens, merged; None without vLLM's FlashAttention."""
-        device = self.query.device
-        if not flash_prefill.available(device, torch.bfloat16, HEAD_DIM):
-            return None
-        rows = flash_decode.KeptPromptRows(self.keep.clone(), torch.arange(self.batch + 1, dtype=torch.int32,
-                                                                             device=device),
-                                           self.table.shape[1] * BLOCK)
-        after_gap = torch.zeros_like(self.keep)
-
-        def run() -> None:
-            for kv in self.kv:
-                part = flash_decode.attend_kept_prompt(self.query, kv, self.layout, self.table, rows, HEAD_DIM ** -0.5)
-                triton_attention.paged_sparse_attention(
-                    self.query, kv, self.layout, self.table, self.index, self.count, self.seq, after_gap, self.gap,
-                    HEAD_DIM ** -0.5, out=self.out, top_pages=self.top_pages, kept_partial=part)
-        return run
-
     def fa3(self):
         """FlashAttention 3 over as many tokens per row (a gap-free row of kept + decoded tokens
         in the same blocks), None without vLLM."""
@@ -153,11 +132,6 @@ def main() -> None:
         fa3 = rows.fa3()
         if fa3 is not None:
             entry["fa3_same_tokens"] = per_layer_us(fa3, rows, args.steps, args.repeats)
-        hybrid = rows.flash_decode()
-        if hybrid is not None:
-            entry["flash_decode"] = per_layer_us(hybrid, rows, args.steps, args.repeats)
-            entry["flash_decode"]["matches_default"] = torch.allclose(rows.out.float(), reference.float(), rtol=2e-2,
-                                                                      atol=2e-2)
         variants = []
         for factor, tokens, warps, stages in itertools.product(args.split_factors, args.tokens, args.warps, args.stages):
             splits = min(128, max(1, round(default_splits * factor)))
@@ -173,7 +147,7 @@ def main() -> None:
         entry["best"] = min(timed, key=lambda v: v["us_median"]) if timed else None
         entry["variants"] = variants
         report["shapes"].append(entry)
-        print(json.dumps({k: entry[k] for k in ("kept", "batch", "default", "best", "flash_decode") if k in entry}
+        print(json.dumps({k: entry[k] for k in ("kept", "batch", "default", "best") if k in entry}
                          | {"fa3": entry.get("fa3_same_tokens")}), file=sys.stderr, flush=True)
         del rows
         torch.cuda.empty_cache()

@@ -1,5 +1,4 @@
-// Python module rocketkv_vllm._C (with the CUDA graph capture helpers of graph_if.cu) and the
-// torch ops torch.ops.rocketkv.write_kv and torch.ops.rocketkv.hsa_topk.
+// Python module rocketkv_vllm._C and the torch ops torch.ops.rocketkv.write_kv and torch.ops.rocketkv.hsa_topk.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -10,11 +9,6 @@ void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at:
                    at::Tensor gap_ends, at::Tensor top_pages, int64_t page_size, at::Tensor index, at::Tensor count,
                    at::Tensor keys, at::Tensor cand_key, at::Tensor cand_page, at::Tensor ticket, int64_t chunk,
                    const std::optional<at::Tensor>& newest, bool pdl);
-
-bool capture_if_supported();
-void capture_if_prepare_cuda(int64_t device);
-void capture_if_begin_cuda(at::Tensor values, int64_t sentinel);
-void capture_if_end_cuda();
 
 TORCH_LIBRARY(rocketkv, m) {
   m.def(
@@ -36,12 +30,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv_cuda, "KV store fused with the page max/min update (CUDA)", pybind11::arg("kv_cache"),
         pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("slot_mapping"), pybind11::arg("block_size"),
         pybind11::arg("page_size"), pybind11::arg("summary_group"));
-  m.def("capture_if_supported", &capture_if_supported, "whether this build has CUDA graph conditional nodes (CUDA 12.4+)");
-  m.def("capture_if_prepare", &capture_if_prepare_cuda, "makes capture_if_begin's side stream for a device now",
-        pybind11::arg("device"));
-  m.def("capture_if_begin", &capture_if_begin_cuda,
-        "inside a CUDA graph capture: the work launched until capture_if_end runs at replay only when some "
-        "values[i] != sentinel (an IF node)",
-        pybind11::arg("values"), pybind11::arg("sentinel"));
-  m.def("capture_if_end", &capture_if_end_cuda, "closes capture_if_begin's conditional body");
 }

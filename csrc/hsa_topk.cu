@@ -360,7 +360,7 @@ void hsa_topk_cuda(at::Tensor logits, at::Tensor stats, at::Tensor seq_lens, at:
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
   // programmatic dependent launch (pdl): the launch and the per-request prologue overlap the end
   // of the logits kernel (the kernel waits, griddepcontrol.wait, before reading its outputs; a
-  // no-op without it). Off where the caller plans without it (a CUDA conditional node's body).
+  // no-op without it). Off where the caller plans without it (SelectionPlan.pdl).
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(batch), static_cast<unsigned>(hkv), static_cast<unsigned>(parts));
   config.blockDim = dim3(kThreads);

@@ -89,15 +89,6 @@ class RocketKVConfig:
                   decodes, uncaptured batch sizes, --enforce-eager) replay each layer's decode
                   attention as a CUDA graph captured per padded row count (kernels/layer_graphs.py);
                   False launches its kernels from Python.
-    conditional_selection: inside vLLM's full CUDA graphs, each layer's page selection is the body
-                  of a CUDA conditional node (csrc/graph_if.cu) that a replay runs only when some
-                  row of the step selects pages, instead of three launches that exit at once in
-                  steps of dense rows only (~2 us each, a layer; CUDA 12.4+ with the extension
-                  built). Off by default until timed on the GPU (benchmarks/graph_conditional_probe.cu).
-    flash_decode: dense decode rows attend the prompt tokens stage 1 kept with vLLM's FlashAttention
-                  (2 or 3, as prefill) and only their decoded tokens with RocketKV's split kernel,
-                  merged in its reduce (kernels/flash_decode.py). Off by default until timed on the
-                  GPU (benchmarks/sweep_dense_attention.py).
     """
 
     budget: int = 2048
@@ -112,8 +103,6 @@ class RocketKVConfig:
     summary_group: int | None = None
     dense_below: int | None = None
     decode_graphs: bool = True
-    conditional_selection: bool = False
-    flash_decode: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _mode_field("rocketkv.mode", self.mode))
@@ -127,7 +116,7 @@ class RocketKVConfig:
         for name in ("top_channels", "top_k"):
             if getattr(self, name) is not None:
                 _int_field(f"rocketkv.{name}", getattr(self, name), 1)
-        for name in ("attend_newest_page", "decode_graphs", "conditional_selection", "flash_decode"):
+        for name in ("attend_newest_page", "decode_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rocketkv.{name} must be true or false, got {getattr(self, name)!r}")
         if self.pool_kernel % 2 == 0:

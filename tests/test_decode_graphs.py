@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from rocketkv_vllm.config import RocketKVConfig
-from rocketkv_vllm.kernels import cuda_ops, get_ops
 from rocketkv_vllm.kernels import layer_graphs
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs, padded_rows
 from rocketkv_vllm.ops import reference as R
@@ -23,7 +22,6 @@ from rocketkv_vllm.plan import plan_for_params
 from rocketkv_vllm.ops.reference import EVERY_PAGE
 from rocketkv_vllm.vllm_glue.backend import RocketKVMetadataBuilder
 from rocketkv_vllm.vllm_glue.batch_context import rows_of_batch
-from rocketkv_vllm.vllm_glue import impl as impl_module
 from rocketkv_vllm.vllm_glue.impl import RocketKVImpl
 from rocketkv_vllm.vllm_glue.request_plans import attach_plan
 from rocketkv_vllm.vllm_glue.tp_groups import selection_queries  # noqa: F401  (the impl's own-queries default)
@@ -166,7 +164,7 @@ def make_impl(builder, graphs) -> RocketKVImpl:
     impl.config, impl.layout, impl._ops, impl._graphs = CONFIG, builder.layout, None, graphs
     impl._graphs_builder_id = builder._builder_id
     impl.selection_queries = lambda q: q
-    impl._conditional_selection, impl._may_select = False, CONFIG.selects_pages()
+    impl._may_select = CONFIG.selects_pages()
     return impl
 
 
@@ -284,82 +282,11 @@ def test_full_graphs_of_a_server_without_selecting_requests_launch_no_selection(
     assert selecting._launches_selection(True, capturing_full_graph=False)
 
 
-def test_conditional_selection_falls_back_where_unsupported(monkeypatch):
-    """Without conditional-node support (no extension, CUDA < 12.4) a full-graph capture launches
-    the selection as before, once warned; outside a full-graph capture nothing is wrapped."""
-    monkeypatch.setattr(cuda_ops, "conditional_capture_supported", lambda: False)
-    warnings = []
-    monkeypatch.setattr(impl_module.logger, "warning", lambda message, *args: warnings.append(message % args))
-    impl = make_impl(make_builder(), None)
-    impl._conditional_selection = True
-    assert impl._conditional(False) is False and not warnings
-    assert impl._conditional(True) is False
-    assert impl._conditional_selection is False and len(warnings) == 1 and "12.4" in warnings[0]
-
-
-def test_run_if_any_closes_its_body_and_keeps_the_first_error(monkeypatch):
-    """The body is closed after it ran and after it failed; if closing then fails too (an invalidated
-    capture), the body's own error is the one raised."""
-    calls = []
-
-    class FakeExtension:
-        fail_end = False
-
-        def capture_if_begin(self, values, sentinel):
-            calls.append(("begin", sentinel))
-
-        def capture_if_end(self):
-            calls.append("end")
-            if self.fail_end:
-                raise RuntimeError("capture invalidated")
-
-    fake = FakeExtension()
-    monkeypatch.setattr(cuda_ops, "_C", fake)
-    with cuda_ops.run_if_any(torch.zeros(2, dtype=torch.int32), -1):
-        calls.append("body")
-    assert calls == [("begin", -1), "body", "end"]
-    fake.fail_end = True
-    with pytest.raises(ValueError, match="in the body"):
-        with cuda_ops.run_if_any(torch.zeros(2, dtype=torch.int32), -1):
-            raise ValueError("in the body")
-    assert calls[-1] == "end"
-
-
-CONDITIONAL = CUDA and cuda_ops.conditional_capture_supported()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not CONDITIONAL, reason="needs the CUDA C++ extension with CUDA 12.4+")
-def test_run_if_any_runs_its_body_only_when_some_value_differs():
-    values = torch.full((5,), -1, dtype=torch.int32, device=DEV)
-    x, y = torch.zeros(4, device=DEV), torch.zeros(4, device=DEV)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        x.add_(1)
-        with cuda_ops.run_if_any(values, -1):
-            y.add_(1)
-            y.mul_(2)
-        x.add_(y)
-    graph.replay()
-    assert x.tolist() == [1.0] * 4 and y.tolist() == [0.0] * 4
-    values[3] = 7
-    graph.replay()
-    assert y.tolist() == [2.0] * 4 and x.tolist() == [4.0] * 4  # the body ran before what followed it
-    values[3] = -1
-    graph.replay()
-    assert y.tolist() == [2.0] * 4 and x.tolist() == [7.0] * 4
-    assert not torch.cuda.is_current_stream_capturing()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("conditional", [False, True])
-def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not(conditional):
+def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not():
     """vLLM's capture of a full graph, as the impl sees it (forward while the stream captures):
     replayed for steps whose rows select pages and steps whose rows do not, it gives the direct
-    launch's output; with conditional_selection the selection of a step without selecting rows
-    does not run (its scratch is left as it was)."""
-    if conditional and not CONDITIONAL:
-        pytest.skip("needs the CUDA C++ extension with CUDA 12.4+")
+    launch's output (the selection runs in every replay: its scratch is written)."""
     torch.manual_seed(11)
     builder = make_builder()
     seq_lens = [301, 201, 121]
@@ -375,7 +302,6 @@ def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not(conditional)
             return builder.build(0, cm)
 
     captured = make_impl(builder, None)
-    captured._conditional_selection = conditional
     direct = make_impl(builder, None)
     query = torch.randn(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
     out = torch.empty(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
@@ -399,8 +325,7 @@ def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not(conditional)
         expected = torch.empty_like(out)
         direct.forward(None, query, None, None, kv, meta, expected)
         torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
-        skipped = conditional and name == "dense"
-        assert bool(temp[0].isnan().all()) == skipped, name
+        assert not bool(temp[0].isnan().all()), name
 
 
 @pytest.mark.gpu

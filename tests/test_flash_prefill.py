@@ -126,7 +126,7 @@ def test_forward_over_gapped_and_gap_free_prefill_rows_equals_the_reference(monk
     from rocketkv_vllm.ops import reference as R
     from rocketkv_vllm.vllm_glue.batch_context import rows_of_batch
     from test_decode_graphs import common, filled_cache
-    from test_flash_decode import DEV, DTYPE, HEAD_DIM, HEADS, KV_HEADS, make_builder, make_impl, request
+    from impl_rows import DEV, DTYPE, HEAD_DIM, HEADS, KV_HEADS, make_builder, make_impl, request
 
     if device != DEV.type:
         pytest.skip(f"runs on {device} only")

@@ -48,12 +48,7 @@ KERNELS = {
                           "m_ptr": "*fp32", "l_ptr": "*fp32", "scale": "fp32"}, dict(BS=16, PS=4, G_P=16, BLOCK_D=128, TOK=64, LOWP=True, HAS_K=True,
                           EVERY=triton_hsa.EVERY_PAGE, MIN_ITERS=triton_attention.MIN_ITERS_PER_SPLIT), 4),
     "sparse_attn_reduce": (triton_attention._sparse_attn_reduce_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
-                           "out_ptr": "*bf16", "ext_out_ptr": "*bf16", "ext_lse_ptr": "*fp32"},
-                           dict(G_P=16, BLOCK_D=128, SPLIT_CHUNK=32, HAS_EXTRA=False), 4),
-    # merging FlashAttention's part over the kept prompt (flash_decode)
-    "sparse_attn_reduce_kept": (triton_attention._sparse_attn_reduce_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32",
-                                "l_ptr": "*fp32", "out_ptr": "*bf16", "ext_out_ptr": "*bf16", "ext_lse_ptr": "*fp32"},
-                                dict(G_P=16, BLOCK_D=128, SPLIT_CHUNK=32, HAS_EXTRA=True), 4),
+                           "out_ptr": "*bf16"}, dict(G_P=16, BLOCK_D=128, SPLIT_CHUNK=32), 4),
     "snapkv_window_stats": (triton_snapkv._window_stats_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "m_ptr": "*fp32",
                             "l_ptr": "*fp32", "scale": "fp32"}, dict(BW=32, BL=64, BLOCK_D=128, LOWP=True), 4),
     "snapkv_window_accum": (triton_snapkv._window_accum_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "m_ptr": "*fp32",
@@ -67,7 +62,7 @@ KERNELS = {
 }
 # what triton's launcher specialises at these shapes: 16-byte aligned pointers, and strides
 # and head_dim that are multiples of 16 (this is what lets loads vectorise)
-DIVISIBLE_BY_16 = {"s_cb", "s_ch", "s_cr", "s_qb", "s_qh", "s_ob", "s_oh", "s_eb", "s_eh", "s_kt", "s_kh", "s_vt", "s_vh", "s_qw", "s_kl", "D"}
+DIVISIBLE_BY_16 = {"s_cb", "s_ch", "s_cr", "s_qb", "s_qh", "s_ob", "s_oh", "s_kt", "s_kh", "s_vt", "s_vh", "s_qw", "s_kl", "D"}
 ptxas = get_ptxas(90).path
 report = {}
 for name, (fn, types, constexprs, warps) in KERNELS.items():

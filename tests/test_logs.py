@@ -32,8 +32,8 @@ def test_settings_line_names_every_effective_setting():
     assert "summaries whole rows" in logs.settings_line(RocketKVConfig(), 16, "Triton", flash_prefill=None)
     assert "groups of 8 channels" in logs.settings_line(RocketKVConfig(summary_group=8), 16, "x", flash_prefill=None)
     assert logs.settings_line(RocketKVConfig(), 16, "x", flash_prefill=None).endswith("dense prefill torch reference")
-    assert logs.settings_line(RocketKVConfig(flash_decode=True, conditional_selection=True), 16, "x", 3).endswith(
-        "dense prefill FlashAttention 3, on (not yet timed on a GPU): conditional_selection, flash_decode")
+    assert logs.settings_line(RocketKVConfig(), 16, "x", 3).endswith("dense prefill FlashAttention 3")
+    assert "every request decodes exactly (16-token pages)" in logs.settings_line(RocketKVConfig(), 16, "x", 3)
 
 
 @pytest.mark.parametrize("backend,device,name", [

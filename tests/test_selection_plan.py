@@ -91,7 +91,7 @@ def test_layers_take_the_workspace_in_memory_profiling_and_the_builder_plans_ove
         impl = object.__new__(RocketKVImpl)  # (no vLLM config needed past __init__)
         impl.num_heads, impl.head_size, impl.num_kv_heads, impl.layout, impl._ops = heads, head_dim, kv_heads, layout, ops
         impl._selection_heads, impl._decode_bounds, impl._workspace = heads, (rows, width), None
-        impl._conditional_selection, impl._may_select = False, True
+        impl._may_select = True
         return impl
 
     layers = [layer(), layer()]

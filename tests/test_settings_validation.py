@@ -105,7 +105,7 @@ def test_extra_args_must_be_a_mapping(extra_args):
 SERVER_INTS = {"budget": (1, False), "output_tokens": (1, False), "window": (1, False), "pool_kernel": (1, False),
                "page_size": (1, True), "top_channels": (1, True), "top_k": (1, True), "summary_group": (0, True),
                "dense_below": (0, True)}
-SERVER_BOOLS = ("attend_newest_page", "decode_graphs", "conditional_selection", "flash_decode")
+SERVER_BOOLS = ("attend_newest_page", "decode_graphs")
 
 
 def _server(**section) -> RocketKVConfig:

@@ -1,17 +1,15 @@
 """CUDA C++ kernels (rocketkv_vllm._C, built by setup.py from csrc/) with Python wrappers.
 
-write_kv (fused KV store + page max/min update), the HSA top-k (page selection from the
-logits kernel's page logits), and conditional work inside CUDA graph captures (`run_if_any`).
+write_kv (fused KV store + page max/min update) and the HSA top-k (page selection from the
+logits kernel's page logits).
 The extension is optional: `available()` is False when it is not built, there is no GPU, or it
 holds no kernel image for the GPU (built for other architectures, cuda_archs): the Triton
 kernels run instead.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Iterator
 
 import torch
 
@@ -104,27 +102,3 @@ def top_pages_from_logits(
     torch.ops.rocketkv.hsa_topk(logits, stats, seq, keep, gap_end, top_pages, page_size, index, count, keys, cand_key,
                                 cand_page, ticket, chunk, newest_page, pdl)
 
-
-def conditional_capture_supported() -> bool:
-    """Whether `run_if_any` can capture conditional nodes (the extension built with CUDA 12.4+)."""
-    return available() and _C.capture_if_supported()
-
-
-@contextlib.contextmanager
-def run_if_any(values: torch.Tensor, sentinel: int) -> Iterator[None]:
-    """Inside a CUDA graph capture: the kernels launched in the block become the body of a
-    conditional node that each replay runs only when some values[i] != sentinel (values: a
-    fixed-address int32 [n] CUDA tensor, read at replay; csrc/graph_if.cu)."""
-    _C.capture_if_begin(values, sentinel)
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(RuntimeError):  # (ending an invalidated capture fails too: the first error is the one to see)
-            _C.capture_if_end()
-        raise
-    _C.capture_if_end()
-
-
-def prepare_conditional_capture(device: torch.device) -> None:
-    """Make the side stream that `run_if_any` captures bodies on now, outside any capture."""
-    _C.capture_if_prepare(device.index if device.index is not None else torch.cuda.current_device())

@@ -35,12 +35,13 @@ from rocketkv_vllm.ops.reference import EVERY_PAGE
 
 REDUCE_SPLIT_CHUNK = 32  # splits the reduce kernel combines per step, with independent loads
 # Split count: ATTN_PROGRAMS_PER_SM programs an SM, at most ATTN_MAX_SPLITS per (request, KV
-# head) (H100: a 2K budget is best at 17 splits at B=1 and 9 at B=8; H200, 12.5K kept tokens at
-# B=3: 16 splits 1.94 ms, 22 splits 2.31 ms), unless that leaves SMs without a program (B=1
-# with 8 KV heads): then up to ATTN_MAX_SPLITS_FEW_ROWS (H200, 12.5K kept tokens at B=1: 16
-# splits 1.50 ms, 64 splits 0.93 ms). Each split takes at least MIN_ITERS_PER_SPLIT chunks,
-# so a 2K budget at B=1 still uses ~17 and the rest exit at once.
-ATTN_PROGRAMS_PER_SM, ATTN_MAX_SPLITS, ATTN_MAX_SPLITS_FEW_ROWS, MIN_ITERS_PER_SPLIT = 4, 16, 64, 2
+# head) (H200, 12.5K kept tokens at B=3: 16 splits 1.94 ms, 22 splits 2.31 ms; H100, dense rows
+# of 9.4K and 16K kept tokens at B=8: 18 splits 8-10% faster than 9, benchmarks/results/h100_s20/
+# dense_sweep.json), unless that leaves SMs without a program (B=1 with 8 KV heads): then up to
+# ATTN_MAX_SPLITS_FEW_ROWS (H200, 12.5K kept tokens at B=1: 16 splits 1.50 ms, 64 splits 0.93
+# ms). Each split takes at least MIN_ITERS_PER_SPLIT chunks, so HSA's ~1K chosen tokens at a 2K
+# budget use at most 8 splits whatever the count, the rest exiting at once.
+ATTN_PROGRAMS_PER_SM, ATTN_MAX_SPLITS, ATTN_MAX_SPLITS_FEW_ROWS, MIN_ITERS_PER_SPLIT = 8, 16, 64, 2
 
 
 @triton.jit
@@ -143,10 +144,10 @@ def _sparse_attn_split_kernel(
 
 @triton.jit
 def _sparse_attn_reduce_kernel(
-    acc_ptr, m_ptr, l_ptr, out_ptr, ext_out_ptr, ext_lse_ptr,
-    s_ob, s_oh, s_eb, s_eh, s_lh, s_lb,
+    acc_ptr, m_ptr, l_ptr, out_ptr,
+    s_ob, s_oh,
     G, D, NSPLIT,
-    G_P: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_CHUNK: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
     # one program per query head; its splits are combined SPLIT_CHUNK at a time with
     # independent loads (a split-by-split loop is a chain of dependent loads: 13 us at
@@ -175,17 +176,6 @@ def _sparse_attn_reduce_kernel(
         l = l * alpha + tl.sum(ls * beta, axis=0)
         acc = acc * alpha + tl.sum(a * beta[:, None], axis=0)
         m = m_new
-    if HAS_EXTRA:  # one more part, normalized with its log-sum-exp (FlashAttention's over the kept prompt)
-        lse = tl.load(ext_lse_ptr + qh * s_lh + b * s_lb)
-        lse = tl.where(tl.abs(lse) < float("inf"), lse, float("-inf"))  # empty rows: +inf, -inf or NaN
-        o = tl.load(ext_out_ptr + b * s_eb + qh * s_eh + d, mask=dm, other=0.0).to(tl.float32)
-        o = tl.where(lse > float("-inf"), o, 0.0)  # (an empty row's output may be anything)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        beta = tl.exp(lse - m_safe)
-        l = l * alpha + beta
-        acc = acc * alpha + o * beta
     out = tl.where(l > 0, acc / tl.where(l > 0, l, 1.0), 0.0)
     tl.store(out_ptr + b * s_ob + qh * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=dm)
 
@@ -212,17 +202,13 @@ def paged_sparse_attention(
     tokens_per_iter: int | None = None,
     out: torch.Tensor | None = None,
     top_pages: torch.Tensor | None = None,
-    kept_partial: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Exact attention over the live tokens of the chosen pages page_index[b, h, :page_count[b, h]]
     (-1 entries are skipped), or of every live page for rows whose top_pages (the [B] budgets
     given to hsa_select_pages) is EVERY_PAGE: [B, Hq, D] in query's dtype, written into `out`
-    when given. kept_partial (out [B, Hq, D], lse [Hq, B], natural log, +-inf or NaN for rows
-    without one): attention computed elsewhere over other tokens of each row (FlashAttention over
-    the kept prompt, kernels/flash_decode.py), merged in as one more split. num_splits,
-    tokens_per_iter, num_warps, num_stages: the split kernel's launch
+    when given. num_splits, tokens_per_iter, num_warps, num_stages: the split kernel's launch
     (benchmarks/sweep_dense_attention.py tunes them)."""
     check_cache(kv_cache, layout)
     group = check_group(query, kv_cache)
@@ -265,17 +251,8 @@ def paged_sparse_attention(
         HAS_K=top_pages is not None, EVERY=EVERY_PAGE, MIN_ITERS=MIN_ITERS_PER_SPLIT,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if kept_partial is not None:
-        ext_out, ext_lse = kept_partial
-        if ext_out.shape != query.shape or ext_out.stride(-1) != 1 or ext_lse.shape != (num_q_heads, batch):
-            raise ValueError(f"kept_partial must be out {tuple(query.shape)} (contiguous in head_dim) and lse "
-                             f"{(num_q_heads, batch)}, got {tuple(ext_out.shape)} and {tuple(ext_lse.shape)}")
-    else:
-        ext_out, ext_lse = out, m  # (unread)
     _sparse_attn_reduce_kernel[(batch, num_q_heads)](
-        acc, m, l, out, ext_out, ext_lse, out.stride(0), out.stride(1), ext_out.stride(0), ext_out.stride(1),
-        ext_lse.stride(0), ext_lse.stride(1), group, head_dim, num_splits,
-        G_P=g_p, BLOCK_D=block_d, SPLIT_CHUNK=min(REDUCE_SPLIT_CHUNK, np2(num_splits)), HAS_EXTRA=kept_partial is not None,
-        num_warps=4,
+        acc, m, l, out, out.stride(0), out.stride(1), group, head_dim, num_splits,
+        G_P=g_p, BLOCK_D=block_d, SPLIT_CHUNK=min(REDUCE_SPLIT_CHUNK, np2(num_splits)), num_warps=4,
     )
     return out

@@ -31,7 +31,6 @@ from vllm.v1.utils import CpuGpuBuffer
 
 from rocketkv_vllm.config import RocketKVConfig
 from rocketkv_vllm.kernels import flash_prefill, get_ops
-from rocketkv_vllm.kernels.flash_decode import KeptPromptRows
 from rocketkv_vllm.kernels.layer_graphs import padded_rows
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops.newest_page import NewestPages
@@ -40,7 +39,7 @@ from rocketkv_vllm.vllm_glue.batch_context import current_batch
 from rocketkv_vllm.vllm_glue.request_plans import (
     EVICTS, KEEP, NUM_COLUMNS, ORACLE_TOKENS, PROMPT_LEN, SPARSE, TOP_CHANNELS, TOP_PAGES, PlanTable,
 )
-from rocketkv_vllm.vllm_glue.logs import log_settings, warn_flash_decode_needs_fa3
+from rocketkv_vllm.vllm_glue.logs import log_settings
 from rocketkv_vllm.vllm_glue.tp_groups import gathers_queries, selection_num_heads
 
 
@@ -153,10 +152,6 @@ class DecodeBatch:
     # some row chooses pages (top_pages below EVERY_PAGE); when none does, steps outside vLLM's
     # full graphs launch no page selection (a full graph, captured for any rows, always does)
     selects: bool = True
-    # config.flash_decode, where some row is dense: dense rows' kept prompts through FlashAttention
-    # (keep and gap_end above then hold, for those rows, what the split kernel attends: the tokens
-    # past the gap); a full graph, captured over dense rows, always runs it
-    kept_prompt: KeptPromptRows | None = None
 
 
 @dataclass
@@ -320,18 +315,8 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         self.plans = PlanTable(config, self.head_dim, self.block_size)
         self.flash_prefill = flash_prefill.available(device, kv_cache_spec.dtype, kv_cache_spec.head_size)
         # keep, gap_end, top_channels, top_pages of each decode row, its newest page
-        # (scored seq_len, page), its seq_len and its kept prompt for FlashAttention (flash_decode);
-        # persistent for CUDA graphs
-        self._columns = CpuGpuBuffer(8, max_rows, dtype=torch.int32, device=device)
-        # dense decode rows' kept prompts through FlashAttention 3 (config.flash_decode,
-        # kernels/flash_decode.py; FA2 writes an empty row's lse where another row's goes when it runs
-        # one split, so its rows could lose their part)
-        self._flash_cu_q = None
-        if config.flash_decode and self._planner_cls is not None:
-            if flash_prefill.version(device, kv_cache_spec.dtype, kv_cache_spec.head_size) == 3:
-                self._flash_cu_q = torch.arange(max_rows + 1, dtype=torch.int32, device=device)
-            else:
-                warn_flash_decode_needs_fa3()
+        # (scored seq_len, page) and its seq_len; persistent for CUDA graphs
+        self._columns = CpuGpuBuffer(7, max_rows, dtype=torch.int32, device=device)
         # the decode rows' block-table rows and query/output buffers of the per-layer graphs
         self._graph_tables: dict[int, torch.Tensor] = {}
         self._graph_io: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -419,21 +404,12 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         host = self._columns.np
         host[:4, :count] = kinds.columns[:, rows]
         host[6, :count] = seq_lens[rows]
-        host[:, count : max(num_rows, graph_rows)] = ((0,), (0,), (self.head_dim,), (EVERY_PAGE,), (0,), (-1,), (0,), (0,))
-        if self._flash_cu_q is not None:  # dense rows: [0, keep) to FlashAttention, [max(gap, keep), seq) to the split kernel
-            keep, gap = host[0, :count].copy(), host[1, :count].copy()
-            dense = host[3, :count] == EVERY_PAGE
-            # (a one-token chunk inside a prompt is a decode row too: its keep, the prompt, is past seq_len)
-            host[7, :count] = np.where(dense, np.minimum(keep, seq_lens[rows]), 0)
-            host[0, :count] = np.where(dense, 0, keep)
-            host[1, :count] = np.where(dense, np.maximum(gap, keep), gap)
+        host[:, count : max(num_rows, graph_rows)] = ((0,), (0,), (self.head_dim,), (EVERY_PAGE,), (0,), (-1,), (0,))
         if self.config.attend_newest_page:  # (NewestPages.of, from the host's seq_lens)
             last = np.maximum(seq_lens[rows] - 1, 0) // self.layout.page_size
             host[4, :count], host[5, :count] = last * self.layout.page_size, np.where(seq_lens[rows] > 0, last, -1)
         # (the reference path always selects: without listed rows its selection returns at once)
         selects = self._planner_cls is None or bool((kinds.columns[3, rows] != EVERY_PAGE).any())
-        # (a step of selecting rows only launches no FlashAttention part outside full graphs)
-        flash = self._flash_cu_q is not None and bool((kinds.columns[3, rows] == EVERY_PAGE).any())
         all_cols = self._columns.copy_to_gpu()
         cols = all_cols[:, :num_rows]
         if contiguous:
@@ -447,15 +423,11 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
             block_table, seq_lens_rows = cm.block_table_tensor[index], cm.seq_lens[index]
         width = cm.block_table_tensor.shape[1]
         decode = DecodeBatch(token_index, num_rows, block_table, seq_lens_rows, *cols[:4],
-                             self._plan(width, num_rows), self._newest(cols), selects=selects,
-                             kept_prompt=self._kept_prompt(cols, num_rows, width) if flash else None)
+                             self._plan(width, num_rows), self._newest(cols), selects=selects)
         if graph_rows:
             decode.graph = self._graph_rows(cm.block_table_tensor, index, count, graph_rows, all_cols[:, :graph_rows],
-                                            selects, flash)
+                                            selects)
         return decode
-
-    def _kept_prompt(self, cols: torch.Tensor, num_rows: int, width: int) -> KeptPromptRows:
-        return KeptPromptRows(cols[7], self._flash_cu_q[: num_rows + 1], width * self.block_size)
 
     def _newest(self, cols: torch.Tensor) -> NewestPages | None:
         return NewestPages(cols[4], cols[5]) if self.config.attend_newest_page else None
@@ -464,7 +436,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         return self._planner(width)(rows) if self._planner_cls is not None else None
 
     def _graph_rows(self, block_table: torch.Tensor, index: torch.Tensor | None, count: int, graph_rows: int,
-                    cols: torch.Tensor, selects: bool, flash: bool) -> GraphRows:
+                    cols: torch.Tensor, selects: bool) -> GraphRows:
         """The decode rows as GraphRows: their block-table rows copied into a persistent table
         (one device copy a step), the rest of it unread (seq_len 0)."""
         width = block_table.shape[1]
@@ -477,8 +449,7 @@ class RocketKVMetadataBuilder(AttentionMetadataBuilder[RocketKVMetadata]):
         else:
             torch.index_select(block_table, 0, index, out=table[:count])
         batch = DecodeBatch(None, graph_rows, table[:graph_rows], cols[6], *cols[:4], self._plan(width, graph_rows),
-                            self._newest(cols), selects=selects,
-                            kept_prompt=self._kept_prompt(cols, graph_rows, width) if flash else None)
+                            self._newest(cols), selects=selects)
         query, output = self._graph_io
         return GraphRows(batch, query[:graph_rows], output[:graph_rows], self._builder_id)
 

@@ -1,8 +1,6 @@
 """RocketKV attention forward pass: store KV + summaries, exact prefill, SnapKV++ compaction, HSA decode."""
 from __future__ import annotations
 
-import contextlib
-from dataclasses import replace
 
 import torch
 from vllm.config import get_current_vllm_config
@@ -10,13 +8,11 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionTy
 
 from rocketkv_vllm.algorithms import snapkv_select
 from rocketkv_vllm.config import RocketKVConfig
-from rocketkv_vllm.kernels import cuda_ops, flash_decode, flash_prefill, get_ops
+from rocketkv_vllm.kernels import flash_prefill, get_ops
 from rocketkv_vllm.kv_layout import KVLayout
 from rocketkv_vllm.ops import reference
 from rocketkv_vllm.kernels.layer_graphs import LayerGraphs
-from rocketkv_vllm.ops.reference import EVERY_PAGE
 from rocketkv_vllm.vllm_glue.backend import DecodeBatch, GraphRows, RocketKVMetadata, decode_bounds, selection_shape
-from rocketkv_vllm.vllm_glue.logs import logger
 from rocketkv_vllm.vllm_glue.tp_groups import gathers_queries, selection_num_heads, selection_queries
 
 
@@ -66,15 +62,6 @@ class RocketKVImpl(AttentionImpl):
         gathers = gathers_queries(self.num_heads, vllm_config)
         self._graphs = LayerGraphs() if self.config.decode_graphs and not gathers else None
         self._graphs_builder_id = 0  # whose GraphRows the graphs were captured over
-        # vLLM's full graphs run each layer's selection as a conditional node (config.conditional_selection,
-        # support checked on the first capture), except where selecting gathers queries across ranks (a
-        # collective cannot be in a node's body) and with tensor parallelism (NCCL's graph nodes and
-        # conditional nodes do not instantiate together in one graph, NVIDIA/nccl#1986)
-        tensor_parallel = vllm_config.parallel_config.tensor_parallel_size > 1
-        self._conditional_selection = self.config.conditional_selection and not gathers and not tensor_parallel
-        if self.config.conditional_selection and tensor_parallel:
-            logger.warning_once("rocketkv.conditional_selection is off with tensor parallelism (NCCL collectives "
-                                "and conditional nodes in one CUDA graph)")
         # whether any request may select pages: where none may, vLLM's full graphs hold no selection
         self._may_select = self.config.selects_pages()
         # the page selection's workspace, allocated during memory profiling (reserve_selection_workspace)
@@ -95,23 +82,9 @@ class RocketKVImpl(AttentionImpl):
         planner = self.ops(device).selection_planner
         if planner is None or self._workspace is not None:
             return
-        if self._conditional_selection and cuda_ops.conditional_capture_supported():
-            cuda_ops.prepare_conditional_capture(device)  # (before vLLM's captures, not inside one)
         rows, width = self._decode_bounds
         shape = selection_shape(self._selection_heads, self.num_kv_heads, self.head_size, self.layout, width, device)
         self._workspace = planner.workspace_for(shape, rows)
-
-    def _conditional(self, capturing_full_graph: bool) -> bool:
-        """Whether the page selection of this launch goes into a conditional node: inside vLLM's
-        capture of a full graph, with config.conditional_selection, where supported."""
-        if not (capturing_full_graph and self._conditional_selection):
-            return False
-        if not cuda_ops.conditional_capture_supported():
-            logger.warning("rocketkv.conditional_selection needs the CUDA C++ extension built with CUDA 12.4+ and "
-                           "a driver as recent: full CUDA graphs launch the page selection in every step instead")
-            self._conditional_selection = False
-            return False
-        return True
 
     def _launches_selection(self, selects: bool, capturing_full_graph: bool) -> bool:
         """Whether this launch selects pages: when a row of the step does, and inside vLLM's capture
@@ -120,42 +93,32 @@ class RocketKVImpl(AttentionImpl):
         return selects or (capturing_full_graph and self._may_select)
 
     def _decode(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, d: DecodeBatch, out: torch.Tensor | None,
-                select: bool, capturing_full_graph: bool = False) -> torch.Tensor:
+                select: bool) -> torch.Tensor:
         """HSA page selection (the newest page appended), sparse attention: [rows, Hq, D]. Without
         `select` (no row chooses pages) every row attends all its live pages, unselected."""
         newest = d.newest  # (the builder's, from the host's seq_lens: no ops here)
         if select:
-            conditional = self._conditional(capturing_full_graph)
-            # (a node's body holds no programmatic-dependent-launch edges until a GPU shows it may:
-            # benchmarks/graph_conditional_probe.cu)
-            plan = replace(d.selection, pdl=False) if conditional and d.selection is not None else d.selection
-            with cuda_ops.run_if_any(d.top_pages, EVERY_PAGE) if conditional else contextlib.nullcontext():
-                selection = ops.hsa_select_pages(
-                    self.selection_queries(q), kv_cache, self.layout, d.block_table,
-                    newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
-                    newest_page=newest.page if newest else None, plan=plan,
-                )
+            selection = ops.hsa_select_pages(
+                self.selection_queries(q), kv_cache, self.layout, d.block_table,
+                newest.scored_seq_lens if newest else d.seq_lens, d.keep, d.gap_end, d.top_channels, d.top_pages,
+                newest_page=newest.page if newest else None, plan=d.selection,
+            )
         else:
             selection = d.selection.unlisted()
-        merge = {}
-        if d.kept_prompt is not None:  # (dense rows' keep / gap_end then name only their decoded tokens)
-            merge["kept_partial"] = flash_decode.attend_kept_prompt(q, kv_cache, self.layout, d.block_table,
-                                                                    d.kept_prompt, self.scale)
         return ops.paged_sparse_attention(
             q, kv_cache, self.layout, d.block_table, selection.index, selection.count, d.seq_lens, d.keep, d.gap_end,
-            self.scale, out=out, top_pages=d.top_pages, **merge,
+            self.scale, out=out, top_pages=d.top_pages,
         )
 
     def _decode_in_graph(self, ops, q: torch.Tensor, kv_cache: torch.Tensor, rows: GraphRows) -> torch.Tensor:
         """_decode over the padded GraphRows, replayed from this layer's graph of their size
-        (a graph a size for each of: with or without the page selection, with or without
-        FlashAttention's part)."""
+        (a graph a size with and one without the page selection)."""
         if rows.builder_id != self._graphs_builder_id:  # a new builder: the earlier graphs' buffers are gone
             self._graphs, self._graphs_builder_id = type(self._graphs)(), rows.builder_id
         n = q.shape[0]
         rows.query[:n].copy_(q)
         select = rows.batch.selects
-        key = (rows.batch.num_rows, select, rows.batch.kept_prompt is not None, rows.batch.block_table.data_ptr(),
+        key = (rows.batch.num_rows, select, rows.batch.block_table.data_ptr(),
                rows.query.data_ptr(), kv_cache.data_ptr())
         self._graphs.replay(key, lambda: self._decode(ops, rows.query, kv_cache, rows.batch, rows.output, select),
                             kv_cache.device)
@@ -234,7 +197,7 @@ class RocketKVImpl(AttentionImpl):
                 result = self._decode_in_graph(ops, q, kv_cache, d.graph)
             else:
                 result = self._decode(ops, q, kv_cache, d, out[: d.num_rows] if d.token_index is None else None,
-                                      self._launches_selection(d.selects, capturing), capturing_full_graph=capturing)
+                                      self._launches_selection(d.selects, capturing))
             if d.token_index is not None:
                 out[d.token_index] = result
             elif result.data_ptr() != out.data_ptr():

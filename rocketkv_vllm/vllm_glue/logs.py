@@ -44,13 +44,11 @@ def exact_decode(config: RocketKVConfig) -> str:
 
 def settings_line(config: RocketKVConfig, block_size: int, kernels: str, flash_prefill: int | None) -> str:
     """flash_prefill: the FlashAttention version prefill runs, None for the torch path."""
-    experiments = [name for name in ("conditional_selection", "flash_decode") if getattr(config, name)]
     return (
         f"RocketKV: budget {config.budget}, mode {config.mode}, page size {config.page_size}, block size {block_size}, "
         f"summaries {summary_layout(config.layout_summary_group())}, window {config.window}, "
         f"{exact_decode(config)}, "
         f"kernels {kernels}, dense prefill {f'FlashAttention {flash_prefill}' if flash_prefill else 'torch reference'}"
-        + (f", on (not yet timed on a GPU): {', '.join(experiments)}" if experiments else "")
     )
 
 
@@ -70,13 +68,6 @@ def log_settings(config: RocketKVConfig, block_size: int, device: torch.device, 
             "attention runs the torch reference path (slow, memory-hungry at long context)",
             str(dtype).removeprefix("torch."), scope="global",
         )
-
-
-def warn_flash_decode_needs_fa3() -> None:
-    logger.warning_once(
-        "RocketKV: flash_decode needs FlashAttention 3 (Hopper GPUs); dense decode rows run RocketKV's own "
-        "attention kernel here", scope="global",
-    )
 
 
 def warn_cuda_extension_missing(reason: object) -> None:
