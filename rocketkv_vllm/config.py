@@ -68,7 +68,8 @@ class RocketKVConfig:
                   EXACT_SERVER_PAGE (16) on servers whose requests decode exactly (mode rocketkv,
                   snapkv or full, dense_below not set), else SELECTION_PAGE (2). On a server with
                   pages over MAX_SELECTION_PAGE (4) tokens every request decodes exactly (mt ones
-                  too, unless dense_below is set): serve mt with `"mode": "mt"` (2-token pages).
+                  too, unless dense_below is set; quest ones are refused): serve mt with
+                  `"mode": "mt"` (2-token pages).
     top_channels: fixed r (k1) instead of the adaptive one; top_k: fixed tokens (k2) per step.
     attend_newest_page: every decode step attends the page holding its newest tokens
                   (ops/newest_page.py), inside the same budget; False is the paper's HSA.
