@@ -283,10 +283,13 @@ def test_full_graphs_of_a_server_without_selecting_requests_launch_no_selection(
 
 
 @pytest.mark.gpu
-def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not():
+@pytest.mark.parametrize("may_select", [True, False])
+def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not(may_select):
     """vLLM's capture of a full graph, as the impl sees it (forward while the stream captures):
     replayed for steps whose rows select pages and steps whose rows do not, it gives the direct
-    launch's output (the selection runs in every replay: its scratch is written)."""
+    launch's output, the selection running in every replay (its scratch is written); captured
+    where no request may select (the default 16-token pages), it holds no selection (its scratch
+    is left as it was) and such a server's steps hold dense rows only."""
     torch.manual_seed(11)
     builder = make_builder()
     seq_lens = [301, 201, 121]
@@ -294,6 +297,7 @@ def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not():
     seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)  # vLLM's persistent seq_lens
     steps = {"selecting": [request(300, "rocketkv"), request(200, "mt"), request(120, "full")],
              "dense": [request(n - 1, "full") for n in seq_lens]}
+    replayed = ("dense", "selecting", "dense") if may_select else ("dense", "dense")
 
     def build(states):
         cm = common([1, 1, 1], seq_lens, table)
@@ -302,11 +306,12 @@ def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not():
             return builder.build(0, cm)
 
     captured = make_impl(builder, None)
+    captured._may_select = may_select
     direct = make_impl(builder, None)
     query = torch.randn(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
     out = torch.empty(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
-    meta = build(steps["selecting"])
-    assert meta.decode.graph is not None and meta.decode.selects
+    meta = build(steps[replayed[1]])
+    assert meta.decode.graph is not None and meta.decode.selects == may_select
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # (compiles the kernels)
@@ -315,7 +320,7 @@ def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured.forward(None, query, None, None, kv, meta, out)
-    for name in ("dense", "selecting", "dense"):
+    for name in replayed:
         meta = build(steps[name])
         assert meta.decode.selects == (name == "selecting")
         query.copy_(torch.randn_like(query))
@@ -325,46 +330,4 @@ def test_a_full_graph_replays_rows_that_select_and_rows_that_do_not():
         expected = torch.empty_like(out)
         direct.forward(None, query, None, None, kv, meta, expected)
         torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
-        assert not bool(temp[0].isnan().all()), name
-
-
-@pytest.mark.gpu
-def test_a_full_graph_of_a_server_without_selecting_requests_holds_no_selection():
-    """Captured where no request may select (the default 16-token pages), a full graph launches no
-    page selection (its scratch is left as it was) and replays dense steps as the direct launch."""
-    torch.manual_seed(12)
-    builder = make_builder()
-    seq_lens = [301, 201, 121]
-    kv, table = filled_cache(builder.layout, seq_lens)
-    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)  # vLLM's persistent seq_lens
-
-    def build():
-        cm = common([1, 1, 1], seq_lens, table)
-        cm.seq_lens = seq
-        with rows_of_batch([request(n - 1, "full") for n in seq_lens]):
-            return builder.build(0, cm)
-
-    captured, direct = make_impl(builder, None), make_impl(builder, None)
-    captured._may_select = False
-    query = torch.randn(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
-    out = torch.empty(3, HEADS * HEAD_DIM, device=DEV, dtype=DTYPE)
-    meta = build()
-    assert not meta.decode.selects
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # (compiles the kernels)
-        captured.forward(None, query, None, None, kv, meta, out)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured.forward(None, query, None, None, kv, meta, out)
-    for _ in range(2):
-        meta = build()
-        query.copy_(torch.randn_like(query))
-        temp = meta.decode.selection.scratch["temp"]
-        temp.fill_(float("nan"))  # the prep kernel writes it whenever the selection runs
-        graph.replay()
-        expected = torch.empty_like(out)
-        direct.forward(None, query, None, None, kv, meta, expected)
-        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
-        assert bool(temp[0].isnan().all())
+        assert bool(temp[0].isnan().all()) != may_select, name
