@@ -120,4 +120,4 @@ def test_reduced_run_on_smollm2(tmp_path):
     assert {r["task"] for r in json.loads(out.read_text())["rows"]} == {"niah_single", "multi_turn"}
     # the server defaults: rocketkv requests this short read their kept tokens whole, mt ones select pages
     assert result["exact_decode_up_to"] == {"rocketkv": 16384, "mt": 0}
-    assert "up to 16384 tokens, mt ones up to 0" in (tmp_path / "acc.md").read_text()
+    assert "exact decode up to 16384 kept tokens (mt: 0)" in (tmp_path / "acc.md").read_text()

@@ -20,6 +20,7 @@ import time
 from rocketkv_vllm.config import SELECTION_PAGE, RocketKVConfig
 from rocketkv_vllm.eval.runner import build_samples, configs, markdown_table, plot, rows_as_dicts, run, summary
 from rocketkv_vllm.eval.tasks import TASKS
+from rocketkv_vllm.vllm_glue.logs import exact_decode
 
 DEFAULT_BUDGETS = [128, 256, 512, 1024, 2048, 4096]
 
@@ -88,9 +89,8 @@ def write_results(args: argparse.Namespace, engine: dict, rows: list, prediction
     table = markdown_table(rows)
     with open(base + ".md", "w") as f:
         f.write(f"Score (RULER string match, %), average over {', '.join(args.tasks)} at {lengths} tokens, "
-                f"{args.samples} samples each; model {os.path.basename(args.model.rstrip('/'))}; rocketkv requests "
-                f"decode exactly over kept contexts up to {exact_up_to['rocketkv']} tokens, mt ones up to "
-                f"{exact_up_to['mt']} (dense_below; HSA beyond)\n\n{table}\n")
+                f"{args.samples} samples each; model {os.path.basename(args.model.rstrip('/'))}; "
+                f"{exact_decode(settings)}\n\n{table}\n")
     plot(rows, base + ".png", f"{os.path.basename(args.model.rstrip('/'))}: score vs budget")
     return table
 
