@@ -141,7 +141,7 @@ class RocketKVConfig:
         """The longest decode context a `mode` request reads whole (see dense_below)."""
         if self.dense_below is not None:
             return self.dense_below
-        if self.page_size > MAX_SELECTION_PAGE:
+        if not self.selects_pages():
             return MAX_INT
         return DEFAULT_DENSE_BELOW if mode == "rocketkv" else 0
 
