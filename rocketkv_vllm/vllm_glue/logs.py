@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from vllm.logger import init_logger
 
-from rocketkv_vllm.config import MAX_INT, RocketKVConfig
+from rocketkv_vllm.config import RocketKVConfig
 
 logger = init_logger("vllm.rocketkv")  # under vLLM's logger: its handler, format and VLLM_LOGGING_LEVEL
 
@@ -36,10 +36,9 @@ def summary_layout(group: int) -> str:
 
 def exact_decode(config: RocketKVConfig) -> str:
     """Which requests decode exactly over what they keep (dense_below) instead of selecting pages."""
-    limits = {mode: config.dense_below_for(mode) for mode in ("rocketkv", "mt")}
-    if min(limits.values()) == MAX_INT:
+    if not config.selects_pages():
         return f"every request decodes exactly ({config.page_size}-token pages)"
-    return f"exact decode up to {limits['rocketkv']} kept tokens (mt: {limits['mt']})"
+    return f"exact decode up to {config.dense_below_for('rocketkv')} kept tokens (mt: {config.dense_below_for('mt')})"
 
 
 def settings_line(config: RocketKVConfig, block_size: int, kernels: str, flash_prefill: int | None) -> str:
