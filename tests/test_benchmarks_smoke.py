@@ -24,6 +24,7 @@ import bench_capacity  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_eager_host  # noqa: E402
 import bench_serve  # noqa: E402
+import saturation_bound  # noqa: E402
 import serve_steps  # noqa: E402
 import sweep_dense_attention  # noqa: E402
 from bench_util import LLAMA_8B_CONFIG, UNKNOWN_WORD, json_rows, model_dir, percentile, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
@@ -260,6 +261,25 @@ def test_roofline_full_mode_is_dense(llama8b):
     kept = rocketkv_step_bytes(llama8b, 32768, 8, 256, 2048, "rocketkv", 16)
     assert not kept["plan"]["sparse"] and kept["plan"]["keep"] < 32768
     assert kept["total"] == llama8b.weight_bytes() + 8 * (kept["plan"]["keep"] + 128) * llama8b.kv_bytes_per_token()
+
+
+# --- the saturation ceiling -------------------------------------------------------------------
+
+def test_saturation_ceiling_inverts_and_bounds_the_measured_runs(llama8b, tmp_path):
+    """The ceiling is the prefill alone when a row reads nothing, row_bytes_for inverts it, and
+    at 32K / 2K on the H200 it lies above what each server measured (session 17: stock 521.3,
+    RocketKV 923.4 output tok/s) while the default exact decode's stays below 2.5x stock."""
+    assert saturation_bound.ceiling_tok_s(0, 32768, 2048, 26000, 4.8) == pytest.approx(2048 / (32768 / 26000))
+    allowed = saturation_bound.row_bytes_for(1000.0, 32768, 2048, 26000, 4.8)
+    assert saturation_bound.ceiling_tok_s(allowed, 32768, 2048, 26000, 4.8) == pytest.approx(1000.0)
+    assert saturation_bound.row_bytes_for(2000.0, 32768, 2048, 26000, 4.8) is None  # past the prefill alone
+    out = tmp_path / "bound.json"
+    got = saturation_bound.main(["--budgets", "2048", "--stock-tok-s", "521.3", "--json", str(out)])
+    assert json.loads(out.read_text()) == got
+    exact, channels, rows = got["rows"]
+    assert 521.3 < exact["stock_ceiling_tok_s"] and 923.4 < exact["ceiling_tok_s"] < 2.5 * 521.3
+    assert channels["row_tokens_read"] < rows["row_tokens_read"] < got["goal_row_tokens"] < exact["row_tokens_read"]
+    assert rows["ceiling_tok_s"] > 2.5 * 521.3
 
 
 # --- the offline tokenizer for `vllm bench serve` -------------------------------------------
