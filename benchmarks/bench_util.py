@@ -115,17 +115,6 @@ def spread(values: Iterable[float], digits: int = 3) -> dict[str, Any]:
             "max": round(max(kept), digits), "n": len(kept)}
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """q-th percentile (0-100) with linear interpolation, as numpy's default."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 3) if numerator and denominator else None
 

@@ -28,7 +28,6 @@ class Run:
     steps: list[Step] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)  # per finished request, its metrics
     gauges: list[dict[str, float]] = field(default_factory=list)  # sampled vllm:* gauges
-    wall_s: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -67,7 +66,6 @@ def run_steps(llm: Any, prompts: Sequence[list[int]], params: Any, tag: str, gau
         engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=list(ids)), params)
     run, started = Run(), set()
     last_gauge = float("-inf")
-    begin = time.perf_counter()
     while engine.has_unfinished_requests():
         outputs = engine.step()
         step = Step(t=None)
@@ -89,7 +87,6 @@ def run_steps(llm: Any, prompts: Sequence[list[int]], params: Any, tag: str, gau
         if gauge_every_s is not None and now - last_gauge >= gauge_every_s:
             run.gauges.append(read_gauges(llm))
             last_gauge = now
-    run.wall_s = time.perf_counter() - begin
     return run
 
 

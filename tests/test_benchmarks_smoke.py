@@ -27,7 +27,7 @@ import bench_serve  # noqa: E402
 import saturation_bound  # noqa: E402
 import serve_steps  # noqa: E402
 import sweep_dense_attention  # noqa: E402
-from bench_util import LLAMA_8B_CONFIG, UNKNOWN_WORD, json_rows, model_dir, percentile, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
+from bench_util import LLAMA_8B_CONFIG, UNKNOWN_WORD, json_rows, model_dir, plot_series, spread, synthetic_tokenizer, write_json  # noqa: E402
 from engine_steps import Run, Step, decode_step_times, peak, prefill_seconds  # noqa: E402
 from rocketkv_vllm.config import RocketKVConfig  # noqa: E402
 from roofline import ModelShape, case_roofline, hbm_tb_s, rocketkv_step_bytes, stock_step_bytes  # noqa: E402
@@ -188,11 +188,10 @@ def test_decode_step_times_only_full_decode_steps():
     assert decode_step_times([Step(1.0, 2, 1), Step(1.5, 2, 1)], batch=2, skip=0) == []
 
 
-def test_spread_percentile_peak_prefill():
+def test_spread_peak_prefill():
     assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
     assert spread([None, 4.0]) == {"median": 4.0, "min": 4.0, "max": 4.0, "n": 1}
     assert spread([None])["median"] is None
-    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5 and percentile([], 50) is None
     assert peak([{"a": 1.0}, {"a": 3.0, "b": 1.0}, {}], "a") == 3.0 and peak([{}], "a") is None
     reqs = [{"scheduled_ts": 10.0, "first_token_ts": 11.0}, {"scheduled_ts": 10.5, "first_token_ts": 12.5}]
     assert prefill_seconds(reqs) == 2.5 and prefill_seconds([]) is None
