@@ -18,9 +18,12 @@ batch of a Llama-3.1-8B shape (Hq 32, Hkv 8, D 128, 32 layers, each its own KV c
 - graph:           eager_planned captured once and replayed (the full-CUDA-graph path of a
                    server whose requests may select pages, which launches the selection
                    whatever the rows);
-- attend_all_pages_graph: the attention kernel alone over every live page, no selection, as
-                   a full graph (the full-graph path of a server where no request selects:
-                   16-token pages by default, RocketKVConfig.selects_pages);
+- unselected_graph: (rows that decode exactly) write_kv and the attention over every live
+                   page without a list, no selection launched, as a full graph: the full-graph
+                   path of a server where no request selects (16-token pages by default,
+                   RocketKVConfig.selects_pages);
+- attend_all_pages_graph: the attention kernel alone over an explicit list of every live page,
+                   as a full graph (what HSA's attention would cost if it chose every page);
 - fa3_graph:       (when vLLM is importable) stock's decode: FlashAttention 3 over the whole
                    context of every request, with the KV write, as a full graph;
 - builder_build:   (when vLLM is importable) the metadata builder's build() of this batch.
@@ -81,8 +84,7 @@ class DecodeLayers:
     """The decode half of RocketKVImpl.forward for every layer of a pure-decode step."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        pages = {} if args.page_size is None else {"page_size": args.page_size}
-        config = RocketKVConfig(budget=args.budget, mode=args.mode, dense_below=args.dense_below, **pages)
+        config = bench_config(args)
         self.layout = KVLayout(args.block_size, config.page_size, config.layout_summary_group())
         b, ctx = args.batch, args.context
         max_len = args.max_model_len or ctx + args.max_tokens
@@ -169,6 +171,17 @@ class DecodeLayers:
             self.ops.write_kv(kv, self.layout, self.new_kv, self.new_kv, self.slots)
             self.ops.paged_sparse_attention(self.query, kv, self.layout, self.table, index, count, self.seq,
                                             self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out)
+
+    def step_unselected(self) -> None:
+        """write_kv and the attention of exactly decoding rows, no selection (RocketKVImpl._decode
+        where no row selects)."""
+        selection = self.planner(self.batch).unlisted()
+        for layer in range(self.layers):
+            kv = self.kv[layer % len(self.kv)]
+            self.ops.write_kv(kv, self.layout, self.new_kv, self.new_kv, self.slots)
+            self.ops.paged_sparse_attention(self.query, kv, self.layout, self.table, selection.index, selection.count,
+                                            self.seq, self.keep, self.gap, 1.0 / HEAD_DIM ** 0.5, out=self.out,
+                                            top_pages=self.top_pages)
 
     def step(self, planned: bool) -> None:
         """Every layer launched from Python: with the builder's plan (planned) or one per call;
@@ -258,6 +271,12 @@ def fa3_step(args: argparse.Namespace, layers: DecodeLayers):
     return step
 
 
+def bench_config(args: argparse.Namespace) -> RocketKVConfig:
+    """The server settings the layers and the metadata builder both plan with."""
+    pages = {} if args.page_size is None else {"page_size": args.page_size}
+    return RocketKVConfig(budget=args.budget, mode=args.mode, dense_below=args.dense_below, **pages)
+
+
 def builder_build_us(args: argparse.Namespace, layers: DecodeLayers, device: torch.device) -> dict | None:
     """The metadata builder's build() of this batch (needs vLLM; None without it)."""
     try:
@@ -266,7 +285,7 @@ def builder_build_us(args: argparse.Namespace, layers: DecodeLayers, device: tor
         from rocketkv_vllm.vllm_glue.request_plans import attach_plan
     except ImportError as exc:
         return {"skipped": f"vLLM not importable: {exc}"}
-    config = RocketKVConfig(budget=args.budget, mode=args.mode, dense_below=args.dense_below)
+    config = bench_config(args)
     spec = SimpleNamespace(head_size=HEAD_DIM, block_size=args.block_size, dtype=torch.bfloat16, num_kv_heads=KV_HEADS)
     builder = object.__new__(RocketKVMetadataBuilder)
     builder._setup(config, spec, max(args.max_rows, args.batch), 8192, device, Q_HEADS, layers.table.shape[1])
@@ -307,6 +326,7 @@ def main() -> None:
         "ops_backend": layers.ops.backend, "gpu": torch.cuda.get_device_name(device),
         "workspace_mib": layers.planner.workspace.nbytes() / 2**20, "steps": args.steps, "repeats": args.repeats,
     }
+    result["builder_build"] = builder_build_us(args, layers, device)  # (first: a failure loses no timing)
     result["eager_unplanned"] = timed(lambda: layers.step(planned=False), args.steps, args.repeats)
     result["eager_planned"] = timed(lambda: layers.step(planned=True), args.steps, args.repeats)
     layers.padded_inputs(max(args.max_rows, args.batch))
@@ -314,6 +334,8 @@ def main() -> None:
     result["layer_graphs_no_copies"] = timed(lambda: layers.step_layer_graphs(copies=False), args.steps, args.repeats)
     result["layer_graphs_rows"] = layers.graph_rows
     result["graph"] = timed(captured(lambda: layers.step(planned=True)).replay, args.steps, args.repeats)
+    if not layers.plan.sparse:
+        result["unselected_graph"] = timed(captured(layers.step_unselected).replay, args.steps, args.repeats)
     result["attend_all_pages_graph"] = timed(captured(layers.step_attend_all_pages).replay, args.steps, args.repeats)
     fa3 = fa3_step(args, layers)
     if fa3 is not None:
@@ -324,7 +346,6 @@ def main() -> None:
             continue
         result[f"{mode}_over_graph"] = result[mode]["step_ms_median"] / graph_ms
         result[mode]["host_us_per_layer"] = result[mode]["host_launch_ms_median"] * 1e3 / args.layers
-    result["builder_build"] = builder_build_us(args, layers, device)
     print(json.dumps(result, indent=1))
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rocketkv_vllm.config import MODES  # noqa: E402
-from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, compare, is_rocketkv, model_dir, plot_series, random_prompts, ratio, write_json  # noqa: E402
+from bench_util import LLAMA_8B_CONFIG, STOCK_BACKEND, compare, is_rocketkv, model_dir, plot_series, random_prompts, ratio, rocketkv_settings, write_json  # noqa: E402
 from roofline import ModelShape, case_roofline, hbm_tb_s  # noqa: E402
 from serve_steps import engine_steps, floor_duration, stalled_share, step_split  # noqa: E402
 
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=LLAMA_8B_CONFIG)
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--mode", default="rocketkv", choices=MODES)
+    parser.add_argument("--rocketkv-config", type=json.loads, default={},
+                        help='further `rocketkv` server settings as JSON, e.g. \'{"page_size": 4, "dense_below": 0}\'')
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -105,7 +107,7 @@ def server_command(args: argparse.Namespace, backend: str, model: str) -> list[s
     if args.eager:
         cmd += ["--enforce-eager"]
     if is_rocketkv(backend):
-        cmd += ["--additional-config", json.dumps({"rocketkv": {"budget": args.budget, "mode": args.mode}})]
+        cmd += ["--additional-config", json.dumps({"rocketkv": rocketkv_settings(args)})]
     return cmd + args.server_arg
 
 
@@ -228,7 +230,7 @@ def step_floor(args: argparse.Namespace, backend: str) -> Callable[[int], float]
 
     def seconds(rows: int) -> float:
         return case_roofline(shape, backend, args.input_len, rows, args.output_len, args.budget, args.mode,
-                             args.block_size, tb_s)["floor_ms"] / 1e3
+                             args.block_size, tb_s, args.rocketkv_config)["floor_ms"] / 1e3
     return seconds
 
 
@@ -371,7 +373,8 @@ def main() -> int:
         done = backends + ([current] if current is not None and current not in backends else [])
         rows = [row for b in done for row in b["rows"]]
         write_json(args.json, {"command": " ".join(sys.argv), "input_len": args.input_len, "output_len": args.output_len,
-                               "budget": args.budget, "mode": args.mode, "backends": done, "rows": rows, "ratios": ratios(rows)})
+                               "budget": args.budget, "mode": args.mode, "rocketkv_config": args.rocketkv_config,
+                               "backends": done, "rows": rows, "ratios": ratios(rows)})
         return rows
 
     for backend in args.backends:

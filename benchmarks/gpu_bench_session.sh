@@ -65,10 +65,12 @@ case "$part" in
     # the protocol, one backend a call (BACKEND, default rocketkv): 32K in / 2K out, 48
     # prompts at once (stock holds ~27 of them). ~5-6 min: start ~100 s, 48 prefills ~55 s, 2K
     # decode steps ~100 s (RocketKV) or ~190 s (stock); merge the two JSONs with bench_serve.py --merge
+    # (ROCKETKV_CONFIG: further rocketkv server settings, e.g. '{"page_size": 4, "dense_below": 0}')
     backend="${BACKEND:-rocketkv}"
-    log "serve 32K/2K, $backend"
+    rk_config=${ROCKETKV_CONFIG:-'{}'}
+    log "serve 32K/2K, $backend $rk_config"
     timeout 580 python benchmarks/bench_serve.py --backends "$backend" --input-len 32768 --output-len 2048 --rates inf \
-      --prompts 48 --max-num-seqs 64 --budget "$BUDGET" --server-timeout 240 --bench-timeout 420 \
+      --prompts 48 --max-num-seqs 64 --budget "$BUDGET" --rocketkv-config "$rk_config" --server-timeout 240 --bench-timeout 420 \
       --json "$results/serve_32k_2k_$backend.json" > "$results/serve_32k_2k_$backend.txt" 2>&1
     log "exit $?"
     ;;

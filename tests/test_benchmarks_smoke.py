@@ -116,6 +116,13 @@ def test_serve_commands_parse_with_vllm_026_parsers():
     assert parsed.enable_prefix_caching is False and parsed.enforce_eager
     assert json.loads(serve[serve.index("--additional-config") + 1]) == {"rocketkv": {"budget": 1024, "mode": "rocketkv"}}
     assert "--additional-config" not in bench_serve.server_command(args, "FLASH_ATTN", "/tmp/model")
+    paged = bench_serve.build_parser().parse_args(["--rocketkv-config", '{"page_size": 4, "dense_below": 0}'])
+    serve = bench_serve.server_command(paged, "rocketkv", "/tmp/model")
+    assert json.loads(serve[serve.index("--additional-config") + 1])["rocketkv"] == {
+        "budget": 2048, "mode": "rocketkv", "page_size": 4, "dense_below": 0}
+    # the bytes floor follows the server's settings: HSA on 4-token pages reads less than the exact default
+    exact = bench_serve.build_parser().parse_args([])
+    assert bench_serve.step_floor(paged, "rocketkv")(48) < bench_serve.step_floor(exact, "rocketkv")(48)
 
     bench = bench_serve.bench_command(args, "/tmp/model", math.inf, 40, "/tmp/out", "r.json")
     assert bench[3:5] == ["bench", "serve"]
