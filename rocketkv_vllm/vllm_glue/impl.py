@@ -1,7 +1,6 @@
 """RocketKV attention forward pass: store KV + summaries, exact prefill, SnapKV++ compaction, HSA decode."""
 from __future__ import annotations
 
-
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
